@@ -1,0 +1,237 @@
+//! The command line. Every option is also an environment variable `REDIS_ENTRA_PROXY_<NAME>`
+//! and a key of the TOML file given by `--config`; [`Options`] is used for all three so the
+//! names cannot drift apart. Values stay optional here: defaults are applied after merging
+//! (see `config.rs`), which is what makes file values lose to flags and environment but win
+//! over defaults.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Deserializer};
+
+use crate::secret::Secret;
+
+const AFTER_HELP: &str = "\
+Every option can also be set with an environment variable named REDIS_ENTRA_PROXY_ followed by \
+the option name in capitals with '-' as '_' (e.g. REDIS_ENTRA_PROXY_UPSTREAM), and in the TOML \
+file given by --config under the option name (e.g. upstream = \"host:10000\").
+Precedence: command-line flag > environment variable > config file > built-in default.
+The token of the `fixed` source is read from REDIS_ENTRA_PROXY_TOKEN or --token-file, never \
+from the command line.";
+
+#[derive(Debug, Parser)]
+#[command(name = "redis-entra-proxy", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub options: Options,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long, global = true)]
+    pub print_config: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a built-in local setup: a TLS redis-server standing in for Azure Managed Redis,
+    /// with rotating tokens, and the proxy in front of it. No Azure needed.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DevArgs {
+    /// How often the local token issuer rotates tokens (each token expires soon after, and
+    /// the stand-in server then drops connections still using it, as Azure does).
+    #[arg(long, default_value = "20s", value_parser = parse_duration, env = "REDIS_ENTRA_PROXY_DEV_ROTATE_EVERY")]
+    pub rotate_every: Duration,
+    /// The proxy's own options (listen address, local password, logging…); the upstream and
+    /// credential options are set by the dev setup.
+    #[command(flatten)]
+    pub options: Options,
+}
+
+/// How the proxy obtains tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialKind {
+    /// One token from REDIS_ENTRA_PROXY_TOKEN or --token-file.
+    Fixed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Options shared by flags, environment and config file. Keep in sync with
+/// `config/example.toml` (a test parses it) and the README table.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Options {
+    /// TOML configuration file.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on for clients, or `none` [default: 127.0.0.1:6379].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Also listen on this unix socket.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_UNIX_SOCKET", value_name = "PATH")]
+    pub unix_socket: Option<PathBuf>,
+
+    /// Azure Managed Redis endpoint, HOST[:PORT] (port defaults to 10000).
+    #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM", value_name = "HOST[:PORT]")]
+    pub upstream: Option<String>,
+
+    /// Use TLS to the upstream; false only for local development [default: true].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM_TLS", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub upstream_tls: Option<bool>,
+
+    /// PEM file of extra CA certificates to trust for the upstream (public roots are built in).
+    #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM_CA_FILE", value_name = "PEM")]
+    pub upstream_ca_file: Option<PathBuf>,
+
+    /// TLS server name (SNI and certificate check) [default: HOST of --upstream].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM_SERVER_NAME", value_name = "NAME")]
+    pub upstream_server_name: Option<String>,
+
+    /// Where tokens come from [default: fixed].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CREDENTIAL", value_name = "SOURCE")]
+    pub credential: Option<CredentialKind>,
+
+    /// File holding the token of the `fixed` source (re-read at start-up only).
+    #[arg(long, env = "REDIS_ENTRA_PROXY_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Username for upstream AUTH [default: the `oid` claim of the token].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_USERNAME", value_name = "NAME")]
+    pub username: Option<String>,
+
+    /// Password clients must AUTH with, like Redis `requirepass`. Prefer the environment
+    /// variable or --local-password-file: command lines are visible to other users.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_LOCAL_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
+    pub local_password: Option<Secret>,
+
+    /// File holding the local password.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_LOCAL_PASSWORD_FILE", value_name = "PATH")]
+    pub local_password_file: Option<PathBuf>,
+
+    /// Allow listening on a non-loopback address without a local password.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_ALLOW_UNAUTHENTICATED_REMOTE", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub allow_unauthenticated_remote: Option<bool>,
+
+    /// Upstream connect timeout, TCP and TLS together [default: 10s].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub connect_timeout: Option<Duration>,
+
+    /// On SIGTERM/SIGINT, how long in-flight commands may take to finish [default: 20s].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub drain_timeout: Option<Duration>,
+
+    /// Most client connections served at once [default: 10000].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Fraction of a token's lifetime after which a new one is fetched [default: 0.75].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_REFRESH_RATIO", value_name = "RATIO")]
+    pub refresh_ratio: Option<f64>,
+
+    /// Log filter, RUST_LOG syntax [default: info].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Log format [default: text].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+macro_rules! merge_fields {
+    ($hi:ident, $lo:ident; $($f:ident),* $(,)?) => {
+        Options { config: $hi.config.or($lo.config), $($f: $hi.$f.or($lo.$f)),* }
+    };
+}
+
+impl Options {
+    /// Field by field: `self` where set, else `lower`.
+    pub fn or(self, lower: Options) -> Options {
+        let hi = self;
+        let lo = lower;
+        merge_fields!(hi, lo; listen, unix_socket, upstream, upstream_tls, upstream_ca_file,
+            upstream_server_name, credential, token_file, username, local_password,
+            local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
+            max_connections, refresh_ratio, log_level, log_format)
+    }
+}
+
+/// Parses `500ms`, `10s`, `5m`, `1h`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(f64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Secs(n)) => parse_duration(&n.to_string()).map(Some).map_err(serde::de::Error::custom),
+        Some(Raw::Text(s)) => parse_duration(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret::new(s))
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

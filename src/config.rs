@@ -1,0 +1,255 @@
+//! The validated configuration. Sources merge with precedence flag > environment > file >
+//! default ([`load`]); every default is a named constant here; validation turns every bad
+//! value into a [`ConfigError`] that names the option, so that the process exits with a clear
+//! message instead of failing later.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::{CredentialKind, LogFormat, Options};
+use crate::secret::Secret;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6379";
+/// Azure Managed Redis serves TLS on 10000.
+pub const DEFAULT_UPSTREAM_PORT: u16 = 10000;
+/// TCP plus TLS handshake to a cloud endpoint; generous because a slow first handshake is
+/// better than a failed one, and short enough that a dead endpoint is reported promptly.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Below Kubernetes' default 30 s termination grace period, so draining ends before SIGKILL.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Redis's own default `maxclients`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Environment variable holding the token of the `fixed` source (never a flag).
+pub const TOKEN_ENV: &str = "REDIS_ENTRA_PROXY_TOKEN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{option}: {reason}")]
+    Invalid { option: &'static str, reason: String },
+    #[error("--{option} is required{hint}")]
+    Missing { option: &'static str, hint: &'static str },
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+fn invalid(option: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { option, reason: reason.into() }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `host:port` to connect to.
+    pub addr: String,
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub server_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Option<SocketAddr>,
+    pub unix_socket: Option<PathBuf>,
+    pub upstream: UpstreamConfig,
+    pub credential: CredentialKind,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub local_password: Option<Secret>,
+    pub allow_unauthenticated_remote: bool,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub refresh_ratio: f64,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+/// Merges flags and environment (already merged by clap) over the config file, then applies
+/// defaults and validates. `token_env` is the value of [`TOKEN_ENV`].
+pub fn load(cli: Options, token_env: Option<String>) -> Result<(Config, Options), ConfigError> {
+    let file = match &cli.config {
+        Some(path) => read_file(path)?,
+        None => Options::default(),
+    };
+    let merged = cli.or(file);
+    let config = validate(merged.clone(), token_env)?;
+    Ok((config, merged))
+}
+
+/// Parses a TOML config file; unknown keys are errors, so typos do not pass silently.
+pub fn read_file(path: &Path) -> Result<Options, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File { path: shown, reason: e.to_string() })
+}
+
+pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigError> {
+    let listen = match o.listen.as_deref().unwrap_or(DEFAULT_LISTEN) {
+        "none" => None,
+        s => Some(s.parse::<SocketAddr>().map_err(|_| {
+            invalid("listen", format!("{s:?} is not IP:PORT (e.g. 127.0.0.1:6379) or `none`"))
+        })?),
+    };
+    if listen.is_none() && o.unix_socket.is_none() {
+        return Err(invalid("listen", "`none` needs --unix-socket, or nothing would be served"));
+    }
+    let upstream = o.upstream.as_deref().ok_or(ConfigError::Missing {
+        option: "upstream",
+        hint: " (e.g. --upstream myredis.westeurope.redis.azure.net)",
+    })?;
+    let (host, port) = split_host_port(upstream)?;
+    let tls = o.upstream_tls.unwrap_or(true);
+    let server_name = o.upstream_server_name.clone().unwrap_or_else(|| host.clone());
+    if tls {
+        rustls::pki_types::ServerName::try_from(server_name.clone())
+            .map_err(|e| invalid("upstream-server-name", format!("{server_name:?}: {e}")))?;
+    }
+    let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+
+    let local_password = match (&o.local_password, &o.local_password_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(path)) => Some(read_secret_file(path, "local-password-file")?),
+        (None, None) => None,
+    };
+    if local_password.as_ref().is_some_and(Secret::is_empty) {
+        return Err(invalid("local-password", "must not be empty"));
+    }
+    let allow_remote = o.allow_unauthenticated_remote.unwrap_or(false);
+    if let Some(addr) = listen {
+        if !addr.ip().is_loopback() && local_password.is_none() && !allow_remote {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{addr} is reachable from other hosts: set a local password \
+                     (REDIS_ENTRA_PROXY_LOCAL_PASSWORD or --local-password-file) or pass \
+                     --allow-unauthenticated-remote"
+                ),
+            ));
+        }
+    }
+
+    let credential = o.credential.unwrap_or(CredentialKind::Fixed);
+    let token = token_env.filter(|t| !t.is_empty()).map(Secret::new);
+    let refresh_ratio = o.refresh_ratio.unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
+    if !(0.05..=0.95).contains(&refresh_ratio) {
+        return Err(invalid("refresh-ratio", format!("{refresh_ratio} is outside 0.05..=0.95")));
+    }
+    let max_connections = o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(invalid("max-connections", "must be at least 1"));
+    }
+    let log_level = o.log_level.clone().unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
+    tracing_subscriber::EnvFilter::try_new(&log_level)
+        .map_err(|e| invalid("log-level", format!("{log_level:?}: {e}")))?;
+
+    Ok(Config {
+        listen,
+        unix_socket: o.unix_socket,
+        upstream: UpstreamConfig { addr, tls, ca_file: o.upstream_ca_file, server_name },
+        credential,
+        token,
+        token_file: o.token_file,
+        username: o.username,
+        local_password,
+        allow_unauthenticated_remote: allow_remote,
+        connect_timeout: o.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        drain_timeout: o.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        max_connections,
+        refresh_ratio,
+        log_level,
+        log_format: o.log_format.unwrap_or(LogFormat::Text),
+    })
+}
+
+/// Splits `HOST[:PORT]` (IPv6 literals in brackets) and applies the default port.
+pub fn split_host_port(s: &str) -> Result<(String, u16), ConfigError> {
+    let bad = || invalid("upstream", format!("{s:?} is not HOST[:PORT]"));
+    if s.is_empty() {
+        return Err(bad());
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after {
+            "" => DEFAULT_UPSTREAM_PORT,
+            p => p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(bad)?,
+        };
+        return Ok((host.to_owned(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => {
+            Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
+        }
+        // A bare IPv6 literal.
+        Some(_) => Ok((s.to_owned(), DEFAULT_UPSTREAM_PORT)),
+        None => Ok((s.to_owned(), DEFAULT_UPSTREAM_PORT)),
+    }
+}
+
+/// Reads a secret from a file, trimming one trailing newline as editors and `echo` add it.
+pub fn read_secret_file(path: &Path, option: &'static str) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(option, format!("reading {}: {e}", path.display())))?;
+    warn_if_readable_by_others(path);
+    let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+    Ok(Secret::new(trimmed))
+}
+
+/// Secrets in files other users can read are a leak waiting to happen; say so.
+pub fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(path = %path.display(), "secret file is readable by other users; chmod o-r it");
+        }
+    }
+}
+
+/// The effective configuration as TOML, secrets redacted (`--print-config`).
+pub fn render(o: &Options, token_set: bool) -> String {
+    fn q(s: &str) -> String {
+        serde_json::to_string(s).unwrap_or_default()
+    }
+    fn p(p: &Option<PathBuf>) -> String {
+        p.as_ref().map_or_else(|| "# (unset)".to_owned(), |p| q(&p.display().to_string()))
+    }
+    fn d(d: Option<Duration>, def: Duration) -> String {
+        q(&format!("{}ms", d.unwrap_or(def).as_millis()))
+    }
+    let listen = o.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+    line("listen", q(&listen));
+    line("unix-socket", p(&o.unix_socket));
+    line("upstream", o.upstream.as_deref().map_or("# (unset)".into(), q));
+    line("upstream-tls", o.upstream_tls.unwrap_or(true).to_string());
+    line("upstream-ca-file", p(&o.upstream_ca_file));
+    line("upstream-server-name", o.upstream_server_name.as_deref().map_or("# (host of upstream)".into(), q));
+    let cred = o.credential.unwrap_or(CredentialKind::Fixed);
+    line("credential", q(&format!("{cred:?}").to_lowercase()));
+    line("token-file", p(&o.token_file));
+    line("username", o.username.as_deref().map_or("# (oid claim of the token)".into(), q));
+    let pw = if o.local_password.is_some() { q("[redacted]") } else { "# (unset)".into() };
+    line("local-password", pw);
+    line("local-password-file", p(&o.local_password_file));
+    line("allow-unauthenticated-remote", o.allow_unauthenticated_remote.unwrap_or(false).to_string());
+    line("connect-timeout", d(o.connect_timeout, DEFAULT_CONNECT_TIMEOUT));
+    line("drain-timeout", d(o.drain_timeout, DEFAULT_DRAIN_TIMEOUT));
+    line("max-connections", o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).to_string());
+    let ratio = o.refresh_ratio.unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
+    line("refresh-ratio", ratio.to_string());
+    line("log-level", q(o.log_level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL)));
+    let fmt = o.log_format.unwrap_or(LogFormat::Text);
+    line("log-format", q(&format!("{fmt:?}").to_lowercase()));
+    let token = if token_set { "set (redacted)" } else { "unset" };
+    out.push_str(&format!("# {TOKEN_ENV}: {token}\n"));
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+//! Credentials for the upstream and the sources that produce them.
+//!
+//! [`Credentials`] is what every session authenticates with: a username (the object id of the
+//! identity) and an access token. A [`TokenSource`] fetches tokens; the refresher
+//! ([`refresh`]) keeps the current credentials in a `watch` channel that sessions follow.
+//! Only `credentials/azure.rs` (a later addition) may touch `azure_identity`.
+
+pub mod fixed;
+pub mod jwt;
+pub mod refresh;
+pub mod source;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use bytes::BufMut;
+
+use crate::resp::encode;
+use crate::secret::Secret;
+
+/// Scope of tokens for Azure Cache for Redis and Azure Managed Redis.
+pub const DEFAULT_SCOPE: &str = "https://redis.azure.com/.default";
+
+/// What a [`TokenSource`] returns.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub token: Secret,
+    /// When the token stops being valid, if known (from the source or the `exp` claim).
+    pub expires_at: Option<SystemTime>,
+    /// A username supplied by the source itself (file and exec sources may carry one).
+    pub username: Option<String>,
+}
+
+/// The credentials sessions authenticate with.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub token: Secret,
+    pub expires_at: Option<SystemTime>,
+    /// Increases by one with every new token; sessions compare it to know whether they are
+    /// authenticated with the newest credentials.
+    pub generation: u64,
+}
+
+impl Credentials {
+    /// Appends `AUTH <username> <token>` to `out`.
+    pub fn write_auth(&self, out: &mut impl BufMut) {
+        let args: [&[u8]; 3] = [b"AUTH", self.username.as_bytes(), self.token.expose().as_bytes()];
+        encode::command(out, args.into_iter());
+    }
+
+    /// Time left before expiry; `None` for a token that does not expire.
+    pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
+        self.expires_at.map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
+    }
+
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.remaining(now) == Some(Duration::ZERO)
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("token", &self.token)
+            .field("expires_at", &self.expires_at)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+/// Why a token could not be had. Messages never contain token text.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{0}")]
+    Config(String),
+    #[error("reading {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("token source failed: {0}")]
+    Source(String),
+    #[error("token has no usable username: set --username, or use a JWT carrying an `oid` claim")]
+    NoUsername,
+}
+
+pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<Token, CredentialError>> + Send + 'a>>;
+
+/// A place tokens come from. Implementations live in `credentials/`, one file each.
+pub trait TokenSource: Send + Sync + fmt::Debug {
+    /// A short name for logs and metrics (`fixed`, `managed-identity`, …).
+    fn name(&self) -> &'static str;
+    /// Fetches a token. Called again whenever the refresher decides a new one is due.
+    fn fetch(&self) -> TokenFuture<'_>;
+    /// Whether fetching again can yield a new token. A fixed token is fetched once.
+    fn refreshable(&self) -> bool {
+        true
+    }
+}
+
+/// Turns a fetched token into credentials: the configured username wins, then the source's
+/// own, then the token's `oid` claim.
+pub fn credentials_from(
+    token: Token,
+    username: Option<&str>,
+    generation: u64,
+) -> Result<Credentials, CredentialError> {
+    let claims = jwt::Claims::decode(&token.token);
+    let username = username
+        .map(str::to_owned)
+        .or(token.username)
+        .or_else(|| claims.as_ref().and_then(|c| c.oid.clone()))
+        .ok_or(CredentialError::NoUsername)?;
+    let expires_at = token.expires_at.or_else(|| claims.and_then(|c| c.expires_at()));
+    Ok(Credentials { username, token: token.token, expires_at, generation })
+}

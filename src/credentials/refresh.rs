@@ -1,0 +1,198 @@
+//! The token refresher: fetches a token, publishes credentials to every session through a
+//! `watch` channel, and fetches the next one before the current one expires. It never gives
+//! up: failures are retried with capped exponential backoff and jitter for as long as the
+//! process lives, while the current token stays in use until it expires.
+//!
+//! [`schedule`] and [`Backoff`] are pure so that the policy can be tested without a clock.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{credentials_from, Credentials, TokenSource};
+
+/// Latest moment before expiry at which a refresh is scheduled, for tokens long enough to
+/// allow it: Microsoft asks for every connection to re-authenticate at least 3 minutes before
+/// expiry, and the fan-out to all connections needs the 2 minutes in between.
+pub const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
+/// Default fraction of a token's lifetime after which a new one is fetched.
+pub const DEFAULT_REFRESH_RATIO: f64 = 0.75;
+/// Jitter subtracted from the refresh time: at most this, and at most 5 % of the lifetime, so
+/// that many proxies started together do not hit the identity endpoint in the same second.
+pub const MAX_JITTER: Duration = Duration::from_secs(60);
+/// First retry delay after a failed fetch.
+pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// Retry delays grow to this and stay there: short enough to recover quickly once the
+/// endpoint is back, long enough not to hammer it.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// One fetch may take this long before it counts as failed; identity endpoints answer in
+/// well under a second when healthy.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The state the refresher publishes. `None` until the first token arrives.
+pub type CredentialsRx = watch::Receiver<Option<Arc<Credentials>>>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub ratio: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { ratio: DEFAULT_REFRESH_RATIO }
+    }
+}
+
+/// Delay after a fetch before the next refresh, for a token valid for `lifetime` from the
+/// fetch; `jitter` is a uniform sample from [0, 1).
+pub fn schedule(lifetime: Duration, policy: Policy, jitter: f64) -> Duration {
+    let mut delay = lifetime.mul_f64(policy.ratio.clamp(0.05, 0.95));
+    // The 5-minute bound applies when the token lives long enough to honour it with room to
+    // spare; shorter tokens (tests, some dev setups) keep the plain ratio.
+    if lifetime >= 2 * REFRESH_BEFORE_EXPIRY {
+        delay = delay.min(lifetime - REFRESH_BEFORE_EXPIRY);
+    }
+    let max_jitter = MAX_JITTER.min(lifetime / 20);
+    delay.saturating_sub(max_jitter.mul_f64(jitter.clamp(0.0, 1.0)))
+}
+
+/// Capped exponential backoff with ±20 % jitter.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// Delay before the next attempt after one more failure; `jitter` uniform in [0, 1).
+    pub fn next(&mut self, jitter: f64) -> Duration {
+        let exp = BACKOFF_INITIAL.saturating_mul(1u32 << self.failures.min(16));
+        self.failures = self.failures.saturating_add(1);
+        exp.min(BACKOFF_MAX).mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// Runs the refresher until `shutdown`. Publishes through `tx`.
+pub async fn run(
+    source: Arc<dyn TokenSource>,
+    username: Option<String>,
+    policy: Policy,
+    tx: watch::Sender<Option<Arc<Credentials>>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    let mut generation = 0u64;
+    loop {
+        let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, source.fetch());
+        let outcome = tokio::select! {
+            r = attempt => r,
+            _ = shutdown.cancelled() => return,
+        };
+        let now = SystemTime::now();
+        let current = tx.borrow().clone();
+        let result = match outcome {
+            Err(_) => Err(format!("timed out after {ATTEMPT_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(token)) => match credentials_from(token, username.as_deref(), generation + 1) {
+                Err(e) => Err(e.to_string()),
+                Ok(c) if c.is_expired(now) => Err("the source returned an expired token".into()),
+                Ok(c) if current.as_ref().is_some_and(|cur| cur.token == c.token && c.expires_at.is_some()) => {
+                    // Identity libraries hand back a cached token until shortly before expiry.
+                    Err("the source returned the current token again".into())
+                }
+                Ok(c) => Ok(c),
+            },
+        };
+        let wait = match result {
+            Ok(creds) => {
+                backoff.reset();
+                generation += 1;
+                let lifetime = creds.remaining(now);
+                tracing::info!(
+                    source = source.name(),
+                    username = %creds.username,
+                    generation,
+                    expires_in_s = lifetime.map(|d| d.as_secs()),
+                    "token acquired"
+                );
+                tx.send_replace(Some(Arc::new(creds)));
+                match lifetime {
+                    Some(l) if source.refreshable() => schedule(l, policy, fastrand::f64()),
+                    _ => {
+                        // A token without expiry, or from a source that cannot give another.
+                        shutdown.cancelled().await;
+                        return;
+                    }
+                }
+            }
+            Err(reason) => {
+                let wait = backoff.next(fastrand::f64());
+                let valid_for = current.as_ref().and_then(|c| c.remaining(now));
+                tracing::warn!(
+                    source = source.name(),
+                    failures = backoff.failures(),
+                    retry_in_ms = wait.as_millis() as u64,
+                    current_valid_for_s = valid_for.map(|d| d.as_secs()),
+                    %reason,
+                    "token fetch failed; retrying"
+                );
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn schedule_follows_ratio_and_bound() {
+        let p = Policy::default();
+        let cases = [
+            ("1 h at 75 %", 60 * MIN, 0.0, 45 * MIN),
+            ("1 h, full jitter", 60 * MIN, 1.0, 44 * MIN),
+            ("12 min capped at 5 min before expiry", 12 * MIN, 0.0, 7 * MIN),
+            ("24 h", 24 * 60 * MIN, 0.0, 18 * 60 * MIN),
+            ("2 s test token", Duration::from_secs(2), 0.0, Duration::from_millis(1500)),
+            ("2 s, full jitter", Duration::from_secs(2), 1.0, Duration::from_millis(1400)),
+        ];
+        for (name, lifetime, jitter, want) in cases {
+            assert_eq!(schedule(lifetime, p, jitter), want, "{name}");
+        }
+        for j in [0.0, 0.3, 0.99] {
+            let d = schedule(60 * MIN, p, j);
+            assert!(d <= 55 * MIN && d >= 44 * MIN, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_cap_and_never_stops() {
+        let mut b = Backoff::default();
+        let delays: Vec<_> = (0..10).map(|_| b.next(0.5)).collect();
+        assert_eq!(delays[0], Duration::from_secs(1));
+        assert_eq!(delays[1], Duration::from_secs(2));
+        assert_eq!(delays[5], Duration::from_secs(32));
+        assert_eq!(delays[9], BACKOFF_MAX);
+        for _ in 0..1000 {
+            b.next(1.0);
+        }
+        assert!(b.next(1.0) <= BACKOFF_MAX.mul_f64(1.2));
+        assert!(b.next(0.0) >= BACKOFF_MAX.mul_f64(0.8));
+    }
+}

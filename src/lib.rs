@@ -1,0 +1,141 @@
+//! redis-entra-proxy: a RESP-aware proxy that lets applications which cannot change their code
+//! use Azure Managed Redis (and Azure Cache for Redis) with Microsoft Entra ID authentication.
+//! Applications connect to a local plain-text endpoint; the proxy opens one TLS connection per
+//! client to the server, authenticates it with `AUTH <object id> <access token>`, and keeps it
+//! authenticated as tokens rotate, without the application seeing anything.
+//!
+//! # Data flow
+//! A listener ([`server`]) accepts a client and starts a [`session`]. The session connects the
+//! upstream ([`upstream`], [`tls`]) and drives a sans-IO core (`session/core.rs`) that frames
+//! client commands exactly as Redis does ([`resp::request`]), forwards them, frames replies
+//! ([`resp::reply`]) and matches them to a ledger of expected replies, so that the AUTH
+//! commands the proxy injects are answered to the proxy and never reach the client. The token
+//! refresher ([`credentials::refresh`]) publishes new credentials through a `watch` channel;
+//! each session re-authenticates at its next safe point.
+//!
+//! # Layout
+//! - `main.rs`: parse, load config, init logging, bind, run, exit codes.
+//! - [`cli`], [`config`]: options (flag > env > file > default) and their validation.
+//! - [`server`]: accept loops, connection limit, draining.
+//! - [`session`]: the per-connection driver; `session/core.rs` the sans-IO core,
+//!   `session/commands.rs` client command handling, `session/ledger.rs` the reply FIFO,
+//!   `session/state.rs` the tracked connection state.
+//! - [`resp`]: request parser (RESP + inline), reply scanner (RESP2/RESP3), encoders.
+//! - [`upstream`], [`tls`]: TCP/TLS connections to the server.
+//! - [`credentials`]: `Credentials`, the `TokenSource` trait, sources, the refresher.
+//! - [`secret`]: a string type that cannot be printed.
+//! - [`dev`], [`devenv`]: the built-in local setup (TLS redis-server, token issuer) used by
+//!   `redis-entra-proxy dev` and by the tests.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod dev;
+pub mod devenv;
+pub mod resp;
+pub mod secret;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::credentials::refresh::{self, CredentialsRx, Policy};
+use crate::credentials::TokenSource;
+pub use crate::server::Listeners;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsConfigError),
+    #[error("binding {what}: {source}")]
+    Bind { what: String, source: std::io::Error },
+}
+
+/// Binds the listeners the configuration asks for.
+pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
+    let tcp = match config.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { what: addr.to_string(), source })?,
+        ),
+        None => None,
+    };
+    let unix = match &config.unix_socket {
+        Some(path) => {
+            // A socket file left by a previous run would make bind fail.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(path);
+            }
+            Some(tokio::net::UnixListener::bind(path).map_err(|source| RunError::Bind {
+                what: path.display().to_string(),
+                source,
+            })?)
+        }
+        None => None,
+    };
+    Ok(Listeners { tcp, unix })
+}
+
+/// Runs the proxy with the configured token source until `shutdown` is cancelled and the
+/// sessions have drained.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+    let source = credentials::source::from_config(&config)?;
+    run_with_source(config, listeners, source, shutdown).await
+}
+
+/// Like [`run`], with a token source chosen by the caller (the `dev` setup, tests).
+pub async fn run_with_source(
+    config: Config,
+    listeners: Listeners,
+    source: Arc<dyn TokenSource>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let (tx, rx): (_, CredentialsRx) = watch::channel(None);
+    let refresher = tokio::spawn(refresh::run(
+        source,
+        config.username.clone(),
+        Policy { ratio: config.refresh_ratio },
+        tx,
+        shutdown.clone(),
+    ));
+    let tls = if config.upstream.tls {
+        let client = tls::client_config(config.upstream.ca_file.as_deref())?;
+        let name = rustls::pki_types::ServerName::try_from(config.upstream.server_name.clone()).map_err(|e| {
+            config::ConfigError::Invalid { option: "upstream-server-name", reason: e.to_string() }
+        })?;
+        Some((client, name))
+    } else {
+        tracing::warn!("upstream TLS is disabled: tokens travel in clear text (local development only)");
+        None
+    };
+    let connector = upstream::Connector::new(config.upstream.addr.clone(), tls, config.connect_timeout);
+    let shared = Arc::new(session::Shared {
+        connector,
+        credentials: rx,
+        local_password: config.local_password.clone().map(Arc::new),
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(
+        listen = ?config.listen,
+        unix_socket = ?config.unix_socket,
+        upstream = %config.upstream.addr,
+        tls = config.upstream.tls,
+        "proxy started"
+    );
+    server::serve(listeners, shared, config.max_connections, config.drain_timeout).await;
+    refresher.abort();
+    Ok(())
+}

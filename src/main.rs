@@ -1,0 +1,91 @@
+//! The `redis-entra-proxy` binary: parse, load config, init logging, bind, run, and map errors
+//! to exit codes (0 clean shutdown, 1 runtime failure, 2 bad usage or configuration, 3 cannot
+//! bind the listen address).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use redis_entra_proxy::cli::{Cli, Command, LogFormat};
+use redis_entra_proxy::config::{self, TOKEN_ENV};
+use redis_entra_proxy::RunError;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let token_env = std::env::var(TOKEN_ENV).ok();
+    if let Some(Command::Dev(mut args)) = cli.command {
+        let options = std::mem::take(&mut args.options).or(cli.options);
+        init_logging(options.log_level.as_deref().unwrap_or("info"), options.log_format);
+        return runtime().block_on(redis_entra_proxy::dev::run(args, options));
+    }
+    let (config, merged) = match config::load(cli.options, token_env.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("redis-entra-proxy: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", config::render(&merged, token_env.is_some()));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config.log_level, Some(config.log_format));
+    runtime().block_on(async move {
+        let listeners = match redis_entra_proxy::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(3);
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        match redis_entra_proxy::run(config, listeners, shutdown).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e @ (RunError::Config(_) | RunError::Tls(_))) => {
+                tracing::error!("invalid configuration: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts (it only fails when the OS refuses threads)")
+}
+
+fn init_logging(filter: &str, format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format.unwrap_or(LogFormat::Text) {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will not drain");
+        return;
+    };
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "shutting down: no new connections, finishing in-flight commands");
+    shutdown.cancel();
+}

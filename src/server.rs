@@ -1,0 +1,122 @@
+//! Accept loops: take client connections from the TCP and unix listeners, enforce the
+//! connection limit, and run one session task per connection. On shutdown, stop accepting,
+//! let sessions finish what is in flight for up to the drain timeout, then return.
+//!
+//! Per-connection errors end in the session task, logged once with the side that failed; they
+//! never reach the accept loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::session::{self, Outcome, Shared};
+
+/// Redis's own reply when `maxclients` is reached, so clients recognise it.
+const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
+/// Pause after an accept error (e.g. out of file descriptors), so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Listeners bound by the caller (`main`, or a test on port 0).
+#[derive(Default)]
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+    pub unix: Option<UnixListener>,
+}
+
+/// Serves until `shared.shutdown` is cancelled, then drains for at most `drain_timeout`.
+pub async fn serve(listeners: Listeners, shared: Arc<Shared>, max_connections: usize, drain_timeout: Duration) {
+    // Each session holds a permit; dropping it at session end frees the slot.
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let tracker = TaskTracker::new();
+    let ids = Arc::new(AtomicU64::new(0));
+    let shutdown = shared.shutdown.clone();
+    let tcp = async {
+        let Some(listener) = listeners.tcp else { return std::future::pending().await };
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    spawn(&tracker, &shared, &limit, &ids, stream, peer.to_string());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed on tcp listener");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            }
+        }
+    };
+    let unix = async {
+        let Some(listener) = listeners.unix else { return std::future::pending().await };
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => spawn(&tracker, &shared, &limit, &ids, stream, "unix".into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed on unix listener");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = tcp => {}
+        _ = unix => {}
+        _ = shutdown.cancelled() => {}
+    }
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        tracing::info!(sessions = open, timeout_ms = drain_timeout.as_millis() as u64, "draining");
+    }
+    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(sessions = tracker.len(), "drain timeout reached; closing remaining connections");
+    }
+}
+
+fn spawn<S>(
+    tracker: &TaskTracker,
+    shared: &Arc<Shared>,
+    limit: &Arc<Semaphore>,
+    ids: &AtomicU64,
+    mut stream: S,
+    peer: String,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let id = ids.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", id, %peer);
+    let Ok(permit) = limit.clone().try_acquire_owned() else {
+        tracker.spawn(
+            async move {
+                tracing::warn!("refused: max connections reached");
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(MAX_CLIENTS)).await;
+            }
+            .instrument(span),
+        );
+        return;
+    };
+    let shared = shared.clone();
+    tracker.spawn(
+        async move {
+            tracing::debug!("accepted");
+            let outcome = session::serve(stream, &shared).await;
+            log_outcome(&outcome);
+            drop(permit);
+        }
+        .instrument(span),
+    );
+}
+
+fn log_outcome(outcome: &Outcome) {
+    let side = outcome.side();
+    match outcome {
+        Outcome::ClientClosed | Outcome::Drained => tracing::debug!(side, "closed: {outcome}"),
+        Outcome::Closed(session::CloseReason::ClientQuit) => tracing::debug!(side, "closed: {outcome}"),
+        _ => tracing::warn!(side, "closed: {outcome}"),
+    }
+}

@@ -1,0 +1,264 @@
+//! The async driver of one client connection: connects the upstream, then moves bytes between
+//! the two sockets and the sans-IO [`Core`], follows credential changes, and closes with a
+//! reason that names the side that caused it. All protocol decisions live in the core.
+//!
+//! One task owns both sockets and polls them in one `poll_fn`, so the core needs no lock and
+//! every read is followed by the writes it caused, batched into one write per socket.
+
+mod commands;
+pub mod core;
+mod ledger;
+mod state;
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+pub use self::core::{CloseReason, Core};
+use crate::credentials::refresh::CredentialsRx;
+use crate::secret::Secret;
+use crate::upstream::Connector;
+
+/// Bytes requested per read. Matches Redis's own read size (`PROTO_IOBUF_LEN`).
+const READ_CHUNK: usize = 16 * 1024;
+/// After the client half-closes, replies already owed to it are still delivered for this
+/// long (what `printf 'PING\r\n' | nc` expects), then the connection closes.
+const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// What every session shares.
+pub struct Shared {
+    pub connector: Connector,
+    pub credentials: CredentialsRx,
+    pub local_password: Option<Arc<Secret>>,
+    /// Cancelled when the proxy shuts down: sessions stop reading and finish what is in flight.
+    pub shutdown: CancellationToken,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The core decided (QUIT, protocol error, upstream refused AUTH…).
+    Closed(CloseReason),
+    ClientClosed,
+    ClientError(io::Error),
+    UpstreamClosed,
+    UpstreamError(io::Error),
+    /// Shutdown: every reply owed was delivered.
+    Drained,
+    /// No valid token when the client connected.
+    NoCredentials(&'static str),
+    UpstreamConnect(crate::upstream::ConnectError),
+}
+
+impl Outcome {
+    pub fn side(&self) -> &'static str {
+        match self {
+            Outcome::Closed(r) => r.side(),
+            Outcome::ClientClosed | Outcome::ClientError(_) => "client",
+            Outcome::UpstreamClosed | Outcome::UpstreamError(_) | Outcome::UpstreamConnect(_) => {
+                "upstream"
+            }
+            Outcome::Drained | Outcome::NoCredentials(_) => "proxy",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Closed(r) => write!(f, "{r}"),
+            Outcome::ClientClosed => f.write_str("client closed the connection"),
+            Outcome::ClientError(e) => write!(f, "client connection failed: {e}"),
+            Outcome::UpstreamClosed => f.write_str("upstream closed the connection"),
+            Outcome::UpstreamError(e) => write!(f, "upstream connection failed: {e}"),
+            Outcome::Drained => f.write_str("proxy shutting down; in-flight replies delivered"),
+            Outcome::NoCredentials(why) => write!(f, "no valid token: {why}"),
+            Outcome::UpstreamConnect(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Serves one client connection to the end.
+pub async fn serve<C>(mut client: C, shared: &Shared) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let creds = shared.credentials.borrow().clone();
+    let creds = match creds {
+        None => Err("the first token has not been acquired yet"),
+        Some(c) if c.is_expired(SystemTime::now()) => Err("the current token has expired"),
+        Some(c) => Ok(c),
+    };
+    let creds = match creds {
+        Ok(c) => c,
+        Err(why) => {
+            let msg = format!("ERR redis-entra-proxy has no valid token: {why}; see the proxy's log and /readyz");
+            refuse(&mut client, &msg).await;
+            return Outcome::NoCredentials(why);
+        }
+    };
+    let mut upstream = match shared.connector.connect().await {
+        Ok(u) => u,
+        Err(e) => {
+            refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
+            return Outcome::UpstreamConnect(e);
+        }
+    };
+    let mut core = Core::new(creds, shared.local_password.clone());
+    pump(&mut client, &mut upstream, &mut core, shared).await
+}
+
+/// Sends one error reply to a client the proxy cannot serve, then lets it go.
+async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, msg: &str) {
+    let mut reply = BytesMut::new();
+    crate::resp::encode::error(&mut reply, msg);
+    // Best effort: the client may already be gone, and the close says the rest.
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&reply)).await;
+    let _ = client.shutdown().await;
+}
+
+async fn pump<C, U>(client: &mut C, upstream: &mut U, core: &mut Core, shared: &Shared) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut io = Io {
+        cin: BytesMut::with_capacity(READ_CHUNK),
+        uin: BytesMut::with_capacity(READ_CHUNK),
+        reading_client: true,
+        upstream_unflushed: false,
+    };
+    let mut creds = shared.credentials.clone();
+    let mut creds_open = true;
+    let mut grace: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = async {
+            match grace {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            outcome = poll_fn(|cx| io.poll(cx, client, upstream, core)) => match outcome {
+                Outcome::ClientClosed if core.in_flight() > 0 && grace.is_none() => {
+                    // Half-close: finish what is owed, within the grace period.
+                    io.reading_client = false;
+                    grace = Some(tokio::time::Instant::now() + HALF_CLOSE_GRACE);
+                }
+                other => return other,
+            },
+            changed = creds.changed(), if creds_open => match changed {
+                Ok(()) => {
+                    if let Some(c) = creds.borrow_and_update().clone() {
+                        core.set_credentials(c);
+                    }
+                }
+                Err(_) => creds_open = false,
+            },
+            _ = shared.shutdown.cancelled(), if io.reading_client => {
+                io.reading_client = false;
+            }
+            _ = deadline => return Outcome::ClientClosed,
+        }
+    }
+}
+
+/// The byte-moving half of a session: buffers and the poll loop.
+struct Io {
+    cin: BytesMut,
+    uin: BytesMut,
+    /// False once the client half-closed or the proxy is draining.
+    reading_client: bool,
+    upstream_unflushed: bool,
+}
+
+impl Io {
+    fn poll<C, U>(&mut self, cx: &mut Context<'_>, client: &mut C, upstream: &mut U, core: &mut Core) -> Poll<Outcome>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            let mut progress = false;
+            while !core.to_client.is_empty() {
+                match Pin::new(&mut *client).poll_write(cx, &core.to_client) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Outcome::ClientError(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        core.to_client.advance(n);
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::ClientError(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if core.to_client.is_empty() {
+                if let Some(reason) = core.close_reason() {
+                    return Poll::Ready(Outcome::Closed(reason.clone()));
+                }
+                if !self.reading_client && core.idle() {
+                    return Poll::Ready(Outcome::Drained);
+                }
+            }
+            while !core.to_upstream.is_empty() {
+                match Pin::new(&mut *upstream).poll_write(cx, &core.to_upstream) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Outcome::UpstreamError(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        core.to_upstream.advance(n);
+                        self.upstream_unflushed = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::UpstreamError(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if self.upstream_unflushed {
+                // TLS buffers records until flushed.
+                match Pin::new(&mut *upstream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.upstream_unflushed = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::UpstreamError(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if self.reading_client && core.wants_client_input() {
+                self.cin.reserve(READ_CHUNK);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Outcome::ClientClosed),
+                    Poll::Ready(Ok(_)) => {
+                        core.client_input(&mut self.cin);
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::ClientError(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if !self.uin.is_empty() && core.wants_upstream_input() {
+                // Bytes held back while the client was slow.
+                let before = self.uin.len();
+                core.upstream_input(&mut self.uin);
+                progress |= self.uin.len() != before;
+            }
+            if core.wants_upstream_input() {
+                self.uin.reserve(READ_CHUNK);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *upstream), cx, &mut self.uin) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Outcome::UpstreamClosed),
+                    Poll::Ready(Ok(_)) => {
+                        core.upstream_input(&mut self.uin);
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::UpstreamError(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+}

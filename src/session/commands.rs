@@ -1,0 +1,306 @@
+//! What the session core does with each client command: forward it as it is (the common
+//! case), answer it locally, or rewrite it. This is where client credentials are kept from
+//! the upstream (`AUTH`, `HELLO … AUTH`), where `CLIENT REPLY` is emulated, and where the
+//! write-side connection state (MULTI, one-shot flags, QUIT) is tracked.
+
+use bytes::{Bytes, BytesMut};
+
+use super::core::Core;
+use super::ledger::{Effect, Expect, SubKind};
+use super::state::ReplyMode;
+use crate::resp::encode;
+use crate::resp::request::{string2ll, Command};
+
+const OK: &[u8] = b"+OK\r\n";
+const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
+const HELLO_NOAUTH: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+const MAINT: &[u8] = b"-ERR CLIENT MAINT_NOTIFICATIONS is not supported through redis-entra-proxy: endpoints it would announce bypass the proxy\r\n";
+const IN_MULTI: &[u8] = b"-ERR this command is not supported inside MULTI by redis-entra-proxy\r\n";
+
+/// Commands the core treats specially; everything else is forwarded untouched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Special {
+    Auth,
+    Hello,
+    Quit,
+    Client,
+    Multi,
+    Exec,
+    Discard,
+    Reset,
+    Subscribe(SubKind, bool),
+    Monitor,
+    Asking,
+    Other,
+}
+
+fn classify(name: &[u8]) -> Special {
+    // Most traffic is GET/SET/…: one length check rules nearly all of it out.
+    if !(4..=12).contains(&name.len()) {
+        return Special::Other;
+    }
+    let mut lower = [0u8; 12];
+    let lower = &mut lower[..name.len()];
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    match &*lower {
+        b"auth" => Special::Auth,
+        b"hello" => Special::Hello,
+        b"quit" => Special::Quit,
+        b"client" => Special::Client,
+        b"multi" => Special::Multi,
+        b"exec" => Special::Exec,
+        b"discard" => Special::Discard,
+        b"reset" => Special::Reset,
+        b"monitor" => Special::Monitor,
+        b"asking" => Special::Asking,
+        b"subscribe" => Special::Subscribe(SubKind::Channel, true),
+        b"unsubscribe" => Special::Subscribe(SubKind::Channel, false),
+        b"psubscribe" => Special::Subscribe(SubKind::Pattern, true),
+        b"punsubscribe" => Special::Subscribe(SubKind::Pattern, false),
+        b"ssubscribe" => Special::Subscribe(SubKind::Shard, true),
+        b"sunsubscribe" => Special::Subscribe(SubKind::Shard, false),
+        _ => Special::Other,
+    }
+}
+
+impl Core {
+    /// Handles one client command. `raw` holds its bytes when it can be forwarded as it is
+    /// (multibulk); inline commands are re-encoded.
+    pub(super) fn on_command(&mut self, cmd: Command<'_>, raw: Option<&[u8]>) {
+        let special = cmd.arg(0).map_or(Special::Other, classify);
+        let client_reply = special == Special::Client && cmd.arg_is(1, "reply");
+        if !client_reply {
+            // CLIENT REPLY SKIP silences exactly the next command.
+            self.relay_current = match self.state.reply_mode {
+                ReplyMode::On => true,
+                ReplyMode::Off => false,
+                ReplyMode::Skip => {
+                    self.state.reply_mode = ReplyMode::On;
+                    false
+                }
+            };
+        }
+        if !self.client_authenticated
+            && !matches!(special, Special::Auth | Special::Hello | Special::Quit | Special::Reset)
+        {
+            return self.reject(NOAUTH);
+        }
+        match special {
+            Special::Auth => self.client_auth(cmd),
+            Special::Hello => self.client_hello(cmd),
+            Special::Quit => {
+                self.local(Bytes::from_static(OK));
+                self.ledger.push(Expect::Close);
+                self.state.quit = true;
+            }
+            Special::Client => self.client_subcommand(cmd, raw),
+            Special::Multi => {
+                self.forward(cmd, raw, Effect::None);
+                self.state.in_multi = true;
+            }
+            Special::Exec if self.state.multi_dirty => {
+                // The proxy refused a command of this transaction, as Redis would have at
+                // queue time: Redis's answer to EXEC is then EXECABORT.
+                encode::command(&mut self.to_upstream, [&b"DISCARD"[..]].into_iter());
+                self.ledger.push(Expect::Reply { effect: Effect::None, relay: false });
+                self.local(Bytes::from_static(EXECABORT));
+                self.end_multi();
+            }
+            Special::Exec | Special::Discard => {
+                self.forward(cmd, raw, Effect::None);
+                self.end_multi();
+            }
+            Special::Reset => {
+                self.forward(cmd, raw, Effect::Reset);
+                self.end_multi();
+                self.state.reply_mode = ReplyMode::On;
+                self.state.monitor_sent = false;
+                if let Some(password) = &self.local_password {
+                    self.client_authenticated = password.is_empty();
+                }
+                // RESET de-authenticates the connection: authenticate again right behind it.
+                self.reauth_now();
+            }
+            Special::Subscribe(kind, subscribe) if !self.state.in_multi => {
+                if subscribe && cmd.argc() < 2 {
+                    // Redis answers the arity error with a plain reply.
+                    return self.forward(cmd, raw, Effect::None);
+                }
+                let remaining = (cmd.argc() > 1).then(|| (cmd.argc() - 1) as u32);
+                self.write(cmd, raw);
+                self.ledger.push(Expect::Acks { kind, subscribe, remaining, relay: self.relay_current });
+            }
+            Special::Monitor => {
+                self.forward(cmd, raw, Effect::Monitor);
+                self.state.monitor_sent = true;
+            }
+            Special::Asking => {
+                self.forward(cmd, raw, Effect::None);
+                self.state.one_shot = true;
+            }
+            Special::Subscribe(..) | Special::Other => self.forward(cmd, raw, Effect::None),
+        }
+    }
+
+    fn end_multi(&mut self) {
+        self.state.in_multi = false;
+        self.state.multi_dirty = false;
+    }
+
+    /// Writes the command upstream and expects one reply.
+    fn forward(&mut self, cmd: Command<'_>, raw: Option<&[u8]>, effect: Effect) {
+        self.write(cmd, raw);
+        self.ledger.push(Expect::Reply { effect, relay: self.relay_current });
+    }
+
+    fn write(&mut self, cmd: Command<'_>, raw: Option<&[u8]>) {
+        match raw {
+            Some(bytes) => self.to_upstream.extend_from_slice(bytes),
+            None => encode::command(&mut self.to_upstream, cmd.args().collect::<Vec<_>>().into_iter()),
+        }
+        self.state.one_shot = false;
+    }
+
+    /// Answers with an error the proxy decided on; inside MULTI that dooms the transaction,
+    /// as a queue-time error does in Redis.
+    fn reject(&mut self, reply: &'static [u8]) {
+        if self.state.in_multi {
+            self.state.multi_dirty = true;
+        }
+        self.local(Bytes::from_static(reply));
+    }
+
+    fn check_password(&self, user: &[u8], password: &[u8]) -> bool {
+        match &self.local_password {
+            None => true,
+            // Like `requirepass`: the password belongs to the `default` user.
+            Some(secret) => user == b"default" && secret.matches(password),
+        }
+    }
+
+    fn client_auth(&mut self, cmd: Command<'_>) {
+        let (user, password) = match (cmd.argc(), cmd.arg(1), cmd.arg(2)) {
+            (2, Some(p), _) => (&b"default"[..], p),
+            (3, Some(u), Some(p)) => (u, p),
+            (0 | 1, _, _) => {
+                return self.reject(b"-ERR wrong number of arguments for 'auth' command\r\n")
+            }
+            _ => return self.reject(SYNTAX),
+        };
+        if self.state.in_multi {
+            // Forwarding would send the client's secret upstream; answering would diverge
+            // from Redis, which queues AUTH. Refusing keeps the transaction's outcome exact.
+            return self.reject(IN_MULTI);
+        }
+        if self.check_password(user, password) {
+            self.client_authenticated = true;
+            self.local(Bytes::from_static(OK));
+        } else {
+            self.reject(WRONGPASS);
+        }
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the AUTH pair is checked locally
+    /// and removed; the rest is forwarded so the upstream switches protocol and sets the name.
+    fn client_hello(&mut self, cmd: Command<'_>) {
+        if !cmd.complete() {
+            return self.reject(SYNTAX);
+        }
+        let mut version = None;
+        let mut auth = None;
+        let mut setname = None;
+        if let Some(v) = cmd.arg(1) {
+            match string2ll(v) {
+                Some(v @ 2..=3) => version = Some(v as u8),
+                Some(_) => return self.reject(b"-NOPROTO unsupported protocol version\r\n"),
+                None => {
+                    return self
+                        .reject(b"-ERR Protocol version is not an integer or out of range\r\n")
+                }
+            }
+        }
+        let mut j = 2;
+        while j < cmd.argc() {
+            let more = cmd.argc() - 1 - j;
+            if cmd.arg_is(j, "auth") && more >= 2 {
+                auth = Some((cmd.arg(j + 1).unwrap_or_default(), cmd.arg(j + 2).unwrap_or_default()));
+                j += 3;
+            } else if cmd.arg_is(j, "setname") && more >= 1 {
+                setname = cmd.arg(j + 1);
+                j += 2;
+            } else {
+                let opt = String::from_utf8_lossy(cmd.arg(j).unwrap_or_default());
+                let msg = format!("ERR Syntax error in HELLO option '{opt}'");
+                let mut reply = BytesMut::new();
+                encode::error(&mut reply, &msg);
+                if self.state.in_multi {
+                    self.state.multi_dirty = true;
+                }
+                return self.local(reply.freeze());
+            }
+        }
+        if let Some((user, password)) = auth {
+            if !self.check_password(user, password) {
+                return self.reject(WRONGPASS);
+            }
+            self.client_authenticated = true;
+        }
+        if !self.client_authenticated {
+            return self.reject(HELLO_NOAUTH);
+        }
+        let mut args: Vec<&[u8]> = vec![b"HELLO"];
+        let digit = [b'0' + version.unwrap_or(0)];
+        if version.is_some() {
+            args.push(&digit);
+        }
+        if let Some(name) = setname {
+            args.extend([&b"SETNAME"[..], name]);
+        }
+        encode::command(&mut self.to_upstream, args.into_iter());
+        self.state.one_shot = false;
+        let effect = match version {
+            Some(v) => {
+                self.state.hellos_in_flight += 1;
+                Effect::Hello(v)
+            }
+            None => Effect::None,
+        };
+        self.ledger.push(Expect::Reply { effect, relay: self.relay_current });
+    }
+
+    fn client_subcommand(&mut self, cmd: Command<'_>, raw: Option<&[u8]>) {
+        if cmd.arg_is(1, "maint_notifications") {
+            return self.reject(MAINT);
+        }
+        if cmd.arg_is(1, "reply") && cmd.argc() == 3 {
+            if self.state.in_multi {
+                return self.reject(IN_MULTI);
+            }
+            // Emulated so the server always answers, which keeps injected AUTHs exact.
+            if cmd.arg_is(2, "on") {
+                self.state.reply_mode = ReplyMode::On;
+                self.relay_current = true;
+                return self.local(Bytes::from_static(OK));
+            } else if cmd.arg_is(2, "off") {
+                self.state.reply_mode = ReplyMode::Off;
+                return;
+            } else if cmd.arg_is(2, "skip") {
+                if self.state.reply_mode != ReplyMode::Off {
+                    self.state.reply_mode = ReplyMode::Skip;
+                }
+                return;
+            }
+            self.relay_current = self.state.reply_mode == ReplyMode::On;
+            return self.reject(SYNTAX);
+        }
+        let caching = cmd.arg_is(1, "caching");
+        self.forward(cmd, raw, Effect::None);
+        if caching {
+            self.state.one_shot = true;
+        }
+    }
+}

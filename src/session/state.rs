@@ -1,0 +1,84 @@
+//! The connection state the session core tracks: what Redis would consider the state of the
+//! upstream connection, as far as it decides how replies are classified and whether an
+//! injected `AUTH` is safe (see `protocol-rules.md`, "Where an injected AUTH is safe").
+//!
+//! Two clocks matter. Write-side facts (in MULTI, one-shot flags, QUIT) change when the proxy
+//! writes a command; read-side facts (protocol version, subscriptions, MONITOR) change when
+//! the reply that establishes them is read, because only then do they describe the frames
+//! that follow.
+
+use super::ledger::SubKind;
+
+/// `CLIENT REPLY` mode, emulated by the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplyMode {
+    #[default]
+    On,
+    Off,
+    /// The next command's reply is dropped.
+    Skip,
+}
+
+/// Subscription counts as the server reported them in confirmations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Subscriptions {
+    pub channels: u64,
+    pub patterns: u64,
+    pub shard: u64,
+}
+
+impl Subscriptions {
+    pub fn any(&self) -> bool {
+        self.channels + self.patterns + self.shard > 0
+    }
+
+    pub fn of(&self, kind: SubKind) -> u64 {
+        match kind {
+            SubKind::Channel => self.channels,
+            SubKind::Pattern => self.patterns,
+            SubKind::Shard => self.shard,
+        }
+    }
+
+    /// Applies the count carried by a confirmation. For channels and patterns Redis reports
+    /// their sum; for shard channels their own count.
+    pub fn confirm(&mut self, kind: SubKind, count: u64) {
+        match kind {
+            SubKind::Channel => self.channels = count.saturating_sub(self.patterns),
+            SubKind::Pattern => self.patterns = count.saturating_sub(self.channels),
+            SubKind::Shard => self.shard = count,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ConnState {
+    /// Read side: RESP version of the connection (2 until a HELLO 3 succeeds).
+    pub proto: u8,
+    /// Read side: confirmed subscriptions.
+    pub subs: Subscriptions,
+    /// Read side: MONITOR's reply was read; every later frame is a monitor line.
+    pub monitor: bool,
+    /// Write side: MULTI written, EXEC/DISCARD/RESET not yet.
+    pub in_multi: bool,
+    /// Write side: a command inside the current MULTI was refused by the proxy, so EXEC must
+    /// fail with EXECABORT as Redis would.
+    pub multi_dirty: bool,
+    /// Write side: the last command written was ASKING or CLIENT CACHING, whose effect lasts
+    /// for exactly the next command.
+    pub one_shot: bool,
+    /// Write side: a HELLO is in flight, so the protocol version is about to change.
+    pub hellos_in_flight: u32,
+    /// Write side: MONITOR written; no AUTH may follow it.
+    pub monitor_sent: bool,
+    /// Write side: QUIT seen; nothing more is read from the client.
+    pub quit: bool,
+    /// Write side: the emulated CLIENT REPLY mode.
+    pub reply_mode: ReplyMode,
+}
+
+impl ConnState {
+    pub fn new() -> Self {
+        ConnState { proto: 2, ..Default::default() }
+    }
+}
