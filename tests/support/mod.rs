@@ -1,0 +1,222 @@
+//! Test harness: a TLS `redis-server` standing in for Azure Managed Redis (from
+//! `redis_entra_proxy::devenv`), the proxy running in-process on a port-0 listener in front of
+//! it, and small raw-socket helpers for byte-level assertions. Everything is on 127.0.0.1;
+//! every wait is bounded.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_entra_proxy::cli::Options;
+use redis_entra_proxy::credentials::TokenSource;
+use redis_entra_proxy::dev::DevTokenSource;
+use redis_entra_proxy::devenv::{RedisOptions, RedisServer, RespConn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use redis_entra_proxy::devenv::Reply;
+
+/// Longest any single expected event may take in a test before it counts as a hang.
+pub const STEP: Duration = Duration::from_secs(10);
+
+pub struct ProxyOptions {
+    /// `--local-password`.
+    pub local_password: Option<String>,
+    /// Token lifetime of the dev issuer (each generation is an ACL user deleted at expiry).
+    pub token_lifetime: Duration,
+    pub refresh_ratio: f64,
+    /// Also listen on a unix socket in a temporary directory.
+    pub unix_socket: bool,
+    /// Point the proxy somewhere else than the stand-in server (fault tests):
+    /// (address, tls, CA file).
+    pub upstream: Option<(String, bool, Option<PathBuf>)>,
+    /// Replace the dev token issuer.
+    pub source: Option<Arc<dyn TokenSource>>,
+    pub max_connections: Option<usize>,
+    pub drain_timeout: Option<Duration>,
+    pub connect_timeout: Option<Duration>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            local_password: None,
+            token_lifetime: Duration::from_secs(3600),
+            refresh_ratio: 0.75,
+            unix_socket: false,
+            upstream: None,
+            source: None,
+            max_connections: None,
+            drain_timeout: None,
+            connect_timeout: None,
+        }
+    }
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub unix_socket: Option<PathBuf>,
+    pub redis: Arc<RedisServer>,
+    pub shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub async fn start() -> Proxy {
+        Self::start_with(ProxyOptions::default()).await
+    }
+
+    pub async fn start_with(opts: ProxyOptions) -> Proxy {
+        let redis = Arc::new(RedisServer::start(RedisOptions::default()).await.expect("redis-server starts"));
+        Self::start_on(redis, opts).await
+    }
+
+    /// Starts a proxy in front of an already running server.
+    pub async fn start_on(redis: Arc<RedisServer>, opts: ProxyOptions) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let unix_socket = opts.unix_socket.then(|| dir.path().join("proxy.sock"));
+        let (upstream, tls, ca) = opts.upstream.clone().unwrap_or_else(|| {
+            (redis.addr().to_string(), true, redis.ca_file().map(|p| p.to_path_buf()))
+        });
+        let options = Options {
+            listen: Some("127.0.0.1:0".into()),
+            unix_socket: unix_socket.clone(),
+            upstream: Some(upstream),
+            upstream_tls: Some(tls),
+            upstream_ca_file: ca,
+            upstream_server_name: Some("localhost".into()),
+            local_password: opts.local_password.clone().map(redis_entra_proxy::secret::Secret::new),
+            refresh_ratio: Some(opts.refresh_ratio),
+            max_connections: opts.max_connections,
+            drain_timeout: opts.drain_timeout,
+            connect_timeout: opts.connect_timeout,
+            ..Options::default()
+        };
+        let config = redis_entra_proxy::config::validate(options, None).expect("valid test config");
+        let listeners = redis_entra_proxy::bind(&config).await.expect("bind");
+        let addr = listeners.tcp.as_ref().expect("tcp listener").local_addr().expect("local addr");
+        let source = opts.source.clone().unwrap_or_else(|| {
+            Arc::new(DevTokenSource::new(redis.clone(), opts.token_lifetime, "oid"))
+        });
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                redis_entra_proxy::run_with_source(config, listeners, source, shutdown)
+                    .await
+                    .expect("proxy runs");
+            }
+        });
+        let proxy = Proxy { addr, unix_socket, redis, shutdown, task: Some(task), _dir: dir };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Polls until a PING through the proxy is answered (the first token has arrived).
+    async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            if let Ok(mut c) = RespConn::connect_plain(self.addr).await {
+                if let Ok(Ok(Reply::Simple(s))) = tokio::time::timeout(STEP, c.command(&[b"PING"])).await {
+                    if s == "PONG" {
+                        return;
+                    }
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "proxy not ready within {STEP:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A RESP2 client connected to the proxy.
+    pub async fn client(&self) -> RespConn {
+        RespConn::connect_plain(self.addr).await.expect("connect to proxy")
+    }
+
+    /// A raw TCP connection to the proxy.
+    pub async fn raw(&self) -> Raw {
+        Raw(TcpStream::connect(self.addr).await.expect("connect to proxy"))
+    }
+
+    /// Stops the proxy and waits for it to drain.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(STEP * 3, task).await.expect("proxy stops").expect("proxy task");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A raw socket for byte-exact tests.
+pub struct Raw(pub TcpStream);
+
+impl Raw {
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).await.expect("write to proxy");
+    }
+
+    /// Reads exactly `n` bytes.
+    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        tokio::time::timeout(STEP, self.0.read_exact(&mut buf))
+            .await
+            .expect("reply within bound")
+            .expect("read");
+        buf
+    }
+
+    /// Reads until `expected.len()` bytes arrived and compares them.
+    pub async fn expect(&mut self, expected: &[u8]) {
+        let got = self.read_exact(expected.len()).await;
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+    }
+
+    /// Reads until EOF (bounded); returns everything read.
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        tokio::time::timeout(STEP, self.0.read_to_end(&mut buf))
+            .await
+            .expect("close within bound")
+            .expect("read");
+        buf
+    }
+}
+
+/// Runs an external command (redis-cli, redis-benchmark) with a time bound; returns stdout.
+pub async fn run_tool(program: &str, args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{program} runs (apt-get install redis-tools): {e}"));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(input).await.expect("write stdin");
+        drop(pipe);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} finished within 120 s"))
+        .expect("wait");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
