@@ -504,3 +504,6 @@ fn ack_count(frame: &[u8]) -> Option<u64> {
     crate::resp::request::string2ll(&line[..end]).and_then(|n| u64::try_from(n).ok())
 }
 
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,322 @@
+//! Byte-level tests of the sans-IO core: what it writes upstream and to the client for given
+//! inputs, with the upstream's replies scripted by hand.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::credentials::Credentials;
+
+fn creds(generation: u64) -> Arc<Credentials> {
+    Arc::new(Credentials {
+        username: format!("oid-{generation}"),
+        token: Secret::new(format!("tok{generation}")),
+        expires_at: None,
+        generation,
+    })
+}
+
+fn auth(generation: u64) -> String {
+    format!("*3\r\n$4\r\nAUTH\r\n$5\r\noid-{generation}\r\n$4\r\ntok{generation}\r\n")
+}
+
+struct T {
+    core: Core,
+}
+
+impl T {
+    /// A core whose initial AUTH has been written (and is checked and taken here).
+    fn new() -> T {
+        Self::started(Core::new(creds(1), None))
+    }
+
+    fn with_password(pw: &str) -> T {
+        Self::started(Core::new(creds(1), Some(Arc::new(Secret::new(pw)))))
+    }
+
+    fn started(core: Core) -> T {
+        let mut t = T { core };
+        assert_eq!(t.upstream_sent(), auth(1));
+        t
+    }
+
+    fn client(&mut self, bytes: &str) -> &mut Self {
+        let mut buf = BytesMut::from(bytes.as_bytes());
+        self.core.client_input(&mut buf);
+        self
+    }
+
+    fn server(&mut self, bytes: &str) -> &mut Self {
+        let mut buf = BytesMut::from(bytes.as_bytes());
+        self.core.upstream_input(&mut buf);
+        assert!(buf.is_empty() || self.core.close_reason().is_some(), "unconsumed upstream bytes");
+        self
+    }
+
+    fn upstream_sent(&mut self) -> String {
+        String::from_utf8_lossy(&self.core.to_upstream.split()).into_owned()
+    }
+
+    fn client_got(&mut self) -> String {
+        String::from_utf8_lossy(&self.core.to_client.split()).into_owned()
+    }
+}
+
+#[test]
+fn first_auth_is_swallowed_and_commands_pipeline_behind_it() {
+    let mut t = T { core: Core::new(creds(1), None) };
+    t.client("*1\r\n$4\r\nPING\r\n");
+    assert_eq!(t.upstream_sent(), format!("{}*1\r\n$4\r\nPING\r\n", auth(1)));
+    t.server("+OK\r\n+PONG\r\n");
+    assert_eq!(t.client_got(), "+PONG\r\n");
+    assert!(t.core.current());
+}
+
+#[test]
+fn failed_first_auth_gives_one_error_and_closes() {
+    let mut t = T::new();
+    t.client("PING\r\nGET k\r\n");
+    t.server("-WRONGPASS invalid username-password pair or user is disabled.\r\n-NOAUTH x\r\n");
+    let got = t.client_got();
+    assert!(got.starts_with("-WRONGPASS invalid username-password pair"), "{got}");
+    assert!(got.contains("redis-entra-proxy") && got.contains("oid-1") && !got.contains("tok1"), "{got}");
+    assert_eq!(got.matches("\r\n").count(), 1);
+    assert!(matches!(t.core.close_reason(), Some(CloseReason::UpstreamAuth(_))));
+}
+
+#[test]
+fn client_auth_is_answered_locally_in_order() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("GET a\r\nAUTH pw\r\nAUTH u p\r\nGET b\r\n");
+    let sent = t.upstream_sent();
+    assert!(!sent.contains("pw") && !sent.contains("AUTH"), "{sent}");
+    assert_eq!(t.client_got(), "");
+    t.server("$1\r\na\r\n");
+    assert_eq!(t.client_got(), "$1\r\na\r\n+OK\r\n+OK\r\n");
+    t.server("$-1\r\n");
+    assert_eq!(t.client_got(), "$-1\r\n");
+}
+
+#[test]
+fn local_password_like_requirepass() {
+    let mut t = T::with_password("s3cret");
+    t.server("+OK\r\n");
+    t.client("PING\r\nAUTH nope\r\nAUTH other s3cret\r\nAUTH s3cret\r\nPING\r\n");
+    assert_eq!(
+        t.client_got(),
+        "-NOAUTH Authentication required.\r\n\
+         -WRONGPASS invalid username-password pair or user is disabled.\r\n\
+         -WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n"
+    );
+    assert_eq!(t.upstream_sent(), "*1\r\n$4\r\nPING\r\n");
+}
+
+#[test]
+fn hello_auth_is_checked_and_stripped() {
+    let mut t = T::with_password("pw");
+    t.server("+OK\r\n");
+    t.client("*7\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$4\r\nAUTH\r\n$7\r\ndefault\r\n$2\r\npw\r\n$7\r\nSETNAME\r\n$1\r\nn\r\n");
+    assert_eq!(t.upstream_sent(), "*4\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$7\r\nSETNAME\r\n$1\r\nn\r\n");
+    t.server("%1\r\n$5\r\nproto\r\n:3\r\n");
+    assert_eq!(t.client_got(), "%1\r\n$5\r\nproto\r\n:3\r\n");
+    assert_eq!(t.core.state.proto, 3);
+    t.client("HELLO 2 AUTH default wrong\r\nHELLO 3 FOO\r\n");
+    assert_eq!(t.upstream_sent(), "");
+    assert_eq!(
+        t.client_got(),
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n\
+         -ERR Syntax error in HELLO option 'FOO'\r\n"
+    );
+}
+
+#[test]
+fn rotation_injects_between_commands_and_swallows_reply() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("GET a\r\n");
+    t.core.set_credentials(creds(2));
+    t.client("GET b\r\n");
+    assert_eq!(
+        t.upstream_sent(),
+        format!("*2\r\n$3\r\nGET\r\n$1\r\na\r\n{}*2\r\n$3\r\nGET\r\n$1\r\nb\r\n", auth(2))
+    );
+    t.server("$1\r\n1\r\n+OK\r\n$1\r\n2\r\n");
+    assert_eq!(t.client_got(), "$1\r\n1\r\n$1\r\n2\r\n");
+    assert!(t.core.current());
+    assert_eq!(t.core.stats.reauth_ok, 1);
+}
+
+#[test]
+fn rotation_waits_for_exec() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("MULTI\r\nSET a 1\r\n");
+    t.core.set_credentials(creds(2));
+    assert!(!t.upstream_sent().contains("AUTH"));
+    t.client("EXEC\r\n");
+    assert!(t.upstream_sent().ends_with(&format!("EXEC\r\n{}", auth(2))));
+    t.server("+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n+OK\r\n");
+    assert_eq!(t.client_got(), "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+}
+
+#[test]
+fn rotation_waits_after_asking() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("ASKING\r\n");
+    t.core.set_credentials(creds(2));
+    assert!(!t.upstream_sent().contains("AUTH"));
+    t.client("GET k\r\n");
+    assert!(t.upstream_sent().ends_with(&auth(2)));
+}
+
+#[test]
+fn failed_reauth_keeps_connection() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.core.set_credentials(creds(2));
+    t.upstream_sent();
+    t.server("-WRONGPASS nope\r\n");
+    assert_eq!(t.client_got(), "");
+    assert!(t.core.close_reason().is_none());
+    assert!(!t.core.current());
+    assert_eq!(t.core.stats.reauth_failed, 1);
+    t.core.retry_reauth();
+    assert_eq!(t.upstream_sent(), auth(2));
+}
+
+#[test]
+fn client_reply_is_emulated() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("CLIENT REPLY OFF\r\nSET a 1\r\nCLIENT REPLY SKIP\r\nCLIENT REPLY ON\r\nGET a\r\nCLIENT REPLY SKIP\r\nGET a\r\nGET a\r\n");
+    let sent = t.upstream_sent();
+    assert!(!sent.contains("REPLY"), "{sent}");
+    t.server("+OK\r\n$1\r\n1\r\n$1\r\n1\r\n$1\r\n1\r\n");
+    assert_eq!(t.client_got(), "+OK\r\n$1\r\n1\r\n$1\r\n1\r\n");
+}
+
+#[test]
+fn resp2_pubsub_accounting() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("SUBSCRIBE a b\r\nPSUBSCRIBE p*\r\nPING\r\nUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nAUTH x\r\n");
+    t.upstream_sent();
+    let acks = "*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n\
+                *3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n";
+    let msg = "*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n";
+    let pong = "*2\r\n$4\r\npong\r\n$0\r\n\r\n";
+    let unsub = "*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:2\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:1\r\n\
+                 *3\r\n$12\r\npunsubscribe\r\n$2\r\np*\r\n:0\r\n";
+    t.server(acks).server(msg).server(pong);
+    assert_eq!(t.core.state.subs.channels, 2);
+    t.server(unsub);
+    assert_eq!(t.client_got(), format!("{acks}{msg}{pong}{unsub}+OK\r\n"));
+    assert!(t.core.idle());
+}
+
+#[test]
+fn resp2_subscriber_defers_reauth_until_unsubscribed() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("SUBSCRIBE a\r\n");
+    t.core.set_credentials(creds(2));
+    assert!(!t.upstream_sent().contains("AUTH"));
+    t.server("*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+    t.client("UNSUBSCRIBE\r\n");
+    t.server("*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n");
+    assert!(t.upstream_sent().ends_with(&auth(2)));
+}
+
+#[test]
+fn resp3_pushes_bypass_the_ledger() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("HELLO 3\r\nSUBSCRIBE a\r\nGET k\r\n");
+    t.server("%1\r\n$5\r\nproto\r\n:3\r\n");
+    t.core.set_credentials(creds(2));
+    let push = ">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nx\r\n";
+    t.server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n").server(push).server("_\r\n").server(push);
+    // RESP3 subscribers re-authenticate in band.
+    assert!(t.upstream_sent().ends_with(&auth(2)));
+    t.server("+OK\r\n");
+    let got = t.client_got();
+    assert_eq!(got.matches(">3").count(), 3);
+    assert!(got.contains("_\r\n") && !got.ends_with("+OK\r\n"));
+    assert!(t.core.current());
+}
+
+#[test]
+fn reset_reauthenticates_right_behind() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("RESET\r\n");
+    assert_eq!(t.upstream_sent(), format!("*1\r\n$5\r\nRESET\r\n{}", auth(1)));
+    t.server("+RESET\r\n+OK\r\n");
+    assert_eq!(t.client_got(), "+RESET\r\n");
+}
+
+#[test]
+fn quit_answers_after_pending_replies_then_closes() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("GET a\r\nQUIT\r\nGET b\r\n");
+    assert_eq!(t.upstream_sent(), "*2\r\n$3\r\nGET\r\n$1\r\na\r\n");
+    assert!(t.core.close_reason().is_none());
+    t.server("$-1\r\n");
+    assert_eq!(t.client_got(), "$-1\r\n+OK\r\n");
+    assert_eq!(t.core.close_reason(), Some(&CloseReason::ClientQuit));
+}
+
+#[test]
+fn protocol_error_after_earlier_replies() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("PING\r\n*x\r\nPING\r\n");
+    assert_eq!(t.upstream_sent(), "*1\r\n$4\r\nPING\r\n");
+    t.server("+PONG\r\n");
+    assert_eq!(t.client_got(), "+PONG\r\n-ERR Protocol error: invalid multibulk length\r\n");
+    assert!(matches!(t.core.close_reason(), Some(CloseReason::ClientProtocol(_))));
+}
+
+#[test]
+fn dirty_transaction_aborts_like_redis() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("MULTI\r\nAUTH x\r\nEXEC\r\n");
+    assert_eq!(t.upstream_sent(), "*1\r\n$5\r\nMULTI\r\n*1\r\n$7\r\nDISCARD\r\n");
+    t.server("+OK\r\n+OK\r\n");
+    let got = t.client_got();
+    assert!(got.starts_with("+OK\r\n-ERR") && got.ends_with("-EXECABORT Transaction discarded because of previous errors.\r\n"), "{got}");
+}
+
+#[test]
+fn unexpected_reply_closes_as_desync() {
+    let mut t = T::new();
+    t.server("+OK\r\n+EXTRA\r\n");
+    assert_eq!(t.core.close_reason(), Some(&CloseReason::UpstreamDesync));
+}
+
+#[test]
+fn large_reply_is_streamed_not_held() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("GET big\r\n");
+    t.server("$100000\r\n");
+    t.server(&"x".repeat(50_000));
+    assert_eq!(t.client_got().len(), 9 + 50_000);
+    assert!(t.core.held.is_empty());
+    t.server(&format!("{}\r\n", "x".repeat(50_000)));
+    assert_eq!(t.client_got().len(), 50_002);
+    assert!(t.core.idle());
+}
+
+#[test]
+fn unchanged_when_time_passes() {
+    // Credentials without expiry stay current.
+    let c = creds(1);
+    assert!(!c.is_expired(SystemTime::now()));
+}
