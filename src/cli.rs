@@ -145,6 +145,12 @@ pub struct Options {
     #[arg(long, env = "REDIS_ENTRA_PROXY_REFRESH_RATIO", value_name = "RATIO")]
     pub refresh_ratio: Option<f64>,
 
+    /// Window over which live connections re-authenticate after a token rotation, each at a
+    /// random moment [default: 30s].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_REAUTH_WINDOW", value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub reauth_window: Option<Duration>,
+
     /// Log filter, RUST_LOG syntax [default: info].
     #[arg(long, env = "REDIS_ENTRA_PROXY_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -168,7 +174,7 @@ impl Options {
         merge_fields!(hi, lo; listen, unix_socket, upstream, upstream_tls, upstream_ca_file,
             upstream_server_name, credential, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
-            max_connections, refresh_ratio, log_level, log_format)
+            max_connections, refresh_ratio, reauth_window, log_level, log_format)
     }
 }
 

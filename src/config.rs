@@ -20,6 +20,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Redis's own default `maxclients`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Connections re-authenticate at random moments within this window after a new token
+/// arrives: wide enough to spread thousands of AUTHs, far shorter than the 2 minutes between
+/// the latest refresh (5 min before expiry) and Microsoft's 3-minute deadline.
+pub const DEFAULT_REAUTH_WINDOW: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Environment variable holding the token of the `fixed` source (never a flag).
 pub const TOKEN_ENV: &str = "REDIS_ENTRA_PROXY_TOKEN";
@@ -64,6 +68,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub refresh_ratio: f64,
+    pub reauth_window: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -161,6 +166,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         drain_timeout: o.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
         max_connections,
         refresh_ratio,
+        reauth_window: o.reauth_window.unwrap_or(DEFAULT_REAUTH_WINDOW),
         log_level,
         log_format: o.log_format.unwrap_or(LogFormat::Text),
     })
@@ -243,6 +249,7 @@ pub fn render(o: &Options, token_set: bool) -> String {
     line("max-connections", o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).to_string());
     let ratio = o.refresh_ratio.unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
     line("refresh-ratio", ratio.to_string());
+    line("reauth-window", d(o.reauth_window, DEFAULT_REAUTH_WINDOW));
     line("log-level", q(o.log_level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL)));
     let fmt = o.log_format.unwrap_or(LogFormat::Text);
     line("log-format", q(&format!("{fmt:?}").to_lowercase()));

@@ -127,6 +127,7 @@ pub async fn run_with_source(
         credentials: rx,
         local_password: config.local_password.clone().map(Arc::new),
         shutdown: shutdown.clone(),
+        reauth_window: config.reauth_window,
     });
     tracing::info!(
         listen = ?config.listen,

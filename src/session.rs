@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use self::core::{CloseReason, Core};
@@ -31,6 +32,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// After the client half-closes, replies already owed to it are still delivered for this
 /// long (what `printf 'PING\r\n' | nc` expects), then the connection closes.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// First wait before retrying a re-AUTH the server refused; doubles up to the maximum.
+const REAUTH_RETRY_INITIAL: Duration = Duration::from_secs(1);
+const REAUTH_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What every session shares.
 pub struct Shared {
@@ -39,6 +43,10 @@ pub struct Shared {
     pub local_password: Option<Arc<Secret>>,
     /// Cancelled when the proxy shuts down: sessions stop reading and finish what is in flight.
     pub shutdown: CancellationToken,
+    /// New credentials reach each session after a random delay within this window (capped
+    /// to a quarter of the old token's remaining life), so that thousands of connections do
+    /// not send AUTH in the same millisecond.
+    pub reauth_window: Duration,
 }
 
 /// How a session ended.
@@ -137,14 +145,19 @@ where
     };
     let mut creds = shared.credentials.clone();
     let mut creds_open = true;
-    let mut grace: Option<tokio::time::Instant> = None;
+    let mut grace: Option<Instant> = None;
+    // New credentials waiting for this session's jittered moment.
+    let mut pending: Option<(Arc<crate::credentials::Credentials>, Instant)> = None;
+    let mut retry_at: Option<Instant> = None;
+    let mut retry_delay = REAUTH_RETRY_INITIAL;
     loop {
-        let deadline = async {
-            match grace {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        if core.reauth_failed() && retry_at.is_none() {
+            retry_at = Some(Instant::now() + retry_delay);
+            retry_delay = (retry_delay * 2).min(REAUTH_RETRY_MAX);
+        } else if core.current() {
+            retry_delay = REAUTH_RETRY_INITIAL;
+        }
+        let close_at = core.close_deadline().map(instant_of);
         tokio::select! {
             outcome = poll_fn(|cx| io.poll(cx, client, upstream, core)) => match outcome {
                 Outcome::ClientClosed if core.in_flight() > 0 && grace.is_none() => {
@@ -157,16 +170,53 @@ where
             changed = creds.changed(), if creds_open => match changed {
                 Ok(()) => {
                     if let Some(c) = creds.borrow_and_update().clone() {
-                        core.set_credentials(c);
+                        let window = match core.authed_remaining(SystemTime::now()) {
+                            Some(left) => shared.reauth_window.min(left / 4),
+                            None => shared.reauth_window,
+                        };
+                        let at = pending
+                            .as_ref()
+                            .map_or_else(|| Instant::now() + window.mul_f64(fastrand::f64()), |p| p.1);
+                        pending = Some((c, at));
                     }
                 }
                 Err(_) => creds_open = false,
             },
+            _ = sleep_opt(pending.as_ref().map(|p| p.1)) => {
+                if let Some((c, _)) = pending.take() {
+                    core.set_credentials(c);
+                }
+            }
+            _ = sleep_opt(retry_at) => {
+                retry_at = None;
+                core.retry_reauth();
+            }
+            _ = sleep_opt(close_at) => {
+                if core.close_deadline().is_some_and(|d| d <= SystemTime::now()) {
+                    core.expire();
+                }
+            }
             _ = shared.shutdown.cancelled(), if io.reading_client => {
                 io.reading_client = false;
             }
-            _ = deadline => return Outcome::ClientClosed,
+            _ = sleep_opt(grace) => return Outcome::ClientClosed,
         }
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The monotonic instant of a wall-clock time (token expiries are wall-clock).
+fn instant_of(t: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    match t.duration_since(now) {
+        Ok(ahead) => Instant::now() + ahead,
+        Err(_) => Instant::now(),
     }
 }
 

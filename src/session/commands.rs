@@ -67,6 +67,32 @@ fn classify(name: &[u8]) -> Special {
     }
 }
 
+/// Commands whose name Redis reports as `command|subcommand`.
+const CONTAINERS: &[&str] = &[
+    "acl", "client", "cluster", "command", "config", "function", "latency", "memory", "module",
+    "object", "pubsub", "script", "slowlog", "xgroup", "xinfo",
+];
+
+/// The command's name as Redis's `fullname` prints it.
+fn full_name(cmd: &Command<'_>) -> String {
+    let name = String::from_utf8_lossy(cmd.arg(0).unwrap_or_default()).to_lowercase();
+    match cmd.arg(1) {
+        Some(sub) if CONTAINERS.contains(&name.as_str()) => {
+            format!("{name}|{}", String::from_utf8_lossy(sub).to_lowercase())
+        }
+        _ => name,
+    }
+}
+
+/// Every argument, also beyond the parser's kept ones (subscription commands may name many
+/// channels, and the proxy must know them all to predict the subscription state).
+fn all_args<'a>(cmd: &Command<'a>, raw: Option<&'a [u8]>) -> Vec<&'a [u8]> {
+    match raw {
+        Some(frame) if !cmd.complete() => crate::resp::request::frame_args(frame),
+        _ => cmd.args().collect(),
+    }
+}
+
 impl Core {
     /// Handles one client command. `raw` holds its bytes when it can be forwarded as it is
     /// (multibulk); inline commands are re-encoded.
@@ -88,6 +114,22 @@ impl Core {
             && !matches!(special, Special::Auth | Special::Hello | Special::Quit | Special::Reset)
         {
             return self.reject(NOAUTH);
+        }
+        let ping = special == Special::Other && cmd.arg_is(0, "ping");
+        if self.state.client_resp2_subscribed()
+            && !ping
+            && !matches!(special, Special::Subscribe(..) | Special::Quit | Special::Reset)
+        {
+            // What Redis answers a RESP2 subscriber; said by the proxy because the upstream
+            // may have been switched to RESP3, where it would accept the command.
+            let msg = format!(
+                "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                full_name(&cmd)
+            );
+            return self.reject_with(&msg);
+        }
+        if ping && self.state.emulating && self.state.wsubs.any() {
+            return self.forward(cmd, raw, Effect::Pong);
         }
         match special {
             Special::Auth => self.client_auth(cmd),
@@ -119,6 +161,9 @@ impl Core {
                 self.end_multi();
                 self.state.reply_mode = ReplyMode::On;
                 self.state.monitor_sent = false;
+                self.state.wproto = 2;
+                self.state.emulating = false;
+                self.state.wsubs.clear();
                 if let Some(password) = &self.local_password {
                     self.client_authenticated = password.is_empty();
                 }
@@ -130,9 +175,31 @@ impl Core {
                     // Redis answers the arity error with a plain reply.
                     return self.forward(cmd, raw, Effect::None);
                 }
+                let s = &self.state;
+                if subscribe
+                    && s.client_proto() == 2
+                    && !s.emulating
+                    && !s.resp3_refused
+                    && !s.wsubs.any()
+                {
+                    // A RESP2 subscriber cannot be re-authenticated (Redis refuses AUTH in
+                    // that state), a RESP3 one can: move the upstream to RESP3 and
+                    // translate its replies back to RESP2 for the client.
+                    self.inject_hello(3, true);
+                }
                 let remaining = (cmd.argc() > 1).then(|| (cmd.argc() - 1) as u32);
+                let names = all_args(&cmd, raw);
                 self.write(cmd, raw);
                 self.ledger.push(Expect::Acks { kind, subscribe, remaining, relay: self.relay_current });
+                let names = names.get(1..).unwrap_or_default();
+                if subscribe {
+                    self.state.wsubs.subscribe(kind, names.iter().map(|n| Box::from(*n)));
+                } else {
+                    self.state.wsubs.unsubscribe(kind, names);
+                    if self.state.emulating && !self.state.wsubs.any() {
+                        self.inject_hello(2, false);
+                    }
+                }
             }
             Special::Monitor => {
                 self.forward(cmd, raw, Effect::Monitor);
@@ -172,6 +239,15 @@ impl Core {
             self.state.multi_dirty = true;
         }
         self.local(Bytes::from_static(reply));
+    }
+
+    fn reject_with(&mut self, msg: &str) {
+        let mut reply = BytesMut::new();
+        encode::error(&mut reply, msg);
+        if self.state.in_multi {
+            self.state.multi_dirty = true;
+        }
+        self.local(reply.freeze());
     }
 
     fn check_password(&self, user: &[u8], password: &[u8]) -> bool {
@@ -234,13 +310,7 @@ impl Core {
                 j += 2;
             } else {
                 let opt = String::from_utf8_lossy(cmd.arg(j).unwrap_or_default());
-                let msg = format!("ERR Syntax error in HELLO option '{opt}'");
-                let mut reply = BytesMut::new();
-                encode::error(&mut reply, &msg);
-                if self.state.in_multi {
-                    self.state.multi_dirty = true;
-                }
-                return self.local(reply.freeze());
+                return self.reject_with(&format!("ERR Syntax error in HELLO option '{opt}'"));
             }
         }
         if let Some((user, password)) = auth {
@@ -264,7 +334,7 @@ impl Core {
         self.state.one_shot = false;
         let effect = match version {
             Some(v) => {
-                self.state.hellos_in_flight += 1;
+                self.state.wproto = v;
                 Effect::Hello(v)
             }
             None => Effect::None,

@@ -12,6 +12,7 @@
 //! `commands.rs`; this file owns the reply side and re-authentication.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -27,6 +28,10 @@ use crate::secret::Secret;
 pub const CLIENT_OUT_HIGH_WATER: usize = 256 * 1024;
 /// Bytes waiting for the upstream beyond which the proxy stops reading the client.
 pub const UPSTREAM_OUT_HIGH_WATER: usize = 256 * 1024;
+/// A connection that could not re-authenticate is closed this long before its token expires,
+/// so that it ends between replies rather than being cut by the server mid-reply. Scaled
+/// down for tokens that live only seconds (tests, the dev setup).
+pub const CLOSE_BEFORE_EXPIRY: Duration = Duration::from_secs(5);
 
 /// Why the core wants the connection closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +46,9 @@ pub enum CloseReason {
     UpstreamProtocol(String),
     /// The upstream sent a reply no command asked for: the stream cannot be trusted.
     UpstreamDesync,
+    /// The token this connection authenticated with is about to expire and the connection
+    /// could not re-authenticate in time (blocked, a RESP2 subscriber, AUTH refused).
+    TokenExpiring,
 }
 
 impl CloseReason {
@@ -48,6 +56,7 @@ impl CloseReason {
     pub fn side(&self) -> &'static str {
         match self {
             CloseReason::ClientQuit | CloseReason::ClientProtocol(_) => "client",
+            CloseReason::TokenExpiring => "proxy",
             _ => "upstream",
         }
     }
@@ -59,6 +68,7 @@ impl CloseReason {
             CloseReason::UpstreamAuth(_) => "upstream_auth_failed",
             CloseReason::UpstreamProtocol(_) => "upstream_protocol_error",
             CloseReason::UpstreamDesync => "upstream_desync",
+            CloseReason::TokenExpiring => "token_expiring",
         }
     }
 }
@@ -71,6 +81,9 @@ impl std::fmt::Display for CloseReason {
             CloseReason::UpstreamAuth(e) => write!(f, "upstream refused AUTH: {e}"),
             CloseReason::UpstreamProtocol(e) => write!(f, "upstream protocol error: {e}"),
             CloseReason::UpstreamDesync => f.write_str("upstream sent a reply nobody asked for"),
+            CloseReason::TokenExpiring => f.write_str(
+                "token about to expire and the connection could not re-authenticate in time",
+            ),
         }
     }
 }
@@ -83,6 +96,15 @@ pub struct Stats {
     pub reauth_failed: u64,
 }
 
+/// An AUTH the upstream accepted.
+#[derive(Debug, Clone, Copy)]
+struct Authed {
+    generation: u64,
+    expires_at: Option<SystemTime>,
+    /// When the reply arrived.
+    at: SystemTime,
+}
+
 /// What to do with the upstream frame being scanned.
 #[derive(Debug, Clone, Copy)]
 enum Role {
@@ -90,8 +112,8 @@ enum Role {
     Reply { error: bool, mode: Mode },
     /// A subscription confirmation (held whole to read its count).
     Ack { kind: SubKind, subscribe: bool },
-    /// A message or push nobody asked for: relay.
-    Unsolicited,
+    /// A message or push nobody asked for: relay (as a RESP2 array when translating).
+    Unsolicited { translate: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,10 +136,10 @@ pub struct Core {
     pub(super) relay_current: bool,
     /// The newest credentials; the upstream must end up authenticated with them.
     pub(super) creds: Arc<Credentials>,
-    /// Generation of the credentials of the last AUTH the upstream accepted.
-    authed_generation: Option<u64>,
-    /// Generation of an AUTH written and not yet answered.
-    auth_in_flight: Option<u64>,
+    /// The last AUTH the upstream accepted.
+    authed: Option<Authed>,
+    /// Generation and expiry of an AUTH written and not yet answered.
+    auth_in_flight: Option<(u64, Option<SystemTime>)>,
     /// A re-AUTH with the current generation failed; it is not retried until new credentials
     /// arrive or the driver calls [`Core::retry_reauth`].
     reauth_failed: bool,
@@ -147,7 +169,7 @@ impl Core {
             local_password,
             relay_current: true,
             creds,
-            authed_generation: None,
+            authed: None,
             auth_in_flight: None,
             reauth_failed: false,
             role: None,
@@ -182,7 +204,34 @@ impl Core {
 
     /// Whether the upstream is authenticated with the newest credentials.
     pub fn current(&self) -> bool {
-        self.authed_generation == Some(self.creds.generation)
+        self.authed.is_some_and(|a| a.generation == self.creds.generation)
+    }
+
+    /// A re-AUTH failed and waits for [`Core::retry_reauth`].
+    pub fn reauth_failed(&self) -> bool {
+        self.reauth_failed
+    }
+
+    /// When the connection must be closed unless it re-authenticates first: shortly before
+    /// the token it is authenticated with expires.
+    pub fn close_deadline(&self) -> Option<SystemTime> {
+        let a = self.authed?;
+        let expires = a.expires_at?;
+        let lifetime = expires.duration_since(a.at).unwrap_or_default();
+        Some(expires - CLOSE_BEFORE_EXPIRY.min(lifetime / 10))
+    }
+
+    /// Time left on the token the upstream is authenticated with.
+    pub fn authed_remaining(&self, now: SystemTime) -> Option<Duration> {
+        let expires = self.authed?.expires_at?;
+        Some(expires.duration_since(now).unwrap_or_default())
+    }
+
+    /// The deadline passed without re-authentication: close.
+    pub fn expire(&mut self) {
+        if self.closing.is_none() {
+            self.closing = Some(CloseReason::TokenExpiring);
+        }
     }
 
     /// Replies still expected from the upstream, injected ones included.
@@ -229,12 +278,12 @@ impl Core {
     /// Scans replies in `buf`, relaying, dropping or swallowing each.
     pub fn upstream_input(&mut self, buf: &mut BytesMut) {
         while !buf.is_empty() && self.wants_upstream_input() {
-            let role = match self.role {
-                Some(role) => role,
+            let (role, fresh) = match self.role {
+                Some(role) => (role, false),
                 None => {
                     let Some(head) = peek_head(buf) else { break };
                     match self.decide(head) {
-                        Some(role) => *self.role.insert(role),
+                        Some(role) => (*self.role.insert(role), true),
                         None => return self.close(CloseReason::UpstreamDesync),
                     }
                 }
@@ -245,7 +294,12 @@ impl Core {
             };
             let bytes = &buf[..scan.consumed];
             match role {
-                Role::Reply { mode: Mode::Relay, .. } | Role::Unsolicited => {
+                Role::Unsolicited { translate: true } if fresh => {
+                    // A push becomes an array; its elements are the same in RESP2.
+                    self.to_client.extend_from_slice(b"*");
+                    self.to_client.extend_from_slice(&bytes[1..]);
+                }
+                Role::Reply { mode: Mode::Relay, .. } | Role::Unsolicited { .. } => {
                     self.to_client.extend_from_slice(bytes)
                 }
                 Role::Reply { mode: Mode::Drop, .. } => {}
@@ -285,8 +339,8 @@ impl Core {
     /// can swallow, and without disturbing the client's own commands.
     pub fn safe_to_inject(&self) -> bool {
         let s = &self.state;
-        let resp2_sub = (s.proto == 2 || s.hellos_in_flight > 0)
-            && (s.subs.any() || self.ledger.subscribe_pending());
+        // Redis refuses AUTH from a RESP2 subscriber.
+        let resp2_sub = s.wproto == 2 && s.wsubs.any();
         self.closing.is_none()
             && !s.in_multi
             && !s.one_shot
@@ -305,17 +359,26 @@ impl Core {
         }
     }
 
+    /// Writes `HELLO <version>` and expects its reply to be swallowed.
+    pub(super) fn inject_hello(&mut self, version: u8, emulate: bool) {
+        let v = [b'0' + version];
+        crate::resp::encode::command(&mut self.to_upstream, [&b"HELLO"[..], &v].into_iter());
+        self.ledger.push(Expect::Swallow(Injected::Hello { version, emulate }));
+        self.state.wproto = version;
+        self.state.emulating = emulate;
+    }
+
     /// Writes `AUTH <user> <token>` and expects its reply to be swallowed.
     pub(super) fn inject_auth(&mut self, initial: bool) {
         self.creds.write_auth(&mut self.to_upstream);
         let generation = self.creds.generation;
-        self.auth_in_flight = Some(generation);
+        self.auth_in_flight = Some((generation, self.creds.expires_at));
         self.ledger.push(Expect::Swallow(Injected::Auth { generation, initial }));
     }
 
     /// Forces a fresh AUTH now (after RESET, which de-authenticates the connection).
     pub(super) fn reauth_now(&mut self) {
-        self.authed_generation = None;
+        self.authed = None;
         self.inject_auth(false);
     }
 
@@ -328,23 +391,24 @@ impl Core {
         if head.kind == b'>' {
             return Some(match ack {
                 Some((kind, subscribe)) => Role::Ack { kind, subscribe },
-                None => Role::Unsolicited,
+                None => Role::Unsolicited { translate: self.state.translate },
             });
         }
         let front_is_acks = matches!(self.ledger.front(), Some(Expect::Acks { .. }));
         if head.kind == b'*' && self.state.proto == 2 && (self.state.subs.any() || front_is_acks) {
             if let First::Str(b"message" | b"pmessage" | b"smessage") = head.first {
-                return Some(Role::Unsolicited);
+                return Some(Role::Unsolicited { translate: false });
             }
             if let Some((kind, subscribe)) = ack {
                 return Some(Role::Ack { kind, subscribe });
             }
         }
         if self.state.monitor {
-            return Some(Role::Unsolicited);
+            return Some(Role::Unsolicited { translate: false });
         }
         let error = matches!(head.kind, b'-' | b'!');
         let mode = match self.ledger.front()? {
+            Expect::Reply { effect: Effect::Pong, relay: true } if self.state.translate => Mode::Hold,
             Expect::Reply { relay: true, .. } => Mode::Relay,
             Expect::Reply { relay: false, .. } => Mode::Drop,
             Expect::Swallow(_) => Mode::Hold,
@@ -362,19 +426,20 @@ impl Core {
 
     fn finish(&mut self, role: Role) {
         match role {
-            Role::Unsolicited => {}
+            Role::Unsolicited { .. } => {}
             Role::Ack { kind, subscribe } => self.finish_ack(kind, subscribe),
             Role::Reply { error, .. } => match self.ledger.pop() {
-                Some(Expect::Reply { effect, .. }) => {
-                    if let Effect::Hello(_) = effect {
-                        self.state.hellos_in_flight = self.state.hellos_in_flight.saturating_sub(1);
-                    }
-                    if !error {
-                        self.apply(effect);
+                Some(Expect::Reply { effect: Effect::Pong, relay }) if self.state.translate => {
+                    if relay {
+                        pong_as_resp2(&self.held, &mut self.to_client);
                     }
                 }
+                Some(Expect::Reply { effect, .. }) if !error => self.apply(effect),
                 Some(Expect::Swallow(Injected::Auth { generation, initial })) => {
                     self.auth_answered(generation, initial, error)
+                }
+                Some(Expect::Swallow(Injected::Hello { version, emulate })) => {
+                    self.hello_answered(version, emulate, error)
                 }
                 _ => {}
             },
@@ -400,7 +465,29 @@ impl Core {
             self.state.subs.confirm(kind, count);
         }
         if relay {
-            self.to_client.extend_from_slice(&self.held);
+            if self.state.translate {
+                push_as_resp2(&self.held, &mut self.to_client);
+            } else {
+                self.to_client.extend_from_slice(&self.held);
+            }
+        }
+    }
+
+    fn hello_answered(&mut self, version: u8, emulate: bool, error: bool) {
+        if !error {
+            self.state.proto = version;
+            self.state.translate = emulate;
+            return;
+        }
+        if version == 3 {
+            // The subscriber stays RESP2: it cannot be re-authenticated, and is closed before
+            // its token expires (see `close_deadline`).
+            tracing::warn!(error = %error_text(&self.held), "upstream refused HELLO 3; RESP2 subscribers on this connection cannot be re-authenticated");
+            self.state.resp3_refused = true;
+            if self.state.emulating {
+                self.state.emulating = false;
+                self.state.wproto = 2;
+            }
         }
     }
 
@@ -411,19 +498,21 @@ impl Core {
             Effect::Monitor => self.state.monitor = true,
             Effect::Reset => {
                 self.state.proto = 2;
+                self.state.translate = false;
                 self.state.subs = Default::default();
                 self.state.monitor = false;
             }
+            Effect::Pong => {}
         }
     }
 
     fn auth_answered(&mut self, generation: u64, initial: bool, error: bool) {
-        self.auth_in_flight = None;
+        let expires_at = self.auth_in_flight.take().and_then(|(_, e)| e);
         if !error {
             if !initial {
                 self.stats.reauth_ok += 1;
             }
-            self.authed_generation = Some(generation);
+            self.authed = Some(Authed { generation, expires_at, at: SystemTime::now() });
             return;
         }
         let text = error_text(&self.held);
@@ -488,6 +577,44 @@ impl Core {
 fn error_text(frame: &[u8]) -> String {
     let line = frame.split(|&b| b == b'\r').next().unwrap_or_default();
     String::from_utf8_lossy(line.get(1..).unwrap_or_default()).into_owned()
+}
+
+/// Elements of a flat aggregate frame, each with its encoding.
+fn elements(frame: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let start = memchr::memchr(b'\n', frame).map_or(frame.len(), |i| i + 1);
+    let mut rest = &frame[start..];
+    std::iter::from_fn(move || {
+        let n = ReplyScanner::new().scan(rest).ok().filter(|s| s.complete)?.consumed;
+        let (elem, tail) = rest.split_at(n);
+        rest = tail;
+        Some(elem)
+    })
+}
+
+/// A RESP3 subscription push as the RESP2 array Redis would send (`_` nulls become `$-1`).
+fn push_as_resp2(frame: &[u8], out: &mut BytesMut) {
+    if frame.first() != Some(&b'>') {
+        out.extend_from_slice(frame);
+        return;
+    }
+    let header_end = memchr::memchr(b'\n', frame).map_or(frame.len(), |i| i + 1);
+    out.extend_from_slice(b"*");
+    out.extend_from_slice(&frame[1..header_end]);
+    for e in elements(frame) {
+        out.extend_from_slice(if e == b"_\r\n" { b"$-1\r\n" } else { e });
+    }
+}
+
+/// The reply to PING from a RESP2 subscriber: `["pong", <argument or "">]`.
+fn pong_as_resp2(reply: &[u8], out: &mut BytesMut) {
+    match reply.first() {
+        Some(b'+') => out.extend_from_slice(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"),
+        Some(b'$') => {
+            out.extend_from_slice(b"*2\r\n$4\r\npong\r\n");
+            out.extend_from_slice(reply);
+        }
+        _ => out.extend_from_slice(reply),
+    }
 }
 
 /// The subscription count in a confirmation (`[kind, channel, count]`).

@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 /// Which family of subscription a confirmation belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub enum SubKind {
     Channel,
     Pattern,
@@ -42,6 +43,9 @@ pub enum Effect {
     Monitor,
     /// `RESET` succeeded: RESP2, no subscriptions, not monitoring.
     Reset,
+    /// `PING` from a RESP2 subscriber on an upstream switched to RESP3: answer as RESP2 does
+    /// in subscribed mode, `["pong", <arg or "">]`.
+    Pong,
 }
 
 /// What the proxy injected, and so must check and swallow.
@@ -50,6 +54,9 @@ pub enum Injected {
     /// `AUTH <user> <token>` with credentials of this generation; `initial` for the first AUTH
     /// of the connection, whose failure the client must hear about.
     Auth { generation: u64, initial: bool },
+    /// `HELLO <version>` switching the upstream's protocol for a RESP2 subscriber
+    /// (`emulate`: to RESP3 and translate; otherwise back to RESP2).
+    Hello { version: u8, emulate: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,11 +100,6 @@ impl Ledger {
 
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    /// Whether a subscribe of any kind is written but not yet confirmed.
-    pub fn subscribe_pending(&self) -> bool {
-        self.entries.iter().any(|e| matches!(e, Expect::Acks { subscribe: true, .. }))
     }
 
     /// Replies the client still waits for (excluding injected ones).

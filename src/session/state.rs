@@ -7,6 +7,8 @@
 //! the reply that establishes them is read, because only then do they describe the frames
 //! that follow.
 
+use std::collections::HashSet;
+
 use super::ledger::SubKind;
 
 /// `CLIENT REPLY` mode, emulated by the proxy.
@@ -51,6 +53,43 @@ impl Subscriptions {
     }
 }
 
+/// Subscriptions as predicted from the commands written: what the server's subscription
+/// sets will be when it processes the next command written.
+#[derive(Debug, Clone, Default)]
+pub struct PredictedSubs {
+    sets: [HashSet<Box<[u8]>>; 3],
+}
+
+impl PredictedSubs {
+    fn set(&mut self, kind: SubKind) -> &mut HashSet<Box<[u8]>> {
+        &mut self.sets[kind as usize]
+    }
+
+    pub fn subscribe(&mut self, kind: SubKind, names: impl Iterator<Item = Box<[u8]>>) {
+        self.set(kind).extend(names);
+    }
+
+    /// Removes the named subscriptions, or all of the kind when `names` is empty.
+    pub fn unsubscribe(&mut self, kind: SubKind, names: &[&[u8]]) {
+        let set = self.set(kind);
+        if names.is_empty() {
+            set.clear();
+        } else {
+            for n in names {
+                set.remove(*n);
+            }
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        self.sets.iter().any(|s| !s.is_empty())
+    }
+
+    pub fn clear(&mut self) {
+        self.sets.iter_mut().for_each(HashSet::clear);
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ConnState {
     /// Read side: RESP version of the connection (2 until a HELLO 3 succeeds).
@@ -67,8 +106,17 @@ pub struct ConnState {
     /// Write side: the last command written was ASKING or CLIENT CACHING, whose effect lasts
     /// for exactly the next command.
     pub one_shot: bool,
-    /// Write side: a HELLO is in flight, so the protocol version is about to change.
-    pub hellos_in_flight: u32,
+    /// Read side: the upstream speaks RESP3 to a client that speaks RESP2 (a RESP2
+    /// subscriber the proxy moved to RESP3 so that it can be re-authenticated): translate.
+    pub translate: bool,
+    /// Write side: the protocol the upstream will speak when it processes the next command.
+    pub wproto: u8,
+    /// Write side: the upstream was switched to RESP3 for a RESP2 subscriber.
+    pub emulating: bool,
+    /// The server refused `HELLO 3`: RESP2 subscribers stay RESP2 on this connection.
+    pub resp3_refused: bool,
+    /// Write side: the subscriptions the server will hold.
+    pub wsubs: PredictedSubs,
     /// Write side: MONITOR written; no AUTH may follow it.
     pub monitor_sent: bool,
     /// Write side: QUIT seen; nothing more is read from the client.
@@ -79,6 +127,21 @@ pub struct ConnState {
 
 impl ConnState {
     pub fn new() -> Self {
-        ConnState { proto: 2, ..Default::default() }
+        ConnState { proto: 2, wproto: 2, ..Default::default() }
+    }
+
+    /// The protocol the client believes it speaks (write side).
+    pub fn client_proto(&self) -> u8 {
+        if self.emulating {
+            2
+        } else {
+            self.wproto
+        }
+    }
+
+    /// Whether the server would treat the client as a RESP2 subscriber for the next command
+    /// (and so refuse everything but (P|S)(UN)SUBSCRIBE, PING, QUIT and RESET).
+    pub fn client_resp2_subscribed(&self) -> bool {
+        self.client_proto() == 2 && self.wsubs.any()
     }
 }

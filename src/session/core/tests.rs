@@ -199,33 +199,77 @@ fn client_reply_is_emulated() {
     assert_eq!(t.client_got(), "+OK\r\n$1\r\n1\r\n$1\r\n1\r\n");
 }
 
+const HELLO3: &str = "*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n";
+const HELLO2: &str = "*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n";
+const HELLO_REPLY: &str = "%1\r\n$5\r\nproto\r\n:3\r\n";
+
 #[test]
-fn resp2_pubsub_accounting() {
+fn resp2_subscriber_is_moved_to_resp3_and_translated_back() {
     let mut t = T::new();
     t.server("+OK\r\n");
-    t.client("SUBSCRIBE a b\r\nPSUBSCRIBE p*\r\nPING\r\nUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nAUTH x\r\n");
-    t.upstream_sent();
-    let acks = "*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n\
-                *3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n";
-    let msg = "*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n";
-    let pong = "*2\r\n$4\r\npong\r\n$0\r\n\r\n";
-    let unsub = "*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:2\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:1\r\n\
-                 *3\r\n$12\r\npunsubscribe\r\n$2\r\np*\r\n:0\r\n";
-    t.server(acks).server(msg).server(pong);
-    assert_eq!(t.core.state.subs.channels, 2);
-    t.server(unsub);
-    assert_eq!(t.client_got(), format!("{acks}{msg}{pong}{unsub}+OK\r\n"));
+    t.client("SUBSCRIBE a b\r\nPSUBSCRIBE p*\r\nPING\r\nGET k\r\nUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nAUTH x\r\n");
+    let sent = t.upstream_sent();
+    assert!(sent.starts_with(HELLO3), "{sent}");
+    assert!(sent.ends_with(&format!("*1\r\n$12\r\nPUNSUBSCRIBE\r\n{HELLO2}")), "{sent}");
+    assert!(!sent.contains("GET") && !sent.contains("AUTH"), "{sent}");
+    // The server speaks RESP3 now.
+    t.server(HELLO_REPLY);
+    t.server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n>3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n");
+    t.server(">3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n");
+    t.server(">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n");
+    t.server("+PONG\r\n");
+    t.server(">3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:2\r\n>3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:1\r\n");
+    t.server(">3\r\n$12\r\npunsubscribe\r\n$2\r\np*\r\n:0\r\n");
+    t.server("%1\r\n$5\r\nproto\r\n:2\r\n");
+    let want = "*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n\
+                *3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n\
+                *3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n\
+                *2\r\n$4\r\npong\r\n$0\r\n\r\n\
+                -ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n\
+                *3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:2\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:1\r\n\
+                *3\r\n$12\r\npunsubscribe\r\n$2\r\np*\r\n:0\r\n+OK\r\n";
+    assert_eq!(t.client_got(), want);
     assert!(t.core.idle());
+    assert_eq!((t.core.state.proto, t.core.state.translate), (2, false));
 }
 
 #[test]
-fn resp2_subscriber_defers_reauth_until_unsubscribed() {
+fn translated_subscriber_reauthenticates_in_band() {
     let mut t = T::new();
     t.server("+OK\r\n");
     t.client("SUBSCRIBE a\r\n");
+    t.upstream_sent();
+    t.server(HELLO_REPLY).server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+    t.core.set_credentials(creds(2));
+    assert_eq!(t.upstream_sent(), auth(2));
+    t.server(">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nx\r\n+OK\r\n");
+    assert_eq!(
+        t.client_got(),
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nx\r\n"
+    );
+    assert!(t.core.current());
+    // Null channel of an unsubscribe with nothing left becomes a RESP2 null bulk.
+    t.client("UNSUBSCRIBE\r\nUNSUBSCRIBE\r\n");
+    t.server(">3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n");
+    t.server(HELLO_REPLY.replace(":3", ":2").as_str());
+    t.server("*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n");
+    assert_eq!(
+        t.client_got(),
+        "*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n"
+    );
+}
+
+#[test]
+fn resp2_subscriber_defers_reauth_when_resp3_is_refused() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("SUBSCRIBE a\r\n");
+    assert!(t.upstream_sent().starts_with(HELLO3));
+    t.server("-ERR unknown command 'HELLO'\r\n");
     t.core.set_credentials(creds(2));
     assert!(!t.upstream_sent().contains("AUTH"));
     t.server("*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+    assert_eq!(t.client_got(), "*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
     t.client("UNSUBSCRIBE\r\n");
     t.server("*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n");
     assert!(t.upstream_sent().ends_with(&auth(2)));
