@@ -144,6 +144,11 @@ where
         upstream_unflushed: false,
     };
     let mut creds = shared.credentials.clone();
+    // The core started with the credentials current when the client connected; catch up with
+    // any change since (a no-op for the same generation), then follow later ones.
+    if let Some(c) = creds.borrow_and_update().clone() {
+        core.set_credentials(c);
+    }
     let mut creds_open = true;
     let mut grace: Option<Instant> = None;
     // New credentials waiting for this session's jittered moment.
@@ -170,13 +175,15 @@ where
             changed = creds.changed(), if creds_open => match changed {
                 Ok(()) => {
                     if let Some(c) = creds.borrow_and_update().clone() {
+                        // Spread over the window, but finish within a quarter of the old
+                        // token's remaining life; a connection whose first AUTH is still in
+                        // flight takes the new token at once.
                         let window = match core.authed_remaining(SystemTime::now()) {
                             Some(left) => shared.reauth_window.min(left / 4),
-                            None => shared.reauth_window,
+                            None => Duration::ZERO,
                         };
-                        let at = pending
-                            .as_ref()
-                            .map_or_else(|| Instant::now() + window.mul_f64(fastrand::f64()), |p| p.1);
+                        let at = Instant::now() + window.mul_f64(fastrand::f64());
+                        let at = pending.as_ref().map_or(at, |p| p.1.min(at));
                         pending = Some((c, at));
                     }
                 }

@@ -322,6 +322,7 @@ impl Core {
 
     /// New credentials: the upstream re-authenticates at its next safe point.
     pub fn set_credentials(&mut self, creds: Arc<Credentials>) {
+        tracing::trace!(generation = creds.generation, safe = self.safe_to_inject(), "new credentials");
         if creds.generation != self.creds.generation {
             self.creds = creds;
             self.reauth_failed = false;
@@ -372,6 +373,7 @@ impl Core {
     pub(super) fn inject_auth(&mut self, initial: bool) {
         self.creds.write_auth(&mut self.to_upstream);
         let generation = self.creds.generation;
+        tracing::trace!(generation, initial, "AUTH injected");
         self.auth_in_flight = Some((generation, self.creds.expires_at));
         self.ledger.push(Expect::Swallow(Injected::Auth { generation, initial }));
     }
@@ -508,6 +510,7 @@ impl Core {
 
     fn auth_answered(&mut self, generation: u64, initial: bool, error: bool) {
         let expires_at = self.auth_in_flight.take().and_then(|(_, e)| e);
+        tracing::trace!(generation, initial, error, "AUTH answered");
         if !error {
             if !initial {
                 self.stats.reauth_ok += 1;
