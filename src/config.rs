@@ -180,6 +180,9 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), ConfigError> {
     }
     if let Some(rest) = s.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        if host.is_empty() {
+            return Err(bad());
+        }
         let port = match after {
             "" => DEFAULT_UPSTREAM_PORT,
             p => p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(bad)?,
@@ -187,6 +190,7 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), ConfigError> {
         return Ok((host.to_owned(), port));
     }
     match s.rsplit_once(':') {
+        Some(("", _)) => Err(bad()),
         Some((host, port)) if !host.contains(':') => {
             Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
         }

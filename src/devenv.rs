@@ -26,7 +26,7 @@ mod tests;
 mod token;
 mod workdir;
 
-pub use admin::{client_tls_config, encode, parse, Reply, RespConn};
+pub use admin::{client_tls_config, encode, parse, Io, Reply, RespConn};
 pub use certs::DevCerts;
 pub use server::{RedisOptions, RedisServer};
 pub use token::mint_token;

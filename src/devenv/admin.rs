@@ -41,7 +41,8 @@ const MAX_BULK: i64 = 512 * 1024 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Anything a `RespConn` can run over: a plain TCP stream or a TLS stream on top of one.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+/// A byte stream a [`RespConn`] runs over (TCP or TLS).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// One client connection speaking RESP2. Not cancel-safe mid-reply: a caller that times out a
@@ -114,6 +115,12 @@ impl RespConn {
             stream,
             buf: Vec::new(),
         }
+    }
+
+    /// The underlying stream, for byte-level tests. Bytes already buffered by
+    /// [`RespConn::read_reply`] are not in it: call this between replies only.
+    pub fn stream_mut(&mut self) -> &mut Box<dyn Io> {
+        &mut self.stream
     }
 
     /// Sends one command as a multibulk and reads its reply.

@@ -450,10 +450,10 @@ impl Core {
 
     fn finish_ack(&mut self, kind: SubKind, subscribe: bool) {
         let count = ack_count(&self.held);
-        let mut relay = true;
-        if let Some(Expect::Acks { kind: k, subscribe: s, remaining, relay: r }) = self.ledger.front_mut() {
+        // Redis 7 sends confirmations as pushes even under CLIENT REPLY OFF/SKIP
+        // (`CLIENT_PUSHING`), so they are relayed whatever the reply mode.
+        if let Some(Expect::Acks { kind: k, subscribe: s, remaining, .. }) = self.ledger.front_mut() {
             if *k == kind && *s == subscribe {
-                relay = *r;
                 // An unsubscribe-all learns its count now that every earlier confirmation
                 // has been read: one per subscription of its kind, or one if there is none.
                 let left = remaining.get_or_insert(self.state.subs.of(kind).max(1) as u32);
@@ -466,12 +466,10 @@ impl Core {
         if let Some(count) = count {
             self.state.subs.confirm(kind, count);
         }
-        if relay {
-            if self.state.translate {
-                push_as_resp2(&self.held, &mut self.to_client);
-            } else {
-                self.to_client.extend_from_slice(&self.held);
-            }
+        if self.state.translate {
+            push_as_resp2(&self.held, &mut self.to_client);
+        } else {
+            self.to_client.extend_from_slice(&self.held);
         }
     }
 

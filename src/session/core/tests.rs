@@ -364,3 +364,14 @@ fn unchanged_when_time_passes() {
     let c = creds(1);
     assert!(!c.is_expired(SystemTime::now()));
 }
+
+#[test]
+fn unsubscribe_when_not_subscribed() {
+    for cmd in ["PUNSUBSCRIBE\r\n", "*1\r\n$12\r\nPUNSUBSCRIBE\r\n"] {
+        let mut t = T::new();
+        t.server("+OK\r\n");
+        t.client(cmd);
+        t.server("*3\r\n$12\r\npunsubscribe\r\n$-1\r\n:0\r\n");
+        assert_eq!(t.client_got(), "*3\r\n$12\r\npunsubscribe\r\n$-1\r\n:0\r\n", "{cmd:?}");
+    }
+}
