@@ -98,7 +98,11 @@ pub struct Options {
     pub upstream_ca_file: Option<PathBuf>,
 
     /// TLS server name (SNI and certificate check) [default: HOST of --upstream].
-    #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM_SERVER_NAME", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "REDIS_ENTRA_PROXY_UPSTREAM_SERVER_NAME",
+        value_name = "NAME"
+    )]
     pub upstream_server_name: Option<String>,
 
     /// Where tokens come from [default: fixed].
@@ -115,11 +119,20 @@ pub struct Options {
 
     /// Password clients must AUTH with, like Redis `requirepass`. Prefer the environment
     /// variable or --local-password-file: command lines are visible to other users.
-    #[arg(long, env = "REDIS_ENTRA_PROXY_LOCAL_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "REDIS_ENTRA_PROXY_LOCAL_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
     pub local_password: Option<Secret>,
 
     /// File holding the local password.
-    #[arg(long, env = "REDIS_ENTRA_PROXY_LOCAL_PASSWORD_FILE", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "REDIS_ENTRA_PROXY_LOCAL_PASSWORD_FILE",
+        value_name = "PATH"
+    )]
     pub local_password_file: Option<PathBuf>,
 
     /// Allow listening on a non-loopback address without a local password.
@@ -181,15 +194,23 @@ impl Options {
 /// Parses `500ms`, `10s`, `5m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m"))?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?}: use ms, s, m or h"
+            ))
+        }
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
@@ -203,8 +224,12 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::E
     }
     match Option::<Raw>::deserialize(d)? {
         None => Ok(None),
-        Some(Raw::Secs(n)) => parse_duration(&n.to_string()).map(Some).map_err(serde::de::Error::custom),
-        Some(Raw::Text(s)) => parse_duration(&s).map(Some).map_err(serde::de::Error::custom),
+        Some(Raw::Secs(n)) => parse_duration(&n.to_string())
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        Some(Raw::Text(s)) => parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
     }
 }
 

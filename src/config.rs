@@ -31,17 +31,29 @@ pub const TOKEN_ENV: &str = "REDIS_ENTRA_PROXY_TOKEN";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--{option}: {reason}")]
-    Invalid { option: &'static str, reason: String },
+    Invalid {
+        option: &'static str,
+        reason: String,
+    },
     #[error("--{option} is required{hint}")]
-    Missing { option: &'static str, hint: &'static str },
+    Missing {
+        option: &'static str,
+        hint: &'static str,
+    },
     #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {reason}")]
     File { path: String, reason: String },
 }
 
 fn invalid(option: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { option, reason: reason.into() }
+    ConfigError::Invalid {
+        option,
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,20 +100,31 @@ pub fn load(cli: Options, token_env: Option<String>) -> Result<(Config, Options)
 /// Parses a TOML config file; unknown keys are errors, so typos do not pass silently.
 pub fn read_file(path: &Path) -> Result<Options, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::File { path: shown, reason: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: shown,
+        reason: e.to_string(),
+    })
 }
 
 pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigError> {
     let listen = match o.listen.as_deref().unwrap_or(DEFAULT_LISTEN) {
         "none" => None,
         s => Some(s.parse::<SocketAddr>().map_err(|_| {
-            invalid("listen", format!("{s:?} is not IP:PORT (e.g. 127.0.0.1:6379) or `none`"))
+            invalid(
+                "listen",
+                format!("{s:?} is not IP:PORT (e.g. 127.0.0.1:6379) or `none`"),
+            )
         })?),
     };
     if listen.is_none() && o.unix_socket.is_none() {
-        return Err(invalid("listen", "`none` needs --unix-socket, or nothing would be served"));
+        return Err(invalid(
+            "listen",
+            "`none` needs --unix-socket, or nothing would be served",
+        ));
     }
     let upstream = o.upstream.as_deref().ok_or(ConfigError::Missing {
         option: "upstream",
@@ -109,12 +132,19 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
     })?;
     let (host, port) = split_host_port(upstream)?;
     let tls = o.upstream_tls.unwrap_or(true);
-    let server_name = o.upstream_server_name.clone().unwrap_or_else(|| host.clone());
+    let server_name = o
+        .upstream_server_name
+        .clone()
+        .unwrap_or_else(|| host.clone());
     if tls {
         rustls::pki_types::ServerName::try_from(server_name.clone())
             .map_err(|e| invalid("upstream-server-name", format!("{server_name:?}: {e}")))?;
     }
-    let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
 
     let local_password = match (&o.local_password, &o.local_password_file) {
         (Some(p), _) => Some(p.clone()),
@@ -140,22 +170,35 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
 
     let credential = o.credential.unwrap_or(CredentialKind::Fixed);
     let token = token_env.filter(|t| !t.is_empty()).map(Secret::new);
-    let refresh_ratio = o.refresh_ratio.unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
+    let refresh_ratio = o
+        .refresh_ratio
+        .unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
     if !(0.05..=0.95).contains(&refresh_ratio) {
-        return Err(invalid("refresh-ratio", format!("{refresh_ratio} is outside 0.05..=0.95")));
+        return Err(invalid(
+            "refresh-ratio",
+            format!("{refresh_ratio} is outside 0.05..=0.95"),
+        ));
     }
     let max_connections = o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if max_connections == 0 {
         return Err(invalid("max-connections", "must be at least 1"));
     }
-    let log_level = o.log_level.clone().unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
+    let log_level = o
+        .log_level
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
     tracing_subscriber::EnvFilter::try_new(&log_level)
         .map_err(|e| invalid("log-level", format!("{log_level:?}: {e}")))?;
 
     Ok(Config {
         listen,
         unix_socket: o.unix_socket,
-        upstream: UpstreamConfig { addr, tls, ca_file: o.upstream_ca_file, server_name },
+        upstream: UpstreamConfig {
+            addr,
+            tls,
+            ca_file: o.upstream_ca_file,
+            server_name,
+        },
         credential,
         token,
         token_file: o.token_file,
@@ -185,7 +228,10 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), ConfigError> {
         }
         let port = match after {
             "" => DEFAULT_UPSTREAM_PORT,
-            p => p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(bad)?,
+            p => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(bad)?,
         };
         return Ok((host.to_owned(), port));
     }
@@ -226,35 +272,72 @@ pub fn render(o: &Options, token_set: bool) -> String {
         serde_json::to_string(s).unwrap_or_default()
     }
     fn p(p: &Option<PathBuf>) -> String {
-        p.as_ref().map_or_else(|| "# (unset)".to_owned(), |p| q(&p.display().to_string()))
+        p.as_ref()
+            .map_or_else(|| "# (unset)".to_owned(), |p| q(&p.display().to_string()))
     }
     fn d(d: Option<Duration>, def: Duration) -> String {
         q(&format!("{}ms", d.unwrap_or(def).as_millis()))
     }
-    let listen = o.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen = o
+        .listen
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
     line("listen", q(&listen));
     line("unix-socket", p(&o.unix_socket));
-    line("upstream", o.upstream.as_deref().map_or("# (unset)".into(), q));
+    line(
+        "upstream",
+        o.upstream.as_deref().map_or("# (unset)".into(), q),
+    );
     line("upstream-tls", o.upstream_tls.unwrap_or(true).to_string());
     line("upstream-ca-file", p(&o.upstream_ca_file));
-    line("upstream-server-name", o.upstream_server_name.as_deref().map_or("# (host of upstream)".into(), q));
+    line(
+        "upstream-server-name",
+        o.upstream_server_name
+            .as_deref()
+            .map_or("# (host of upstream)".into(), q),
+    );
     let cred = o.credential.unwrap_or(CredentialKind::Fixed);
     line("credential", q(&format!("{cred:?}").to_lowercase()));
     line("token-file", p(&o.token_file));
-    line("username", o.username.as_deref().map_or("# (oid claim of the token)".into(), q));
-    let pw = if o.local_password.is_some() { q("[redacted]") } else { "# (unset)".into() };
+    line(
+        "username",
+        o.username
+            .as_deref()
+            .map_or("# (oid claim of the token)".into(), q),
+    );
+    let pw = if o.local_password.is_some() {
+        q("[redacted]")
+    } else {
+        "# (unset)".into()
+    };
     line("local-password", pw);
     line("local-password-file", p(&o.local_password_file));
-    line("allow-unauthenticated-remote", o.allow_unauthenticated_remote.unwrap_or(false).to_string());
-    line("connect-timeout", d(o.connect_timeout, DEFAULT_CONNECT_TIMEOUT));
+    line(
+        "allow-unauthenticated-remote",
+        o.allow_unauthenticated_remote.unwrap_or(false).to_string(),
+    );
+    line(
+        "connect-timeout",
+        d(o.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
+    );
     line("drain-timeout", d(o.drain_timeout, DEFAULT_DRAIN_TIMEOUT));
-    line("max-connections", o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).to_string());
-    let ratio = o.refresh_ratio.unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
+    line(
+        "max-connections",
+        o.max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+            .to_string(),
+    );
+    let ratio = o
+        .refresh_ratio
+        .unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
     line("refresh-ratio", ratio.to_string());
     line("reauth-window", d(o.reauth_window, DEFAULT_REAUTH_WINDOW));
-    line("log-level", q(o.log_level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL)));
+    line(
+        "log-level",
+        q(o.log_level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL)),
+    );
     let fmt = o.log_format.unwrap_or(LogFormat::Text);
     line("log-format", q(&format!("{fmt:?}").to_lowercase()));
     let token = if token_set { "set (redacted)" } else { "unset" };

@@ -47,13 +47,18 @@ pub struct Credentials {
 impl Credentials {
     /// Appends `AUTH <username> <token>` to `out`.
     pub fn write_auth(&self, out: &mut impl BufMut) {
-        let args: [&[u8]; 3] = [b"AUTH", self.username.as_bytes(), self.token.expose().as_bytes()];
+        let args: [&[u8]; 3] = [
+            b"AUTH",
+            self.username.as_bytes(),
+            self.token.expose().as_bytes(),
+        ];
         encode::command(out, args.into_iter());
     }
 
     /// Time left before expiry; `None` for a token that does not expire.
     pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
-        self.expires_at.map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
+        self.expires_at
+            .map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
     }
 
     pub fn is_expired(&self, now: SystemTime) -> bool {
@@ -78,14 +83,18 @@ pub enum CredentialError {
     #[error("{0}")]
     Config(String),
     #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("token source failed: {0}")]
     Source(String),
     #[error("token has no usable username: set --username, or use a JWT carrying an `oid` claim")]
     NoUsername,
 }
 
-pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<Token, CredentialError>> + Send + 'a>>;
+pub type TokenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Token, CredentialError>> + Send + 'a>>;
 
 /// A place tokens come from. Implementations live in `credentials/`, one file each.
 pub trait TokenSource: Send + Sync + fmt::Debug {
@@ -112,6 +121,13 @@ pub fn credentials_from(
         .or(token.username)
         .or_else(|| claims.as_ref().and_then(|c| c.oid.clone()))
         .ok_or(CredentialError::NoUsername)?;
-    let expires_at = token.expires_at.or_else(|| claims.and_then(|c| c.expires_at()));
-    Ok(Credentials { username, token: token.token, expires_at, generation })
+    let expires_at = token
+        .expires_at
+        .or_else(|| claims.and_then(|c| c.expires_at()));
+    Ok(Credentials {
+        username,
+        token: token.token,
+        expires_at,
+        generation,
+    })
 }

@@ -30,7 +30,12 @@ pub struct DevTokenSource {
 impl DevTokenSource {
     /// Tokens named `<prefix>-<n>` living `lifetime` each.
     pub fn new(server: Arc<RedisServer>, lifetime: Duration, prefix: &str) -> Self {
-        DevTokenSource { server, lifetime, generation: AtomicU64::new(0), prefix: prefix.to_owned() }
+        DevTokenSource {
+            server,
+            lifetime,
+            generation: AtomicU64::new(0),
+            prefix: prefix.to_owned(),
+        }
     }
 }
 
@@ -44,7 +49,10 @@ impl TokenSource for DevTokenSource {
             let n = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
             let oid = format!("{}-{n}", self.prefix);
             let expires_at = SystemTime::now() + self.lifetime;
-            let exp = expires_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            let exp = expires_at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
             let token = mint_token(&oid, exp);
             self.server
                 .acl_setuser(&oid, &token)
@@ -59,7 +67,11 @@ impl TokenSource for DevTokenSource {
                     tracing::debug!(%oid, error = %e, "expiring dev identity failed");
                 }
             });
-            Ok(Token { token: Secret::new(token), expires_at: Some(expires_at), username: None })
+            Ok(Token {
+                token: Secret::new(token),
+                expires_at: Some(expires_at),
+                username: None,
+            })
         })
     }
 }
@@ -73,7 +85,9 @@ pub async fn run(args: DevArgs, options: Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let ratio = options.refresh_ratio.unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
+    let ratio = options
+        .refresh_ratio
+        .unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
     // A token lives long enough that the refresher, at `ratio` of its life, rotates every
     // `rotate_every`.
     let lifetime = args.rotate_every.div_f64(ratio);
@@ -118,7 +132,11 @@ pub async fn run(args: DevArgs, options: Options) -> ExitCode {
         let _ = tokio::signal::ctrl_c().await;
         stop.cancel();
     });
-    let source = Arc::new(DevTokenSource::new(server.clone(), lifetime, "dev-identity"));
+    let source = Arc::new(DevTokenSource::new(
+        server.clone(),
+        lifetime,
+        "dev-identity",
+    ));
     match crate::run_with_source(config, listeners, source, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

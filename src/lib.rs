@@ -57,7 +57,10 @@ pub enum RunError {
     #[error(transparent)]
     Tls(#[from] tls::TlsConfigError),
     #[error("binding {what}: {source}")]
-    Bind { what: String, source: std::io::Error },
+    Bind {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// Binds the listeners the configuration asks for.
@@ -66,7 +69,10 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| RunError::Bind { what: addr.to_string(), source })?,
+                .map_err(|source| RunError::Bind {
+                    what: addr.to_string(),
+                    source,
+                })?,
         ),
         None => None,
     };
@@ -79,10 +85,12 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
             }) {
                 let _ = std::fs::remove_file(path);
             }
-            Some(tokio::net::UnixListener::bind(path).map_err(|source| RunError::Bind {
-                what: path.display().to_string(),
-                source,
-            })?)
+            Some(
+                tokio::net::UnixListener::bind(path).map_err(|source| RunError::Bind {
+                    what: path.display().to_string(),
+                    source,
+                })?,
+            )
         }
         None => None,
     };
@@ -91,7 +99,11 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
 
 /// Runs the proxy with the configured token source until `shutdown` is cancelled and the
 /// sessions have drained.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let source = credentials::source::from_config(&config)?;
     run_with_source(config, listeners, source, shutdown).await
 }
@@ -107,21 +119,28 @@ pub async fn run_with_source(
     let refresher = tokio::spawn(refresh::run(
         source,
         config.username.clone(),
-        Policy { ratio: config.refresh_ratio },
+        Policy {
+            ratio: config.refresh_ratio,
+        },
         tx,
         shutdown.clone(),
     ));
     let tls = if config.upstream.tls {
         let client = tls::client_config(config.upstream.ca_file.as_deref())?;
-        let name = rustls::pki_types::ServerName::try_from(config.upstream.server_name.clone()).map_err(|e| {
-            config::ConfigError::Invalid { option: "upstream-server-name", reason: e.to_string() }
-        })?;
+        let name = rustls::pki_types::ServerName::try_from(config.upstream.server_name.clone())
+            .map_err(|e| config::ConfigError::Invalid {
+                option: "upstream-server-name",
+                reason: e.to_string(),
+            })?;
         Some((client, name))
     } else {
-        tracing::warn!("upstream TLS is disabled: tokens travel in clear text (local development only)");
+        tracing::warn!(
+            "upstream TLS is disabled: tokens travel in clear text (local development only)"
+        );
         None
     };
-    let connector = upstream::Connector::new(config.upstream.addr.clone(), tls, config.connect_timeout);
+    let connector =
+        upstream::Connector::new(config.upstream.addr.clone(), tls, config.connect_timeout);
     let shared = Arc::new(session::Shared {
         connector,
         credentials: rx,
@@ -136,7 +155,13 @@ pub async fn run_with_source(
         tls = config.upstream.tls,
         "proxy started"
     );
-    server::serve(listeners, shared, config.max_connections, config.drain_timeout).await;
+    server::serve(
+        listeners,
+        shared,
+        config.max_connections,
+        config.drain_timeout,
+    )
+    .await;
     refresher.abort();
     Ok(())
 }

@@ -13,10 +13,22 @@ use redis_entra_proxy::RunError;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let token_env = std::env::var(TOKEN_ENV).ok();
+    let token_env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
     if let Some(Command::Dev(mut args)) = cli.command {
-        let options = std::mem::take(&mut args.options).or(cli.options);
-        init_logging(options.log_level.as_deref().unwrap_or("info"), options.log_format);
+        let mut options = std::mem::take(&mut args.options).or(cli.options);
+        if let Some(path) = options.config.clone() {
+            match config::read_file(&path) {
+                Ok(file) => options = options.or(file),
+                Err(e) => {
+                    eprintln!("redis-entra-proxy: invalid configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        init_logging(
+            options.log_level.as_deref().unwrap_or("info"),
+            options.log_format,
+        );
         return runtime().block_on(redis_entra_proxy::dev::run(args, options));
     }
     let (config, merged) = match config::load(cli.options, token_env.clone()) {
@@ -68,7 +80,11 @@ fn runtime() -> tokio::runtime::Runtime {
 fn init_logging(filter: &str, format: Option<LogFormat>) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format.unwrap_or(LogFormat::Text) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -78,7 +94,10 @@ fn init_logging(filter: &str, format: Option<LogFormat>) {
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; SIGTERM will not drain");
         return;
     };
@@ -86,6 +105,9 @@ async fn signals(shutdown: CancellationToken) {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    tracing::info!(signal = which, "shutting down: no new connections, finishing in-flight commands");
+    tracing::info!(
+        signal = which,
+        "shutting down: no new connections, finishing in-flight commands"
+    );
     shutdown.cancel();
 }

@@ -49,7 +49,10 @@ mod tests {
     #[test]
     fn never_prints() {
         let s = Secret::new("hunter2");
-        assert_eq!(format!("{s:?} {s} {:?}", Some(&s)), "[redacted] [redacted] Some([redacted])");
+        assert_eq!(
+            format!("{s:?} {s} {:?}", Some(&s)),
+            "[redacted] [redacted] Some([redacted])"
+        );
         assert!(s.matches(b"hunter2"));
         assert!(!s.matches(b"hunter"));
         assert!(!s.matches(b"hunter23"));

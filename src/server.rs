@@ -30,14 +30,21 @@ pub struct Listeners {
 }
 
 /// Serves until `shared.shutdown` is cancelled, then drains for at most `drain_timeout`.
-pub async fn serve(listeners: Listeners, shared: Arc<Shared>, max_connections: usize, drain_timeout: Duration) {
+pub async fn serve(
+    listeners: Listeners,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    drain_timeout: Duration,
+) {
     // Each session holds a permit; dropping it at session end frees the slot.
     let limit = Arc::new(Semaphore::new(max_connections));
     let tracker = TaskTracker::new();
     let ids = Arc::new(AtomicU64::new(0));
     let shutdown = shared.shutdown.clone();
     let tcp = async {
-        let Some(listener) = listeners.tcp else { return std::future::pending().await };
+        let Some(listener) = listeners.tcp else {
+            return std::future::pending().await;
+        };
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
@@ -52,7 +59,9 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>, max_connections: u
         }
     };
     let unix = async {
-        let Some(listener) = listeners.unix else { return std::future::pending().await };
+        let Some(listener) = listeners.unix else {
+            return std::future::pending().await;
+        };
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => spawn(&tracker, &shared, &limit, &ids, stream, "unix".into()),
@@ -71,10 +80,20 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>, max_connections: u
     tracker.close();
     let open = tracker.len();
     if open > 0 {
-        tracing::info!(sessions = open, timeout_ms = drain_timeout.as_millis() as u64, "draining");
+        tracing::info!(
+            sessions = open,
+            timeout_ms = drain_timeout.as_millis() as u64,
+            "draining"
+        );
     }
-    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
-        tracing::warn!(sessions = tracker.len(), "drain timeout reached; closing remaining connections");
+    if tokio::time::timeout(drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            sessions = tracker.len(),
+            "drain timeout reached; closing remaining connections"
+        );
     }
 }
 
@@ -94,7 +113,8 @@ fn spawn<S>(
         tracker.spawn(
             async move {
                 tracing::warn!("refused: max connections reached");
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(MAX_CLIENTS)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(MAX_CLIENTS))
+                    .await;
             }
             .instrument(span),
         );
@@ -116,7 +136,9 @@ fn log_outcome(outcome: &Outcome) {
     let side = outcome.side();
     match outcome {
         Outcome::ClientClosed | Outcome::Drained => tracing::debug!(side, "closed: {outcome}"),
-        Outcome::Closed(session::CloseReason::ClientQuit) => tracing::debug!(side, "closed: {outcome}"),
+        Outcome::Closed(session::CloseReason::ClientQuit) => {
+            tracing::debug!(side, "closed: {outcome}")
+        }
         _ => tracing::warn!(side, "closed: {outcome}"),
     }
 }

@@ -107,7 +107,8 @@ where
     let creds = match creds {
         Ok(c) => c,
         Err(why) => {
-            let msg = format!("ERR redis-entra-proxy has no valid token: {why}; see the proxy's log and /readyz");
+            let msg =
+                format!("ERR redis-entra-proxy has no valid token: {why}; see the proxy's log");
             refuse(&mut client, &msg).await;
             return Outcome::NoCredentials(why);
         }
@@ -237,7 +238,13 @@ struct Io {
 }
 
 impl Io {
-    fn poll<C, U>(&mut self, cx: &mut Context<'_>, client: &mut C, upstream: &mut U, core: &mut Core) -> Poll<Outcome>
+    fn poll<C, U>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        upstream: &mut U,
+        core: &mut Core,
+    ) -> Poll<Outcome>
     where
         C: AsyncRead + AsyncWrite + Unpin,
         U: AsyncRead + AsyncWrite + Unpin,
@@ -246,7 +253,9 @@ impl Io {
             let mut progress = false;
             while !core.to_client.is_empty() {
                 match Pin::new(&mut *client).poll_write(cx, &core.to_client) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Outcome::ClientError(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Outcome::ClientError(io::ErrorKind::WriteZero.into()))
+                    }
                     Poll::Ready(Ok(n)) => {
                         core.to_client.advance(n);
                         progress = true;
@@ -265,7 +274,9 @@ impl Io {
             }
             while !core.to_upstream.is_empty() {
                 match Pin::new(&mut *upstream).poll_write(cx, &core.to_upstream) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Outcome::UpstreamError(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Outcome::UpstreamError(io::ErrorKind::WriteZero.into()))
+                    }
                     Poll::Ready(Ok(n)) => {
                         core.to_upstream.advance(n);
                         self.upstream_unflushed = true;

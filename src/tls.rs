@@ -34,14 +34,18 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsCo
         let shown = path.display().to_string();
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|e| TlsConfigError::CaFile { path: shown.clone(), reason: e.to_string() })?;
+            .map_err(|e| TlsConfigError::CaFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
         if certs.is_empty() {
             return Err(TlsConfigError::EmptyCaFile(shown));
         }
         for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| TlsConfigError::CaFile { path: shown.clone(), reason: e.to_string() })?;
+            roots.add(cert).map_err(|e| TlsConfigError::CaFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
         }
     }
     let config = ClientConfig::builder_with_provider(provider())

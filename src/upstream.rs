@@ -73,7 +73,10 @@ impl Connector {
     pub async fn connect(&self) -> Result<Upstream, ConnectError> {
         match tokio::time::timeout(self.timeout, self.connect_inner()).await {
             Ok(r) => r,
-            Err(_) => Err(ConnectError::Timeout { addr: self.addr.clone(), timeout: self.timeout }),
+            Err(_) => Err(ConnectError::Timeout {
+                addr: self.addr.clone(),
+                timeout: self.timeout,
+            }),
         }
     }
 
@@ -81,7 +84,10 @@ impl Connector {
         let addr = || self.addr.clone();
         let addrs = tokio::net::lookup_host(&self.addr)
             .await
-            .map_err(|source| ConnectError::Resolve { addr: addr(), source })?;
+            .map_err(|source| ConnectError::Resolve {
+                addr: addr(),
+                source,
+            })?;
         let mut last = None;
         let mut tcp = None;
         for a in addrs {
@@ -95,7 +101,12 @@ impl Connector {
         }
         let tcp = match (tcp, last) {
             (Some(s), _) => s,
-            (None, Some(source)) => return Err(ConnectError::Connect { addr: addr(), source }),
+            (None, Some(source)) => {
+                return Err(ConnectError::Connect {
+                    addr: addr(),
+                    source,
+                })
+            }
             (None, None) => return Err(ConnectError::NoAddress { addr: addr() }),
         };
         tune(&tcp);
@@ -105,7 +116,10 @@ impl Connector {
                 let tls = connector
                     .connect(name.clone(), tcp)
                     .await
-                    .map_err(|source| ConnectError::Tls { addr: addr(), source })?;
+                    .map_err(|source| ConnectError::Tls {
+                        addr: addr(),
+                        source,
+                    })?;
                 Ok(Upstream::Tls(Box::new(tls)))
             }
         }
@@ -129,7 +143,11 @@ pub enum Upstream {
 }
 
 impl AsyncRead for Upstream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Upstream::Tls(s) => Pin::new(s).poll_read(cx, buf),
@@ -138,7 +156,11 @@ impl AsyncRead for Upstream {
 }
 
 impl AsyncWrite for Upstream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Upstream::Tls(s) => Pin::new(s).poll_write(cx, buf),

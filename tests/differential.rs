@@ -31,7 +31,13 @@ impl Gen {
             // Inline, with quoting where needed.
             let line: Vec<String> = args
                 .iter()
-                .map(|a| if a.contains(' ') { format!("\"{a}\"") } else { (*a).to_owned() })
+                .map(|a| {
+                    if a.contains(' ') {
+                        format!("\"{a}\"")
+                    } else {
+                        (*a).to_owned()
+                    }
+                })
                 .collect();
             self.out.extend(line.join(" ").bytes());
             self.out.extend(b"\r\n");
@@ -56,7 +62,7 @@ impl Gen {
             9 => self.cmd(&["HGETALL", "h1"]),
             // Known deviation: a RESP2 subscriber sending an unknown command gets the proxy's
             // "Can't execute" error where Redis says "unknown command" (README, Limitations).
-            10 if !(self.subscribed && !self.resp3) => self.cmd(&["NOSUCHCOMMAND", key]),
+            10 if !self.subscribed || self.resp3 => self.cmd(&["NOSUCHCOMMAND", key]),
             11 => self.cmd(&["ECHO", &val]),
             12 if !self.in_multi => self.cmd(&["BLPOP", key, "0.02"]),
             13 if !self.in_multi && !self.subscribed => {
@@ -98,14 +104,17 @@ impl Gen {
             24 => self.cmd(&["CLIENT", "SETNAME", "n1"]),
             25 => self.cmd(&["CLIENT", "GETNAME"]),
             // Client AUTH is left out: without --local-password the proxy accepts any password
-        // by design, where Redis would refuse it.
+            // by design, where Redis would refuse it.
             _ => self.cmd(&["EXISTS", key]),
         }
     }
 
     /// A script of `n` random commands that ends in a known state with the end marker.
     fn script(seed: u64, n: usize) -> Vec<u8> {
-        let mut g = Gen { rng: fastrand::Rng::with_seed(seed), ..Default::default() };
+        let mut g = Gen {
+            rng: fastrand::Rng::with_seed(seed),
+            ..Default::default()
+        };
         for _ in 0..n {
             g.step();
         }
@@ -140,8 +149,15 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, script: &[u8], seed: 
         let mut out = Vec::new();
         let mut buf = vec![0u8; 8192];
         while !out.ends_with(END) {
-            let n = tokio::time::timeout(STEP, r.read(&mut buf)).await.expect("replies in time").expect("read");
-            assert!(n > 0, "connection closed; got so far: {}", String::from_utf8_lossy(&out));
+            let n = tokio::time::timeout(STEP, r.read(&mut buf))
+                .await
+                .expect("replies in time")
+                .expect("read");
+            assert!(
+                n > 0,
+                "connection closed; got so far: {}",
+                String::from_utf8_lossy(&out)
+            );
             out.extend_from_slice(&buf[..n]);
         }
         out
@@ -172,21 +188,41 @@ async fn proxy_replies_match_redis_under_rotation() {
         ..Default::default()
     })
     .await;
-    let first: u64 = std::env::var("DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let scripts = if std::env::var("DIFF_SEED").is_ok() { 1 } else { 40 };
+    let first: u64 = std::env::var("DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let scripts = if std::env::var("DIFF_SEED").is_ok() {
+        1
+    } else {
+        40
+    };
     for seed in first..first + scripts {
         let script = Gen::script(seed, 120);
         let mut direct = proxy.redis.connect().await.expect("direct connection");
-        let auth = [&b"AUTH"[..], b"admin", proxy.redis.admin_password().as_bytes()];
-        assert_eq!(direct.command(&auth).await.expect("admin auth"), Reply::Simple("OK".into()));
+        let auth = [
+            &b"AUTH"[..],
+            b"admin",
+            proxy.redis.admin_password().as_bytes(),
+        ];
+        assert_eq!(
+            direct.command(&auth).await.expect("admin auth"),
+            Reply::Simple("OK".into())
+        );
         proxy.redis.command(&[b"FLUSHALL"]).await.expect("flush");
         let want = run(direct.stream_mut(), &script, seed).await;
         proxy.redis.command(&[b"FLUSHALL"]).await.expect("flush");
-        let mut via = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect proxy");
+        let mut via = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect proxy");
         let got = run(&mut via, &script, seed).await;
         let (got, want) = (normalize(&got), normalize(&want));
         if got != want {
-            let at = got.bytes().zip(want.bytes()).take_while(|(a, b)| a == b).count();
+            let at = got
+                .bytes()
+                .zip(want.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
             let from = at.saturating_sub(300);
             panic!(
                 "seed {seed}: replies differ at byte {at} (replay with DIFF_SEED={seed})\n\
@@ -198,5 +234,10 @@ async fn proxy_replies_match_redis_under_rotation() {
         }
     }
     let gens = proxy.redis.client_list().await.expect("client list");
-    eprintln!("upstream users at the end: {:?}", gens.iter().filter_map(|c| c.get("user")).collect::<Vec<_>>());
+    eprintln!(
+        "upstream users at the end: {:?}",
+        gens.iter()
+            .filter_map(|c| c.get("user"))
+            .collect::<Vec<_>>()
+    );
 }

@@ -19,12 +19,19 @@ use tokio::net::TcpStream;
 const LIFETIME: Duration = Duration::from_millis(2667);
 
 fn run_for() -> Duration {
-    let secs = std::env::var("ROTATION_TEST_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let secs = std::env::var("ROTATION_TEST_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
     Duration::from_secs(secs)
 }
 
 async fn rotating_proxy() -> Proxy {
-    Proxy::start_with(ProxyOptions { token_lifetime: LIFETIME, ..Default::default() }).await
+    Proxy::start_with(ProxyOptions {
+        token_lifetime: LIFETIME,
+        ..Default::default()
+    })
+    .await
 }
 
 /// Generation numbers of the proxy's upstream connections (`user=oid-N`).
@@ -44,13 +51,21 @@ async fn assert_all_on_newest(proxy: &Proxy, expected_conns: usize) {
         if gens.len() == expected_conns && gens.iter().all(|&g| g == newest) {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "connections not converged: {gens:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections not converged: {gens:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// One client: pipelines of 8 commands with replies checked byte for byte, until `until`.
-async fn pipelined_client(proxy_addr: std::net::SocketAddr, id: usize, until: tokio::time::Instant, replies: Arc<AtomicU64>) {
+async fn pipelined_client(
+    proxy_addr: std::net::SocketAddr,
+    id: usize,
+    until: tokio::time::Instant,
+    replies: Arc<AtomicU64>,
+) {
     let mut s = TcpStream::connect(proxy_addr).await.expect("connect");
     s.set_nodelay(true).expect("nodelay");
     let key = format!("k{id}");
@@ -70,11 +85,21 @@ async fn pipelined_client(proxy_addr: std::net::SocketAddr, id: usize, until: to
         s.write_all(&req).await.expect("write");
         let mut got = Vec::new();
         while got.len() < want.len() {
-            let r = tokio::time::timeout(STEP, s.read(&mut buf)).await.expect("reply in time").expect("read");
-            assert!(r > 0, "client {id}: connection closed by the proxy after {n} commands");
+            let r = tokio::time::timeout(STEP, s.read(&mut buf))
+                .await
+                .expect("reply in time")
+                .expect("read");
+            assert!(
+                r > 0,
+                "client {id}: connection closed by the proxy after {n} commands"
+            );
             got.extend_from_slice(&buf[..r]);
         }
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "client {id}");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "client {id}"
+        );
         replies.fetch_add(8, Ordering::Relaxed);
     }
 }
@@ -84,7 +109,10 @@ async fn rotation_under_load_loses_nothing() {
     let proxy = rotating_proxy().await;
     // An idle connection held across the whole run: it must follow every rotation too.
     let mut idle = proxy.client().await;
-    assert_eq!(idle.command(&[b"PING"]).await.unwrap(), Reply::Simple("PONG".into()));
+    assert_eq!(
+        idle.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
     let clients = 200;
     let until = tokio::time::Instant::now() + run_for();
     let replies = Arc::new(AtomicU64::new(0));
@@ -92,13 +120,23 @@ async fn rotation_under_load_loses_nothing() {
         .map(|i| tokio::spawn(pipelined_client(proxy.addr, i, until, replies.clone())))
         .collect();
     for t in tasks {
-        t.await.expect("client task: no error reply, no closed connection");
+        t.await
+            .expect("client task: no error reply, no closed connection");
     }
-    assert_eq!(idle.command(&[b"PING"]).await.unwrap(), Reply::Simple("PONG".into()));
+    assert_eq!(
+        idle.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
     let gens = generations(&proxy).await;
     let rotations = gens.iter().copied().max().unwrap_or(0).saturating_sub(1);
-    eprintln!("{} replies checked over {rotations} rotations", replies.load(Ordering::Relaxed));
-    assert!(rotations as f64 >= run_for().as_secs_f64() / 2.0 - 2.0, "too few rotations: {rotations}");
+    eprintln!(
+        "{} replies checked over {rotations} rotations",
+        replies.load(Ordering::Relaxed)
+    );
+    assert!(
+        rotations as f64 >= run_for().as_secs_f64() / 2.0 - 2.0,
+        "too few rotations: {rotations}"
+    );
     // The load clients are gone; the idle connection is the only one left, on the newest.
     assert_all_on_newest(&proxy, 1).await;
 }
@@ -114,14 +152,25 @@ async fn expect_sequence(s: &mut TcpStream, resp3: bool, count: u64) {
         // Parse as many complete messages as the buffer holds.
         loop {
             let text = String::from_utf8_lossy(&buf).into_owned();
-            let Some(rest) = text.strip_prefix(&frame) else { break };
-            let Some((len_line, after)) = rest.split_once("\r\n") else { break };
-            let len: usize = len_line.trim_start_matches('$').parse().expect("bulk length");
+            let Some(rest) = text.strip_prefix(&frame) else {
+                break;
+            };
+            let Some((len_line, after)) = rest.split_once("\r\n") else {
+                break;
+            };
+            let len: usize = len_line
+                .trim_start_matches('$')
+                .parse()
+                .expect("bulk length");
             if after.len() < len + 2 {
                 break;
             }
             let payload = &after[..len];
-            assert_eq!(payload, format!("seq:{next}"), "gap, duplicate or reordering (resp3={resp3})");
+            assert_eq!(
+                payload,
+                format!("seq:{next}"),
+                "gap, duplicate or reordering (resp3={resp3})"
+            );
             next += 1;
             let consumed = frame.len() + len_line.len() + 2 + len + 2;
             buf.drain(..consumed);
@@ -129,10 +178,20 @@ async fn expect_sequence(s: &mut TcpStream, resp3: bool, count: u64) {
         if next >= count {
             break;
         }
-        let n = tokio::time::timeout(STEP, s.read(&mut chunk)).await.expect("message in time").expect("read");
-        assert!(n > 0, "subscriber (resp3={resp3}) disconnected after {next} messages");
+        let n = tokio::time::timeout(STEP, s.read(&mut chunk))
+            .await
+            .expect("message in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "subscriber (resp3={resp3}) disconnected after {next} messages"
+        );
         buf.extend_from_slice(&chunk[..n]);
-        assert!(!buf.is_empty() && (buf[0] == head.as_bytes()[0]), "unexpected frame: {:?}", String::from_utf8_lossy(&buf[..buf.len().min(80)]));
+        assert!(
+            !buf.is_empty() && (buf[0] == head.as_bytes()[0]),
+            "unexpected frame: {:?}",
+            String::from_utf8_lossy(&buf[..buf.len().min(80)])
+        );
     }
 }
 
@@ -141,7 +200,7 @@ async fn pubsub_survives_rotations_without_gaps() {
     let proxy = rotating_proxy().await;
     let mut resp2 = TcpStream::connect(proxy.addr).await.unwrap();
     resp2.write_all(b"SUBSCRIBE ch\r\n").await.unwrap();
-    let mut ack = vec![0u8; 32];
+    let mut ack = [0u8; 32];
     let want = b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n";
     resp2.read_exact(&mut ack[..want.len()]).await.unwrap();
     assert_eq!(&ack[..want.len()], want);
@@ -153,7 +212,10 @@ async fn pubsub_survives_rotations_without_gaps() {
     assert_eq!(hello, b"%");
     // Drain the rest of the HELLO map, then subscribe.
     let mut rest = vec![0u8; 4096];
-    let n = tokio::time::timeout(STEP, resp3.read(&mut rest)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(STEP, resp3.read(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&rest[..n]).contains("proto"));
     resp3.write_all(b"SUBSCRIBE ch\r\n").await.unwrap();
     let want3 = b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n";
@@ -172,17 +234,34 @@ async fn pubsub_survives_rotations_without_gaps() {
         for i in 0..count {
             tick.tick().await;
             let msg = format!("seq:{i}");
-            let cmd = format!("*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n${}\r\n{msg}\r\n", msg.len());
+            let cmd = format!(
+                "*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n${}\r\n{msg}\r\n",
+                msg.len()
+            );
             p.write_all(cmd.as_bytes()).await.unwrap();
             // `:2\r\n`: both subscribers received it.
-            let n = tokio::time::timeout(STEP, p.read(&mut sink)).await.unwrap().unwrap();
-            assert_eq!(&sink[..n], b":2\r\n", "message {i} did not reach both subscribers");
+            let n = tokio::time::timeout(STEP, p.read(&mut sink))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                &sink[..n],
+                b":2\r\n",
+                "message {i} did not reach both subscribers"
+            );
         }
     });
-    let (a, b) = tokio::join!(expect_sequence(&mut resp2, false, count), expect_sequence(&mut resp3, true, count));
+    let (a, b) = tokio::join!(
+        expect_sequence(&mut resp2, false, count),
+        expect_sequence(&mut resp3, true, count)
+    );
     let _ = (a, b);
     publisher.await.expect("publisher");
     let gens = generations(&proxy).await;
     let newest = gens.iter().copied().max().unwrap_or(0);
-    assert!(newest as f64 >= duration.as_secs_f64() / 2.0 - 1.0, "rotations: {}", newest - 1);
+    assert!(
+        newest as f64 >= duration.as_secs_f64() / 2.0 - 1.0,
+        "rotations: {}",
+        newest - 1
+    );
 }

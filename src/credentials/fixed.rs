@@ -21,7 +21,11 @@ impl TokenSource for FixedSource {
     }
 
     fn fetch(&self) -> TokenFuture<'_> {
-        let token = Token { token: self.token.clone(), expires_at: None, username: None };
+        let token = Token {
+            token: self.token.clone(),
+            expires_at: None,
+            username: None,
+        };
         Box::pin(async move { Ok(token) })
     }
 

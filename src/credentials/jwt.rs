@@ -23,7 +23,9 @@ impl Claims {
             return None;
         }
         let payload = payload.trim_end_matches('=');
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -38,14 +40,21 @@ mod tests {
 
     fn jwt(payload: &str) -> Secret {
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        Secret::new(format!("{}.{}.sig", e.encode("{\"alg\":\"none\"}"), e.encode(payload)))
+        Secret::new(format!(
+            "{}.{}.sig",
+            e.encode("{\"alg\":\"none\"}"),
+            e.encode(payload)
+        ))
     }
 
     #[test]
     fn reads_oid_and_exp() {
         let c = Claims::decode(&jwt(r#"{"oid":"abc","exp":1700000000,"aud":"x"}"#)).unwrap();
         assert_eq!(c.oid.as_deref(), Some("abc"));
-        assert_eq!(c.expires_at(), Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
+        assert_eq!(
+            c.expires_at(),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
     }
 
     #[test]

@@ -41,7 +41,9 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { ratio: DEFAULT_REFRESH_RATIO }
+        Policy {
+            ratio: DEFAULT_REFRESH_RATIO,
+        }
     }
 }
 
@@ -69,7 +71,8 @@ impl Backoff {
     pub fn next(&mut self, jitter: f64) -> Duration {
         let exp = BACKOFF_INITIAL.saturating_mul(1u32 << self.failures.min(16));
         self.failures = self.failures.saturating_add(1);
-        exp.min(BACKOFF_MAX).mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+        exp.min(BACKOFF_MAX)
+            .mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
     }
 
     pub fn reset(&mut self) {
@@ -105,7 +108,11 @@ pub async fn run(
             Ok(Ok(token)) => match credentials_from(token, username.as_deref(), generation + 1) {
                 Err(e) => Err(e.to_string()),
                 Ok(c) if c.is_expired(now) => Err("the source returned an expired token".into()),
-                Ok(c) if current.as_ref().is_some_and(|cur| cur.token == c.token && c.expires_at.is_some()) => {
+                Ok(c)
+                    if current
+                        .as_ref()
+                        .is_some_and(|cur| cur.token == c.token && c.expires_at.is_some()) =>
+                {
                     // Identity libraries hand back a cached token until shortly before expiry.
                     Err("the source returned the current token again".into())
                 }
@@ -167,10 +174,25 @@ mod tests {
         let cases = [
             ("1 h at 75 %", 60 * MIN, 0.0, 45 * MIN),
             ("1 h, full jitter", 60 * MIN, 1.0, 44 * MIN),
-            ("12 min capped at 5 min before expiry", 12 * MIN, 0.0, 7 * MIN),
+            (
+                "12 min capped at 5 min before expiry",
+                12 * MIN,
+                0.0,
+                7 * MIN,
+            ),
             ("24 h", 24 * 60 * MIN, 0.0, 18 * 60 * MIN),
-            ("2 s test token", Duration::from_secs(2), 0.0, Duration::from_millis(1500)),
-            ("2 s, full jitter", Duration::from_secs(2), 1.0, Duration::from_millis(1400)),
+            (
+                "2 s test token",
+                Duration::from_secs(2),
+                0.0,
+                Duration::from_millis(1500),
+            ),
+            (
+                "2 s, full jitter",
+                Duration::from_secs(2),
+                1.0,
+                Duration::from_millis(1400),
+            ),
         ];
         for (name, lifetime, jitter, want) in cases {
             assert_eq!(schedule(lifetime, p, jitter), want, "{name}");

@@ -26,6 +26,18 @@ pub fn from_config(config: &Config) -> Result<Arc<dyn TokenSource>, ConfigError>
                     reason: format!("the token (from {TOKEN_ENV} or --token-file) is empty"),
                 });
             }
+            // A fixed token never changes: a missing username is a start-up error, not a
+            // retry loop.
+            if config.username.is_none()
+                && super::jwt::Claims::decode(&token)
+                    .and_then(|c| c.oid)
+                    .is_none()
+            {
+                return Err(ConfigError::Missing {
+                    option: "username",
+                    hint: ": the token is not a JWT with an `oid` claim",
+                });
+            }
             Ok(Arc::new(FixedSource::new(token)))
         }
     }

@@ -114,7 +114,11 @@ mod tests {
 
     fn ok(line: &str, want: &[&[u8]]) {
         let got = split(line).unwrap_or_else(|| panic!("{line:?} should split"));
-        assert_eq!(got, want.iter().map(|a| a.to_vec()).collect::<Vec<_>>(), "{line:?}");
+        assert_eq!(
+            got,
+            want.iter().map(|a| a.to_vec()).collect::<Vec<_>>(),
+            "{line:?}"
+        );
     }
 
     #[test]
@@ -124,7 +128,10 @@ mod tests {
         ok("PING", &[b"PING"]);
         ok("set  key   value", &[b"set", b"key", b"value"]);
         ok(r#"set k "a b""#, &[b"set", b"k", b"a b"]);
-        ok(r#"set k "\x41\x4a\n\r\t\b\a\\\"\q""#, &[b"set", b"k", b"AJ\n\r\t\x08\x07\\\"q"]);
+        ok(
+            r#"set k "\x41\x4a\n\r\t\b\a\\\"\q""#,
+            &[b"set", b"k", b"AJ\n\r\t\x08\x07\\\"q"],
+        );
         ok(r#"set k "\xZZ""#, &[b"set", b"k", b"xZZ"]);
         ok(r"set k 'it\'s \n'", &[b"set", b"k", b"it's \\n"]);
         ok(r#"a"b c" d"#, &[b"ab c", b"d"]);
@@ -135,7 +142,14 @@ mod tests {
 
     #[test]
     fn rejects_unbalanced_quotes() {
-        for line in [r#"set k "abc"#, "set k 'abc", r#"set k "a"b"#, "set k 'a'b", r#"""x"#, r#"a"b c"d"#] {
+        for line in [
+            r#"set k "abc"#,
+            "set k 'abc",
+            r#"set k "a"b"#,
+            "set k 'a'b",
+            r#"""x"#,
+            r#"a"b c"d"#,
+        ] {
             assert_eq!(split(line), None, "{line:?}");
         }
     }

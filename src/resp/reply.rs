@@ -86,15 +86,24 @@ impl ReplyScanner {
                 pos += take;
                 self.bulk_left -= take;
                 if self.bulk_left > 0 {
-                    return Ok(Scan { consumed: pos, complete: false });
+                    return Ok(Scan {
+                        consumed: pos,
+                        complete: false,
+                    });
                 }
                 if self.value_done() {
-                    return Ok(Scan { consumed: pos, complete: true });
+                    return Ok(Scan {
+                        consumed: pos,
+                        complete: true,
+                    });
                 }
                 continue;
             }
             let Some(line_end) = find_crlf(&buf[pos..]) else {
-                return Ok(Scan { consumed: pos, complete: false });
+                return Ok(Scan {
+                    consumed: pos,
+                    complete: false,
+                });
             };
             let kind = buf[pos];
             let line = &buf[pos + 1..pos + line_end];
@@ -116,7 +125,10 @@ impl ReplyScanner {
                         Some(0) => self.value_done(),
                         Some(n) => {
                             let remaining = n.checked_mul(per).ok_or(ReplyError::BadLength)?;
-                            self.stack.push(Open { remaining, attribute: kind == b'|' });
+                            self.stack.push(Open {
+                                remaining,
+                                attribute: kind == b'|',
+                            });
                             false
                         }
                     }
@@ -124,7 +136,10 @@ impl ReplyScanner {
                 other => return Err(ReplyError::UnknownType(other)),
             };
             if finished {
-                return Ok(Scan { consumed: pos, complete: true });
+                return Ok(Scan {
+                    consumed: pos,
+                    complete: true,
+                });
             }
         }
     }
@@ -192,7 +207,11 @@ pub fn peek_head(buf: &[u8]) -> Option<Head<'_>> {
     let end = find_crlf(buf)?;
     let kind = buf[0];
     let line = &buf[1..end];
-    let mut head = Head { kind, line, first: First::None };
+    let mut head = Head {
+        kind,
+        line,
+        first: First::None,
+    };
     if !matches!(kind, b'*' | b'>') || matches!(string2ll(line), Some(n) if n <= 0) {
         return Some(head);
     }

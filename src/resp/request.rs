@@ -137,7 +137,10 @@ enum State {
     Start,
     /// Inside a multibulk frame: `remaining` arguments left, `bulk` the length of the one
     /// being read once its `$` header has been parsed.
-    Multibulk { remaining: usize, bulk: Option<usize> },
+    Multibulk {
+        remaining: usize,
+        bulk: Option<usize>,
+    },
 }
 
 /// Resumable request framer. One per client connection.
@@ -220,7 +223,10 @@ impl RequestParser {
             self.scan_from = self.pos;
             self.argc = count as usize;
             self.ranges.clear();
-            self.state = State::Multibulk { remaining: count as usize, bulk: None };
+            self.state = State::Multibulk {
+                remaining: count as usize,
+                bulk: None,
+            };
         }
         self.parse_multibulk(buf)
     }
@@ -250,7 +256,10 @@ impl RequestParser {
                         return Err(ProtocolError::UnauthenticatedBulkLength);
                     }
                     self.pos = cr + 2;
-                    self.state = State::Multibulk { remaining, bulk: Some(len as usize) };
+                    self.state = State::Multibulk {
+                        remaining,
+                        bulk: Some(len as usize),
+                    };
                     len as usize
                 }
             };
@@ -265,10 +274,16 @@ impl RequestParser {
             self.pos += len + 2;
             self.scan_from = self.pos;
             if remaining == 1 {
-                let frame = Frame::Multibulk { len: self.pos, argc: self.argc };
+                let frame = Frame::Multibulk {
+                    len: self.pos,
+                    argc: self.argc,
+                };
                 return Ok(Some(self.finish(frame)));
             }
-            self.state = State::Multibulk { remaining: remaining - 1, bulk: None };
+            self.state = State::Multibulk {
+                remaining: remaining - 1,
+                bulk: None,
+            };
         }
         Ok(None)
     }
@@ -280,7 +295,11 @@ impl RequestParser {
             }
             return Ok(None);
         };
-        let end = if nl > 0 && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
+        let end = if nl > 0 && buf[nl - 1] == b'\r' {
+            nl - 1
+        } else {
+            nl
+        };
         self.ranges.clear();
         self.inline.clear();
         let argc = split_args(&buf[..end], &mut self.inline, &mut self.ranges)
@@ -321,9 +340,21 @@ impl RequestParser {
     /// same buffer, not yet advanced.
     pub fn command<'a>(&'a self, buf: &'a [u8], frame: &Frame) -> Command<'a> {
         match *frame {
-            Frame::Multibulk { argc, .. } => Command { argc, src: buf, ranges: &self.ranges },
-            Frame::Inline { argc, .. } => Command { argc, src: &self.inline, ranges: &self.ranges },
-            Frame::Empty { .. } => Command { argc: 0, src: buf, ranges: &[] },
+            Frame::Multibulk { argc, .. } => Command {
+                argc,
+                src: buf,
+                ranges: &self.ranges,
+            },
+            Frame::Inline { argc, .. } => Command {
+                argc,
+                src: &self.inline,
+                ranges: &self.ranges,
+            },
+            Frame::Empty { .. } => Command {
+                argc: 0,
+                src: buf,
+                ranges: &[],
+            },
         }
     }
 }
@@ -349,7 +380,8 @@ impl<'a> Command<'a> {
 
     /// Whether argument `i` equals `name`, ignoring ASCII case.
     pub fn arg_is(&self, i: usize, name: &str) -> bool {
-        self.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
+        self.arg(i)
+            .is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
     }
 
     /// Whether every argument is available through [`arg`](Self::arg).
@@ -381,12 +413,16 @@ pub fn frame_args(frame: &[u8]) -> Vec<&[u8]> {
         None => return args,
     };
     while pos < frame.len() {
-        let Some(cr) = memchr::memchr(b'\r', &frame[pos..]).map(|i| pos + i) else { break };
+        let Some(cr) = memchr::memchr(b'\r', &frame[pos..]).map(|i| pos + i) else {
+            break;
+        };
         let Some(len) = string2ll(&frame[pos + 1..cr]).and_then(|n| usize::try_from(n).ok()) else {
             break;
         };
         let start = cr + 2;
-        let Some(arg) = frame.get(start..start + len) else { break };
+        let Some(arg) = frame.get(start..start + len) else {
+            break;
+        };
         args.push(arg);
         pos = start + len + 2;
     }

@@ -111,14 +111,20 @@ impl Core {
             };
         }
         if !self.client_authenticated
-            && !matches!(special, Special::Auth | Special::Hello | Special::Quit | Special::Reset)
+            && !matches!(
+                special,
+                Special::Auth | Special::Hello | Special::Quit | Special::Reset
+            )
         {
             return self.reject(NOAUTH);
         }
         let ping = special == Special::Other && cmd.arg_is(0, "ping");
         if self.state.client_resp2_subscribed()
             && !ping
-            && !matches!(special, Special::Subscribe(..) | Special::Quit | Special::Reset)
+            && !matches!(
+                special,
+                Special::Subscribe(..) | Special::Quit | Special::Reset
+            )
         {
             // What Redis answers a RESP2 subscriber; said by the proxy because the upstream
             // may have been switched to RESP3, where it would accept the command.
@@ -148,7 +154,10 @@ impl Core {
                 // The proxy refused a command of this transaction, as Redis would have at
                 // queue time: Redis's answer to EXEC is then EXECABORT.
                 encode::command(&mut self.to_upstream, [&b"DISCARD"[..]].into_iter());
-                self.ledger.push(Expect::Reply { effect: Effect::None, relay: false });
+                self.ledger.push(Expect::Reply {
+                    effect: Effect::None,
+                    relay: false,
+                });
                 self.local(Bytes::from_static(EXECABORT));
                 self.end_multi();
             }
@@ -190,10 +199,17 @@ impl Core {
                 let remaining = (cmd.argc() > 1).then(|| (cmd.argc() - 1) as u32);
                 let names = all_args(&cmd, raw);
                 self.write(cmd, raw);
-                self.ledger.push(Expect::Acks { kind, subscribe, remaining, relay: self.relay_current });
+                self.ledger.push(Expect::Acks {
+                    kind,
+                    subscribe,
+                    remaining,
+                    relay: self.relay_current,
+                });
                 let names = names.get(1..).unwrap_or_default();
                 if subscribe {
-                    self.state.wsubs.subscribe(kind, names.iter().map(|n| Box::from(*n)));
+                    self.state
+                        .wsubs
+                        .subscribe(kind, names.iter().map(|n| Box::from(*n)));
                 } else {
                     self.state.wsubs.unsubscribe(kind, names);
                     if self.state.emulating && !self.state.wsubs.any() {
@@ -221,13 +237,19 @@ impl Core {
     /// Writes the command upstream and expects one reply.
     fn forward(&mut self, cmd: Command<'_>, raw: Option<&[u8]>, effect: Effect) {
         self.write(cmd, raw);
-        self.ledger.push(Expect::Reply { effect, relay: self.relay_current });
+        self.ledger.push(Expect::Reply {
+            effect,
+            relay: self.relay_current,
+        });
     }
 
     fn write(&mut self, cmd: Command<'_>, raw: Option<&[u8]>) {
         match raw {
             Some(bytes) => self.to_upstream.extend_from_slice(bytes),
-            None => encode::command(&mut self.to_upstream, cmd.args().collect::<Vec<_>>().into_iter()),
+            None => encode::command(
+                &mut self.to_upstream,
+                cmd.args().collect::<Vec<_>>().into_iter(),
+            ),
         }
         self.state.one_shot = false;
     }
@@ -303,7 +325,10 @@ impl Core {
         while j < cmd.argc() {
             let more = cmd.argc() - 1 - j;
             if cmd.arg_is(j, "auth") && more >= 2 {
-                auth = Some((cmd.arg(j + 1).unwrap_or_default(), cmd.arg(j + 2).unwrap_or_default()));
+                auth = Some((
+                    cmd.arg(j + 1).unwrap_or_default(),
+                    cmd.arg(j + 2).unwrap_or_default(),
+                ));
                 j += 3;
             } else if cmd.arg_is(j, "setname") && more >= 1 {
                 setname = cmd.arg(j + 1);
@@ -339,7 +364,10 @@ impl Core {
             }
             None => Effect::None,
         };
-        self.ledger.push(Expect::Reply { effect, relay: self.relay_current });
+        self.ledger.push(Expect::Reply {
+            effect,
+            relay: self.relay_current,
+        });
     }
 
     fn client_subcommand(&mut self, cmd: Command<'_>, raw: Option<&[u8]>) {

@@ -190,7 +190,9 @@ impl Core {
     }
 
     pub fn wants_client_input(&self) -> bool {
-        self.closing.is_none() && !self.state.quit && self.to_upstream.len() < UPSTREAM_OUT_HIGH_WATER
+        self.closing.is_none()
+            && !self.state.quit
+            && self.to_upstream.len() < UPSTREAM_OUT_HIGH_WATER
     }
 
     pub fn wants_upstream_input(&self) -> bool {
@@ -204,7 +206,8 @@ impl Core {
 
     /// Whether the upstream is authenticated with the newest credentials.
     pub fn current(&self) -> bool {
-        self.authed.is_some_and(|a| a.generation == self.creds.generation)
+        self.authed
+            .is_some_and(|a| a.generation == self.creds.generation)
     }
 
     /// A re-AUTH failed and waits for [`Core::retry_reauth`].
@@ -299,13 +302,17 @@ impl Core {
                     self.to_client.extend_from_slice(b"*");
                     self.to_client.extend_from_slice(&bytes[1..]);
                 }
-                Role::Reply { mode: Mode::Relay, .. } | Role::Unsolicited { .. } => {
-                    self.to_client.extend_from_slice(bytes)
+                Role::Reply {
+                    mode: Mode::Relay, ..
                 }
-                Role::Reply { mode: Mode::Drop, .. } => {}
-                Role::Reply { mode: Mode::Hold, .. } | Role::Ack { .. } => {
-                    self.held.extend_from_slice(bytes)
+                | Role::Unsolicited { .. } => self.to_client.extend_from_slice(bytes),
+                Role::Reply {
+                    mode: Mode::Drop, ..
+                } => {}
+                Role::Reply {
+                    mode: Mode::Hold, ..
                 }
+                | Role::Ack { .. } => self.held.extend_from_slice(bytes),
             }
             buf.advance(scan.consumed);
             if scan.complete {
@@ -322,7 +329,11 @@ impl Core {
 
     /// New credentials: the upstream re-authenticates at its next safe point.
     pub fn set_credentials(&mut self, creds: Arc<Credentials>) {
-        tracing::trace!(generation = creds.generation, safe = self.safe_to_inject(), "new credentials");
+        tracing::trace!(
+            generation = creds.generation,
+            safe = self.safe_to_inject(),
+            "new credentials"
+        );
         if creds.generation != self.creds.generation {
             self.creds = creds;
             self.reauth_failed = false;
@@ -364,7 +375,8 @@ impl Core {
     pub(super) fn inject_hello(&mut self, version: u8, emulate: bool) {
         let v = [b'0' + version];
         crate::resp::encode::command(&mut self.to_upstream, [&b"HELLO"[..], &v].into_iter());
-        self.ledger.push(Expect::Swallow(Injected::Hello { version, emulate }));
+        self.ledger
+            .push(Expect::Swallow(Injected::Hello { version, emulate }));
         self.state.wproto = version;
         self.state.emulating = emulate;
     }
@@ -375,7 +387,10 @@ impl Core {
         let generation = self.creds.generation;
         tracing::trace!(generation, initial, "AUTH injected");
         self.auth_in_flight = Some((generation, self.creds.expires_at));
-        self.ledger.push(Expect::Swallow(Injected::Auth { generation, initial }));
+        self.ledger.push(Expect::Swallow(Injected::Auth {
+            generation,
+            initial,
+        }));
     }
 
     /// Forces a fresh AUTH now (after RESET, which de-authenticates the connection).
@@ -393,7 +408,9 @@ impl Core {
         if head.kind == b'>' {
             return Some(match ack {
                 Some((kind, subscribe)) => Role::Ack { kind, subscribe },
-                None => Role::Unsolicited { translate: self.state.translate },
+                None => Role::Unsolicited {
+                    translate: self.state.translate,
+                },
             });
         }
         let front_is_acks = matches!(self.ledger.front(), Some(Expect::Acks { .. }));
@@ -410,7 +427,10 @@ impl Core {
         }
         let error = matches!(head.kind, b'-' | b'!');
         let mode = match self.ledger.front()? {
-            Expect::Reply { effect: Effect::Pong, relay: true } if self.state.translate => Mode::Hold,
+            Expect::Reply {
+                effect: Effect::Pong,
+                relay: true,
+            } if self.state.translate => Mode::Hold,
             Expect::Reply { relay: true, .. } => Mode::Relay,
             Expect::Reply { relay: false, .. } => Mode::Drop,
             Expect::Swallow(_) => Mode::Hold,
@@ -431,15 +451,20 @@ impl Core {
             Role::Unsolicited { .. } => {}
             Role::Ack { kind, subscribe } => self.finish_ack(kind, subscribe),
             Role::Reply { error, .. } => match self.ledger.pop() {
-                Some(Expect::Reply { effect: Effect::Pong, relay }) if self.state.translate => {
-                    if relay {
-                        pong_as_resp2(&self.held, &mut self.to_client);
-                    }
-                }
+                // Held whole; dropped when the client turned replies off.
+                Some(Expect::Reply {
+                    effect: Effect::Pong,
+                    relay: true,
+                }) if self.state.translate => pong_as_resp2(&self.held, &mut self.to_client),
+                Some(Expect::Reply {
+                    effect: Effect::Pong,
+                    relay: false,
+                }) if self.state.translate => {}
                 Some(Expect::Reply { effect, .. }) if !error => self.apply(effect),
-                Some(Expect::Swallow(Injected::Auth { generation, initial })) => {
-                    self.auth_answered(generation, initial, error)
-                }
+                Some(Expect::Swallow(Injected::Auth {
+                    generation,
+                    initial,
+                })) => self.auth_answered(generation, initial, error),
                 Some(Expect::Swallow(Injected::Hello { version, emulate })) => {
                     self.hello_answered(version, emulate, error)
                 }
@@ -452,7 +477,13 @@ impl Core {
         let count = ack_count(&self.held);
         // Redis 7 sends confirmations as pushes even under CLIENT REPLY OFF/SKIP
         // (`CLIENT_PUSHING`), so they are relayed whatever the reply mode.
-        if let Some(Expect::Acks { kind: k, subscribe: s, remaining, .. }) = self.ledger.front_mut() {
+        if let Some(Expect::Acks {
+            kind: k,
+            subscribe: s,
+            remaining,
+            ..
+        }) = self.ledger.front_mut()
+        {
             if *k == kind && *s == subscribe {
                 // An unsubscribe-all learns its count now that every earlier confirmation
                 // has been read: one per subscription of its kind, or one if there is none.
@@ -513,7 +544,11 @@ impl Core {
             if !initial {
                 self.stats.reauth_ok += 1;
             }
-            self.authed = Some(Authed { generation, expires_at, at: SystemTime::now() });
+            self.authed = Some(Authed {
+                generation,
+                expires_at,
+                at: SystemTime::now(),
+            });
             return;
         }
         let text = error_text(&self.held);
@@ -585,7 +620,11 @@ fn elements(frame: &[u8]) -> impl Iterator<Item = &[u8]> {
     let start = memchr::memchr(b'\n', frame).map_or(frame.len(), |i| i + 1);
     let mut rest = &frame[start..];
     std::iter::from_fn(move || {
-        let n = ReplyScanner::new().scan(rest).ok().filter(|s| s.complete)?.consumed;
+        let n = ReplyScanner::new()
+            .scan(rest)
+            .ok()
+            .filter(|s| s.complete)?
+            .consumed;
         let (elem, tail) = rest.split_at(n);
         rest = tail;
         Some(elem)
@@ -624,14 +663,17 @@ fn ack_count(frame: &[u8]) -> Option<u64> {
     let header_end = memchr::memchr(b'\n', rest)?;
     rest = &rest[header_end + 1..];
     for _ in 0..2 {
-        let n = ReplyScanner::new().scan(rest).ok().filter(|s| s.complete)?.consumed;
+        let n = ReplyScanner::new()
+            .scan(rest)
+            .ok()
+            .filter(|s| s.complete)?
+            .consumed;
         rest = &rest[n..];
     }
     let line = rest.strip_prefix(b":")?;
     let end = memchr::memchr(b'\r', line)?;
     crate::resp::request::string2ll(&line[..end]).and_then(|n| u64::try_from(n).ok())
 }
-
 
 #[cfg(test)]
 mod tests;

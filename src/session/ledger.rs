@@ -70,7 +70,12 @@ pub enum Expect {
     /// no argument, as many as the connection has subscriptions of that kind when the entry
     /// reaches the front (at least one). An error reply replaces them all; `relay` applies to
     /// that error only, since Redis sends confirmations even under `CLIENT REPLY OFF`.
-    Acks { kind: SubKind, subscribe: bool, remaining: Option<u32>, relay: bool },
+    Acks {
+        kind: SubKind,
+        subscribe: bool,
+        remaining: Option<u32>,
+        relay: bool,
+    },
     /// A reply the proxy answers itself; consumes nothing from the upstream.
     Local(Bytes),
     /// Close the client connection once everything before this has been relayed.

@@ -127,7 +127,11 @@ pub struct ConnState {
 
 impl ConnState {
     pub fn new() -> Self {
-        ConnState { proto: 2, wproto: 2, ..Default::default() }
+        ConnState {
+            proto: 2,
+            wproto: 2,
+            ..Default::default()
+        }
     }
 
     /// The protocol the client believes it speaks (write side).

@@ -20,7 +20,10 @@ fn frames(input: &[u8], chunk: usize) -> Result<Vec<Vec<u8>>, ReplyError> {
             }
         }
     }
-    assert!(buf.len() < 3 && cur.is_empty() || !s.at_boundary(), "leftover");
+    assert!(
+        buf.len() < 3 && cur.is_empty() || !s.at_boundary(),
+        "leftover"
+    );
     Ok(out)
 }
 
@@ -61,9 +64,27 @@ fn splits_every_type_at_every_chunk_size() {
 #[test]
 fn streams_large_bulk_without_waiting_for_all_of_it() {
     let mut s = ReplyScanner::new();
-    assert_eq!(s.scan(b"$10\r\nabc").unwrap(), Scan { consumed: 8, complete: false });
-    assert_eq!(s.scan(b"defg").unwrap(), Scan { consumed: 4, complete: false });
-    assert_eq!(s.scan(b"hij\r\n+OK").unwrap(), Scan { consumed: 5, complete: true });
+    assert_eq!(
+        s.scan(b"$10\r\nabc").unwrap(),
+        Scan {
+            consumed: 8,
+            complete: false
+        }
+    );
+    assert_eq!(
+        s.scan(b"defg").unwrap(),
+        Scan {
+            consumed: 4,
+            complete: false
+        }
+    );
+    assert_eq!(
+        s.scan(b"hij\r\n+OK").unwrap(),
+        Scan {
+            consumed: 5,
+            complete: true
+        }
+    );
     assert!(s.at_boundary());
 }
 
@@ -81,11 +102,15 @@ fn rejects_garbage() {
 
 #[test]
 fn peeks_heads() {
-    let cases: &[(&[u8], Option<(u8, &[u8], First<'static>)>)] = &[
+    type Want = Option<(u8, &'static [u8], First<'static>)>;
+    let cases: &[(&[u8], Want)] = &[
         (b"+OK\r\n", Some((b'+', b"OK", First::None))),
         (b"+OK\r", None),
         (b"-NOAUTH x\r\n", Some((b'-', b"NOAUTH x", First::None))),
-        (b"*3\r\n$7\r\nmessage\r\n$1\r\na", Some((b'*', b"3", First::Str(b"message")))),
+        (
+            b"*3\r\n$7\r\nmessage\r\n$1\r\na",
+            Some((b'*', b"3", First::Str(b"message"))),
+        ),
         (b"*3\r\n$7\r\nmess", None),
         (b"*3\r\n$7\r\n", None),
         (b">2\r\n+pong\r\n", Some((b'>', b"2", First::Str(b"pong")))),

@@ -32,8 +32,12 @@ fn frames_multibulk_and_inline() {
     let (cmds, err) =
         parse_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\nset a \"b c\"\n*0\r\n*-1\r\n\r\n   \r\n*1\r\n$4\r\nPING\r\n");
     assert_eq!(err, None);
-    let want: Vec<Vec<&[u8]>> =
-        vec![vec![b"GET", b"k"], vec![b"PING"], vec![b"set", b"a", b"b c"], vec![b"PING"]];
+    let want: Vec<Vec<&[u8]>> = vec![
+        vec![b"GET", b"k"],
+        vec![b"PING"],
+        vec![b"set", b"a", b"b c"],
+        vec![b"PING"],
+    ];
     assert_eq!(cmds, want);
 }
 
@@ -46,7 +50,12 @@ fn resumes_across_every_split_point() {
         let mut got = Vec::new();
         for chunk in [&input[cut..], &b""[..]] {
             while let Some(frame) = p.parse(&buf).expect("valid input") {
-                got.push(p.command(&buf, &frame).args().map(<[u8]>::to_vec).collect::<Vec<_>>());
+                got.push(
+                    p.command(&buf, &frame)
+                        .args()
+                        .map(<[u8]>::to_vec)
+                        .collect::<Vec<_>>(),
+                );
                 buf.drain(..frame.len());
             }
             buf.extend_from_slice(chunk);
@@ -65,16 +74,56 @@ fn protocol_errors_have_redis_texts() {
     let mut big_bulk = b"*1\r\n$".to_vec();
     big_bulk.extend(vec![b'1'; INLINE_MAX + 1]);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("inline too big", big, "-ERR Protocol error: too big inline request\r\n"),
-        ("quotes", b"set k \"v\r\n".to_vec(), "-ERR Protocol error: unbalanced quotes in request\r\n"),
-        ("mbulk not a number", b"*x\r\n".to_vec(), "-ERR Protocol error: invalid multibulk length\r\n"),
-        ("mbulk leading zero", b"*01\r\n".to_vec(), "-ERR Protocol error: invalid multibulk length\r\n"),
-        ("mbulk over int max", b"*2147483648\r\n".to_vec(), "-ERR Protocol error: invalid multibulk length\r\n"),
-        ("mbulk header too long", big_mbulk, "-ERR Protocol error: too big mbulk count string\r\n"),
-        ("expected dollar", b"*1\r\n:1\r\n".to_vec(), "-ERR Protocol error: expected '$', got ':'\r\n"),
-        ("negative bulk", b"*1\r\n$-1\r\n".to_vec(), "-ERR Protocol error: invalid bulk length\r\n"),
-        ("bulk over 512MiB", b"*1\r\n$536870913\r\n".to_vec(), "-ERR Protocol error: invalid bulk length\r\n"),
-        ("bulk header too long", big_bulk, "-ERR Protocol error: too big bulk count string\r\n"),
+        (
+            "inline too big",
+            big,
+            "-ERR Protocol error: too big inline request\r\n",
+        ),
+        (
+            "quotes",
+            b"set k \"v\r\n".to_vec(),
+            "-ERR Protocol error: unbalanced quotes in request\r\n",
+        ),
+        (
+            "mbulk not a number",
+            b"*x\r\n".to_vec(),
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            "mbulk leading zero",
+            b"*01\r\n".to_vec(),
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            "mbulk over int max",
+            b"*2147483648\r\n".to_vec(),
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            "mbulk header too long",
+            big_mbulk,
+            "-ERR Protocol error: too big mbulk count string\r\n",
+        ),
+        (
+            "expected dollar",
+            b"*1\r\n:1\r\n".to_vec(),
+            "-ERR Protocol error: expected '$', got ':'\r\n",
+        ),
+        (
+            "negative bulk",
+            b"*1\r\n$-1\r\n".to_vec(),
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            "bulk over 512MiB",
+            b"*1\r\n$536870913\r\n".to_vec(),
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            "bulk header too long",
+            big_bulk,
+            "-ERR Protocol error: too big bulk count string\r\n",
+        ),
     ];
     for (name, input, want) in cases {
         let (_, err) = parse_all(&input);
@@ -88,7 +137,11 @@ fn accepts_limits_exactly() {
     assert_eq!(parse_all(b"*2147483647\r\n").1, None);
     assert_eq!(parse_all(b"*1\r\n$536870912\r\n").1, None);
     let mut line = vec![b'a'; INLINE_MAX];
-    assert_eq!(parse_all(&line).1, None, "exactly 64 KiB without newline is still waiting");
+    assert_eq!(
+        parse_all(&line).1,
+        None,
+        "exactly 64 KiB without newline is still waiting"
+    );
     line.push(b'\n');
     assert_eq!(parse_all(&line).0.len(), 1);
 }
@@ -97,10 +150,16 @@ fn accepts_limits_exactly() {
 fn unauthenticated_limits() {
     let mut p = RequestParser::new();
     p.set_auth_required(true);
-    assert_eq!(p.parse(b"*11\r\n"), Err(ProtocolError::UnauthenticatedMultibulkLength));
+    assert_eq!(
+        p.parse(b"*11\r\n"),
+        Err(ProtocolError::UnauthenticatedMultibulkLength)
+    );
     let mut p = RequestParser::new();
     p.set_auth_required(true);
-    assert_eq!(p.parse(b"*1\r\n$16385\r\n"), Err(ProtocolError::UnauthenticatedBulkLength));
+    assert_eq!(
+        p.parse(b"*1\r\n$16385\r\n"),
+        Err(ProtocolError::UnauthenticatedBulkLength)
+    );
     let mut p = RequestParser::new();
     p.set_auth_required(true);
     assert_eq!(p.parse(b"*10\r\n$16384\r\n"), Ok(None));

@@ -51,7 +51,10 @@ impl T {
     fn server(&mut self, bytes: &str) -> &mut Self {
         let mut buf = BytesMut::from(bytes.as_bytes());
         self.core.upstream_input(&mut buf);
-        assert!(buf.is_empty() || self.core.close_reason().is_some(), "unconsumed upstream bytes");
+        assert!(
+            buf.is_empty() || self.core.close_reason().is_some(),
+            "unconsumed upstream bytes"
+        );
         self
     }
 
@@ -66,9 +69,14 @@ impl T {
 
 #[test]
 fn first_auth_is_swallowed_and_commands_pipeline_behind_it() {
-    let mut t = T { core: Core::new(creds(1), None) };
+    let mut t = T {
+        core: Core::new(creds(1), None),
+    };
     t.client("*1\r\n$4\r\nPING\r\n");
-    assert_eq!(t.upstream_sent(), format!("{}*1\r\n$4\r\nPING\r\n", auth(1)));
+    assert_eq!(
+        t.upstream_sent(),
+        format!("{}*1\r\n$4\r\nPING\r\n", auth(1))
+    );
     t.server("+OK\r\n+PONG\r\n");
     assert_eq!(t.client_got(), "+PONG\r\n");
     assert!(t.core.current());
@@ -80,10 +88,19 @@ fn failed_first_auth_gives_one_error_and_closes() {
     t.client("PING\r\nGET k\r\n");
     t.server("-WRONGPASS invalid username-password pair or user is disabled.\r\n-NOAUTH x\r\n");
     let got = t.client_got();
-    assert!(got.starts_with("-WRONGPASS invalid username-password pair"), "{got}");
-    assert!(got.contains("redis-entra-proxy") && got.contains("oid-1") && !got.contains("tok1"), "{got}");
+    assert!(
+        got.starts_with("-WRONGPASS invalid username-password pair"),
+        "{got}"
+    );
+    assert!(
+        got.contains("redis-entra-proxy") && got.contains("oid-1") && !got.contains("tok1"),
+        "{got}"
+    );
     assert_eq!(got.matches("\r\n").count(), 1);
-    assert!(matches!(t.core.close_reason(), Some(CloseReason::UpstreamAuth(_))));
+    assert!(matches!(
+        t.core.close_reason(),
+        Some(CloseReason::UpstreamAuth(_))
+    ));
 }
 
 #[test]
@@ -119,7 +136,10 @@ fn hello_auth_is_checked_and_stripped() {
     let mut t = T::with_password("pw");
     t.server("+OK\r\n");
     t.client("*7\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$4\r\nAUTH\r\n$7\r\ndefault\r\n$2\r\npw\r\n$7\r\nSETNAME\r\n$1\r\nn\r\n");
-    assert_eq!(t.upstream_sent(), "*4\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$7\r\nSETNAME\r\n$1\r\nn\r\n");
+    assert_eq!(
+        t.upstream_sent(),
+        "*4\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$7\r\nSETNAME\r\n$1\r\nn\r\n"
+    );
     t.server("%1\r\n$5\r\nproto\r\n:3\r\n");
     assert_eq!(t.client_got(), "%1\r\n$5\r\nproto\r\n:3\r\n");
     assert_eq!(t.core.state.proto, 3);
@@ -141,7 +161,10 @@ fn rotation_injects_between_commands_and_swallows_reply() {
     t.client("GET b\r\n");
     assert_eq!(
         t.upstream_sent(),
-        format!("*2\r\n$3\r\nGET\r\n$1\r\na\r\n{}*2\r\n$3\r\nGET\r\n$1\r\nb\r\n", auth(2))
+        format!(
+            "*2\r\n$3\r\nGET\r\n$1\r\na\r\n{}*2\r\n$3\r\nGET\r\n$1\r\nb\r\n",
+            auth(2)
+        )
     );
     t.server("$1\r\n1\r\n+OK\r\n$1\r\n2\r\n");
     assert_eq!(t.client_got(), "$1\r\n1\r\n$1\r\n2\r\n");
@@ -210,11 +233,16 @@ fn resp2_subscriber_is_moved_to_resp3_and_translated_back() {
     t.client("SUBSCRIBE a b\r\nPSUBSCRIBE p*\r\nPING\r\nGET k\r\nUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nAUTH x\r\n");
     let sent = t.upstream_sent();
     assert!(sent.starts_with(HELLO3), "{sent}");
-    assert!(sent.ends_with(&format!("*1\r\n$12\r\nPUNSUBSCRIBE\r\n{HELLO2}")), "{sent}");
+    assert!(
+        sent.ends_with(&format!("*1\r\n$12\r\nPUNSUBSCRIBE\r\n{HELLO2}")),
+        "{sent}"
+    );
     assert!(!sent.contains("GET") && !sent.contains("AUTH"), "{sent}");
     // The server speaks RESP3 now.
     t.server(HELLO_REPLY);
-    t.server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n>3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n");
+    t.server(
+        ">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n>3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n",
+    );
     t.server(">3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n");
     t.server(">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n");
     t.server("+PONG\r\n");
@@ -239,7 +267,8 @@ fn translated_subscriber_reauthenticates_in_band() {
     t.server("+OK\r\n");
     t.client("SUBSCRIBE a\r\n");
     t.upstream_sent();
-    t.server(HELLO_REPLY).server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+    t.server(HELLO_REPLY)
+        .server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
     t.core.set_credentials(creds(2));
     assert_eq!(t.upstream_sent(), auth(2));
     t.server(">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nx\r\n+OK\r\n");
@@ -283,7 +312,10 @@ fn resp3_pushes_bypass_the_ledger() {
     t.server("%1\r\n$5\r\nproto\r\n:3\r\n");
     t.core.set_credentials(creds(2));
     let push = ">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nx\r\n";
-    t.server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n").server(push).server("_\r\n").server(push);
+    t.server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n")
+        .server(push)
+        .server("_\r\n")
+        .server(push);
     // RESP3 subscribers re-authenticate in band.
     assert!(t.upstream_sent().ends_with(&auth(2)));
     t.server("+OK\r\n");
@@ -298,7 +330,10 @@ fn reset_reauthenticates_right_behind() {
     let mut t = T::new();
     t.server("+OK\r\n");
     t.client("RESET\r\n");
-    assert_eq!(t.upstream_sent(), format!("*1\r\n$5\r\nRESET\r\n{}", auth(1)));
+    assert_eq!(
+        t.upstream_sent(),
+        format!("*1\r\n$5\r\nRESET\r\n{}", auth(1))
+    );
     t.server("+RESET\r\n+OK\r\n");
     assert_eq!(t.client_got(), "+RESET\r\n");
 }
@@ -322,8 +357,14 @@ fn protocol_error_after_earlier_replies() {
     t.client("PING\r\n*x\r\nPING\r\n");
     assert_eq!(t.upstream_sent(), "*1\r\n$4\r\nPING\r\n");
     t.server("+PONG\r\n");
-    assert_eq!(t.client_got(), "+PONG\r\n-ERR Protocol error: invalid multibulk length\r\n");
-    assert!(matches!(t.core.close_reason(), Some(CloseReason::ClientProtocol(_))));
+    assert_eq!(
+        t.client_got(),
+        "+PONG\r\n-ERR Protocol error: invalid multibulk length\r\n"
+    );
+    assert!(matches!(
+        t.core.close_reason(),
+        Some(CloseReason::ClientProtocol(_))
+    ));
 }
 
 #[test]
@@ -331,10 +372,17 @@ fn dirty_transaction_aborts_like_redis() {
     let mut t = T::new();
     t.server("+OK\r\n");
     t.client("MULTI\r\nAUTH x\r\nEXEC\r\n");
-    assert_eq!(t.upstream_sent(), "*1\r\n$5\r\nMULTI\r\n*1\r\n$7\r\nDISCARD\r\n");
+    assert_eq!(
+        t.upstream_sent(),
+        "*1\r\n$5\r\nMULTI\r\n*1\r\n$7\r\nDISCARD\r\n"
+    );
     t.server("+OK\r\n+OK\r\n");
     let got = t.client_got();
-    assert!(got.starts_with("+OK\r\n-ERR") && got.ends_with("-EXECABORT Transaction discarded because of previous errors.\r\n"), "{got}");
+    assert!(
+        got.starts_with("+OK\r\n-ERR")
+            && got.ends_with("-EXECABORT Transaction discarded because of previous errors.\r\n"),
+        "{got}"
+    );
 }
 
 #[test]
@@ -372,6 +420,10 @@ fn unsubscribe_when_not_subscribed() {
         t.server("+OK\r\n");
         t.client(cmd);
         t.server("*3\r\n$12\r\npunsubscribe\r\n$-1\r\n:0\r\n");
-        assert_eq!(t.client_got(), "*3\r\n$12\r\npunsubscribe\r\n$-1\r\n:0\r\n", "{cmd:?}");
+        assert_eq!(
+            t.client_got(),
+            "*3\r\n$12\r\npunsubscribe\r\n$-1\r\n:0\r\n",
+            "{cmd:?}"
+        );
     }
 }
