@@ -93,6 +93,8 @@ pub enum CredentialError {
     NoUsername,
 }
 
+pub type ChangedFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 pub type TokenFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Token, CredentialError>> + Send + 'a>>;
 
@@ -105,6 +107,11 @@ pub trait TokenSource: Send + Sync + fmt::Debug {
     /// Whether fetching again can yield a new token. A fixed token is fetched once.
     fn refreshable(&self) -> bool {
         true
+    }
+    /// Resolves when the source knows a new token is available before the scheduled refresh
+    /// (the file source, when its file changes). Never resolves by default.
+    fn changed(&self) -> ChangedFuture<'_> {
+        Box::pin(std::future::pending())
     }
 }
 

@@ -157,6 +157,7 @@ pub async fn run(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = source.changed() => tracing::debug!(source = source.name(), "source changed; fetching now"),
             _ = shutdown.cancelled() => return,
         }
     }
