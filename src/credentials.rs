@@ -5,6 +5,8 @@
 //! ([`refresh`]) keeps the current credentials in a `watch` channel that sessions follow.
 //! Only `credentials/azure.rs` (a later addition) may touch `azure_identity`.
 
+pub mod exec;
+pub mod file;
 pub mod fixed;
 pub mod jwt;
 pub mod refresh;

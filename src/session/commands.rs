@@ -98,18 +98,16 @@ impl Core {
     /// (multibulk); inline commands are re-encoded.
     pub(super) fn on_command(&mut self, cmd: Command<'_>, raw: Option<&[u8]>) {
         let special = cmd.arg(0).map_or(Special::Other, classify);
-        let client_reply = special == Special::Client && cmd.arg_is(1, "reply");
-        if !client_reply {
-            // CLIENT REPLY SKIP silences exactly the next command.
-            self.relay_current = match self.state.reply_mode {
-                ReplyMode::On => true,
-                ReplyMode::Off => false,
-                ReplyMode::Skip => {
-                    self.state.reply_mode = ReplyMode::On;
-                    false
-                }
-            };
-        }
+        // CLIENT REPLY SKIP silences exactly the next command, whatever it is (another
+        // CLIENT REPLY included), as Redis's resetClient does.
+        self.relay_current = match self.state.reply_mode {
+            ReplyMode::On => true,
+            ReplyMode::Off => false,
+            ReplyMode::Skip => {
+                self.state.reply_mode = ReplyMode::On;
+                false
+            }
+        };
         if !self.client_authenticated
             && !matches!(
                 special,
@@ -161,7 +159,18 @@ impl Core {
                 self.local(Bytes::from_static(EXECABORT));
                 self.end_multi();
             }
-            Special::Exec | Special::Discard => {
+            Special::Exec => {
+                let effect = match self.state.multi_hello.take() {
+                    Some(v) => {
+                        self.state.wproto = v;
+                        Effect::Hello(v)
+                    }
+                    None => Effect::None,
+                };
+                self.forward(cmd, raw, effect);
+                self.end_multi();
+            }
+            Special::Discard => {
                 self.forward(cmd, raw, Effect::None);
                 self.end_multi();
             }
@@ -232,6 +241,7 @@ impl Core {
     fn end_multi(&mut self) {
         self.state.in_multi = false;
         self.state.multi_dirty = false;
+        self.state.multi_hello = None;
     }
 
     /// Writes the command upstream and expects one reply.
@@ -304,16 +314,25 @@ impl Core {
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the AUTH pair is checked locally
     /// and removed; the rest is forwarded so the upstream switches protocol and sets the name.
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the AUTH pair is checked locally
+    /// and removed; the rest is forwarded so the upstream switches protocol and sets the name.
+    ///
+    /// Outside MULTI, every error Redis could answer is answered here with Redis's text, so
+    /// that a forwarded HELLO does not fail and the predicted protocol holds. Inside MULTI,
+    /// Redis queues HELLO and reports errors in the EXEC reply: the proxy forwards a HELLO
+    /// that fails the same way, without the AUTH pair.
     fn client_hello(&mut self, cmd: Command<'_>) {
         if !cmd.complete() {
             return self.reject(SYNTAX);
         }
+        let in_multi = self.state.in_multi;
         let mut version = None;
         let mut auth = None;
         let mut setname = None;
         if let Some(v) = cmd.arg(1) {
             match string2ll(v) {
-                Some(v @ 2..=3) => version = Some(v as u8),
+                Some(n @ 2..=3) => version = Some(n as u8),
+                _ if in_multi => return self.forward_hello(vec![b"HELLO", v], None),
                 Some(_) => return self.reject(b"-NOPROTO unsupported protocol version\r\n"),
                 None => {
                     return self
@@ -334,7 +353,13 @@ impl Core {
                 setname = cmd.arg(j + 1);
                 j += 2;
             } else {
-                let opt = String::from_utf8_lossy(cmd.arg(j).unwrap_or_default());
+                let opt = cmd.arg(j).unwrap_or_default();
+                if in_multi {
+                    // The offending token is an option name, never a password.
+                    return self
+                        .forward_hello(vec![b"HELLO", cmd.arg(1).unwrap_or_default(), opt], None);
+                }
+                let opt = String::from_utf8_lossy(opt);
                 return self.reject_with(&format!("ERR Syntax error in HELLO option '{opt}'"));
             }
         }
@@ -347,17 +372,32 @@ impl Core {
         if !self.client_authenticated {
             return self.reject(HELLO_NOAUTH);
         }
-        let mut args: Vec<&[u8]> = vec![b"HELLO"];
+        let valid_name = |n: &[u8]| n.iter().all(|b| (b'!'..=b'~').contains(b));
+        if !in_multi && !setname.is_none_or(valid_name) {
+            return self.reject(
+                b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n",
+            );
+        }
         let digit = [b'0' + version.unwrap_or(0)];
+        let mut args: Vec<&[u8]> = vec![b"HELLO"];
         if version.is_some() {
             args.push(&digit);
         }
         if let Some(name) = setname {
             args.extend([&b"SETNAME"[..], name]);
         }
+        self.forward_hello(args, version)
+    }
+
+    fn forward_hello(&mut self, args: Vec<&[u8]>, version: Option<u8>) {
         encode::command(&mut self.to_upstream, args.into_iter());
         self.state.one_shot = false;
         let effect = match version {
+            // Queued: the switch happens when EXEC runs.
+            Some(v) if self.state.in_multi => {
+                self.state.multi_hello = Some(v);
+                Effect::None
+            }
             Some(v) => {
                 self.state.wproto = v;
                 Effect::Hello(v)
@@ -392,7 +432,6 @@ impl Core {
                 }
                 return;
             }
-            self.relay_current = self.state.reply_mode == ReplyMode::On;
             return self.reject(SYNTAX);
         }
         let caching = cmd.arg_is(1, "caching");

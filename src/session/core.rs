@@ -425,7 +425,8 @@ impl Core {
         if self.state.monitor {
             return Some(Role::Unsolicited { translate: false });
         }
-        let error = matches!(head.kind, b'-' | b'!');
+        // A null array (EXEC aborted by WATCH) also means the command's effect did not happen.
+        let error = matches!(head.kind, b'-' | b'!') || (head.kind == b'*' && head.line == b"-1");
         let mode = match self.ledger.front()? {
             Expect::Reply {
                 effect: Effect::Pong,
@@ -461,6 +462,13 @@ impl Core {
                     relay: false,
                 }) if self.state.translate => {}
                 Some(Expect::Reply { effect, .. }) if !error => self.apply(effect),
+                Some(Expect::Reply {
+                    effect: Effect::Hello(_),
+                    ..
+                }) => {
+                    // The predicted switch did not happen.
+                    self.state.wproto = self.state.proto;
+                }
                 Some(Expect::Swallow(Injected::Auth {
                     generation,
                     initial,
@@ -675,5 +683,9 @@ fn ack_count(frame: &[u8]) -> Option<u64> {
     crate::resp::request::string2ll(&line[..end]).and_then(|n| u64::try_from(n).ok())
 }
 
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests;

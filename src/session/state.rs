@@ -103,6 +103,8 @@ pub struct ConnState {
     /// Write side: a command inside the current MULTI was refused by the proxy, so EXEC must
     /// fail with EXECABORT as Redis would.
     pub multi_dirty: bool,
+    /// Write side: a HELLO queued in the current MULTI switches to this version at EXEC.
+    pub multi_hello: Option<u8>,
     /// Write side: the last command written was ASKING or CLIENT CACHING, whose effect lasts
     /// for exactly the next command.
     pub one_shot: bool,

@@ -64,6 +64,8 @@ pub struct Proxy {
     pub shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
+    /// The local password, sent before the readiness PING.
+    password: Option<String>,
 }
 
 impl Proxy {
@@ -72,7 +74,11 @@ impl Proxy {
     }
 
     pub async fn start_with(opts: ProxyOptions) -> Proxy {
-        let redis = Arc::new(RedisServer::start(RedisOptions::default()).await.expect("redis-server starts"));
+        let redis = Arc::new(
+            RedisServer::start(RedisOptions::default())
+                .await
+                .expect("redis-server starts"),
+        );
         Self::start_on(redis, opts).await
     }
 
@@ -81,7 +87,11 @@ impl Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let unix_socket = opts.unix_socket.then(|| dir.path().join("proxy.sock"));
         let (upstream, tls, ca) = opts.upstream.clone().unwrap_or_else(|| {
-            (redis.addr().to_string(), true, redis.ca_file().map(|p| p.to_path_buf()))
+            (
+                redis.addr().to_string(),
+                true,
+                redis.ca_file().map(|p| p.to_path_buf()),
+            )
         });
         let options = Options {
             listen: Some("127.0.0.1:0".into()),
@@ -90,7 +100,10 @@ impl Proxy {
             upstream_tls: Some(tls),
             upstream_ca_file: ca,
             upstream_server_name: Some("localhost".into()),
-            local_password: opts.local_password.clone().map(redis_entra_proxy::secret::Secret::new),
+            local_password: opts
+                .local_password
+                .clone()
+                .map(redis_entra_proxy::secret::Secret::new),
             refresh_ratio: Some(opts.refresh_ratio),
             max_connections: opts.max_connections,
             drain_timeout: opts.drain_timeout,
@@ -99,9 +112,18 @@ impl Proxy {
         };
         let config = redis_entra_proxy::config::validate(options, None).expect("valid test config");
         let listeners = redis_entra_proxy::bind(&config).await.expect("bind");
-        let addr = listeners.tcp.as_ref().expect("tcp listener").local_addr().expect("local addr");
+        let addr = listeners
+            .tcp
+            .as_ref()
+            .expect("tcp listener")
+            .local_addr()
+            .expect("local addr");
         let source = opts.source.clone().unwrap_or_else(|| {
-            Arc::new(DevTokenSource::new(redis.clone(), opts.token_lifetime, "oid"))
+            Arc::new(DevTokenSource::new(
+                redis.clone(),
+                opts.token_lifetime,
+                "oid",
+            ))
         });
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
@@ -112,7 +134,15 @@ impl Proxy {
                     .expect("proxy runs");
             }
         });
-        let proxy = Proxy { addr, unix_socket, redis, shutdown, task: Some(task), _dir: dir };
+        let proxy = Proxy {
+            addr,
+            unix_socket,
+            redis,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+            password: opts.local_password.clone(),
+        };
         proxy.wait_ready().await;
         proxy
     }
@@ -122,32 +152,47 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + STEP;
         loop {
             if let Ok(mut c) = RespConn::connect_plain(self.addr).await {
-                if let Ok(Ok(Reply::Simple(s))) = tokio::time::timeout(STEP, c.command(&[b"PING"])).await {
+                if let Some(pw) = &self.password {
+                    let _ = c.command(&[b"AUTH", pw.as_bytes()]).await;
+                }
+                if let Ok(Ok(Reply::Simple(s))) =
+                    tokio::time::timeout(STEP, c.command(&[b"PING"])).await
+                {
                     if s == "PONG" {
                         return;
                     }
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "proxy not ready within {STEP:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "proxy not ready within {STEP:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// A RESP2 client connected to the proxy.
     pub async fn client(&self) -> RespConn {
-        RespConn::connect_plain(self.addr).await.expect("connect to proxy")
+        RespConn::connect_plain(self.addr)
+            .await
+            .expect("connect to proxy")
     }
 
     /// A raw TCP connection to the proxy.
     pub async fn raw(&self) -> Raw {
-        Raw(TcpStream::connect(self.addr).await.expect("connect to proxy"))
+        Raw(TcpStream::connect(self.addr)
+            .await
+            .expect("connect to proxy"))
     }
 
     /// Stops the proxy and waits for it to drain.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(STEP * 3, task).await.expect("proxy stops").expect("proxy task");
+            tokio::time::timeout(STEP * 3, task)
+                .await
+                .expect("proxy stops")
+                .expect("proxy task");
         }
     }
 }
@@ -182,7 +227,10 @@ impl Raw {
     /// Reads until `expected.len()` bytes arrived and compares them.
     pub async fn expect(&mut self, expected: &[u8]) {
         let got = self.read_exact(expected.len()).await;
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(expected)
+        );
     }
 
     /// Reads until EOF (bounded); returns everything read.
@@ -197,14 +245,24 @@ impl Raw {
 }
 
 /// Runs an external command (redis-cli, redis-benchmark) with a time bound; returns stdout.
-pub async fn run_tool(program: &str, args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
+pub async fn run_tool(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> (bool, String, String) {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
-        .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{program} runs (apt-get install redis-tools): {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} runs (apt-get install redis-tools): {e}"));
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin");
         pipe.write_all(input).await.expect("write stdin");

@@ -1,0 +1,248 @@
+//! A small model of a Redis server for property tests of the core: enough of RESP2/RESP3,
+//! MULTI/EXEC, ASKING, HELLO, pub/sub and CLIENT REPLY to tell a correct proxy from a broken
+//! one. It also records protocol violations only a proxy could commit: an AUTH queued inside
+//! MULTI, sent right after ASKING, or refused in RESP2 subscribed mode; a CLIENT REPLY that
+//! reached the server although the proxy emulates it.
+
+use std::collections::BTreeSet;
+
+use bytes::BytesMut;
+
+use crate::resp::encode;
+use crate::resp::request::{Frame, RequestParser};
+
+#[derive(Debug, Default)]
+pub struct Model {
+    parser: RequestParser,
+    pub input: BytesMut,
+    pub output: Vec<u8>,
+    proto: u8,
+    multi: Option<Vec<Vec<Vec<u8>>>>,
+    asking: bool,
+    subs: BTreeSet<Vec<u8>>,
+    reply_off: bool,
+    /// `CLIENT_REPLY_SKIP`: the current command's replies are dropped.
+    skip: bool,
+    /// `CLIENT_REPLY_SKIP_NEXT`: set by SKIP, becomes `skip` after the command.
+    skip_next: bool,
+    /// Whether the client talks to the model directly (the reference run): then it answers
+    /// client AUTH like the proxy does and implements CLIENT REPLY itself.
+    pub direct: bool,
+    in_exec: bool,
+    deferred: Vec<u8>,
+    pub violations: Vec<String>,
+    pub auths: u32,
+}
+
+fn bulk(out: &mut Vec<u8>, s: &[u8]) {
+    encode::bulk(out, s);
+}
+
+impl Model {
+    pub fn new(direct: bool) -> Model {
+        Model {
+            proto: 2,
+            direct,
+            ..Default::default()
+        }
+    }
+
+    /// Processes every complete command in `input`.
+    pub fn run(&mut self) {
+        loop {
+            let frame = match self.parser.parse(&self.input) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => panic!("the proxy forwarded malformed bytes: {e}"),
+            };
+            let args: Vec<Vec<u8>> = match frame {
+                Frame::Empty { .. } => Vec::new(),
+                _ => self
+                    .parser
+                    .command(&self.input, &frame)
+                    .args()
+                    .map(<[u8]>::to_vec)
+                    .collect(),
+            };
+            let _ = self.input.split_to(frame.len());
+            if !args.is_empty() {
+                self.command(args);
+            }
+        }
+    }
+
+    fn reply(&mut self, bytes: &[u8]) {
+        if !self.reply_off && !self.skip {
+            self.output.extend_from_slice(bytes);
+        }
+    }
+
+    fn push(&mut self, parts: &[&[u8]], count: Option<usize>) {
+        // Pub/sub frames are pushed: Redis sends them even under CLIENT REPLY OFF.
+        let mut f = Vec::new();
+        encode::header(
+            &mut f,
+            if self.proto == 3 { b'>' } else { b'*' },
+            parts.len() + usize::from(count.is_some()),
+        );
+        for p in parts {
+            if p.is_empty() && count.is_some() {
+                f.extend_from_slice(if self.proto == 3 {
+                    b"_\r\n"
+                } else {
+                    b"$-1\r\n"
+                });
+            } else {
+                bulk(&mut f, p);
+            }
+        }
+        if let Some(c) = count {
+            f.extend_from_slice(format!(":{c}\r\n").as_bytes());
+        }
+        if self.in_exec {
+            self.deferred.extend_from_slice(&f);
+        } else {
+            self.output.extend_from_slice(&f);
+        }
+    }
+
+    fn command(&mut self, args: Vec<Vec<u8>>) {
+        let name = String::from_utf8_lossy(&args[0]).to_uppercase();
+        let was_asking = std::mem::take(&mut self.asking);
+        self.dispatch(&name, &args, was_asking);
+        // Redis's resetClient: the skip ends with the command, SKIP arms the next one.
+        self.skip = std::mem::take(&mut self.skip_next);
+    }
+
+    fn dispatch(&mut self, name: &str, args: &[Vec<u8>], was_asking: bool) {
+        let allowed_sub = matches!(
+            name,
+            "SUBSCRIBE" | "UNSUBSCRIBE" | "PING" | "QUIT" | "RESET"
+        );
+        if name == "AUTH" && !self.direct {
+            self.auths += 1;
+            if self.multi.is_some() {
+                self.violations.push("AUTH inside MULTI".into());
+            }
+            if was_asking {
+                self.violations.push("AUTH right after ASKING".into());
+            }
+            if self.proto == 2 && !self.subs.is_empty() {
+                self.violations.push("AUTH in RESP2 subscribed mode".into());
+            }
+        }
+        if name == "CLIENT" && !self.direct {
+            self.violations
+                .push("CLIENT REPLY reached the server".into());
+        }
+        if self.proto == 2 && !self.subs.is_empty() && !allowed_sub {
+            let mut full = name.to_lowercase();
+            if name == "CLIENT" {
+                full = format!(
+                    "client|{}",
+                    String::from_utf8_lossy(&args[1]).to_lowercase()
+                );
+            }
+            let msg = format!("-ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n");
+            return self.reply(msg.as_bytes());
+        }
+        if let Some(queue) = &mut self.multi {
+            if !matches!(name, "EXEC" | "DISCARD" | "MULTI") {
+                queue.push(args.to_vec());
+                return self.reply(b"+QUEUED\r\n");
+            }
+        }
+        match name {
+            "ECHO" => {
+                let mut r = Vec::new();
+                bulk(&mut r, &args[1]);
+                self.reply(&r)
+            }
+            "AUTH" => self.reply(b"+OK\r\n"),
+            "ASKING" => {
+                self.asking = true;
+                self.reply(b"+OK\r\n")
+            }
+            "PING" if self.proto == 2 && !self.subs.is_empty() => {
+                self.reply(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+            }
+            "PING" => self.reply(b"+PONG\r\n"),
+            "MULTI" if self.multi.is_some() => {
+                self.reply(b"-ERR MULTI calls can not be nested\r\n")
+            }
+            "MULTI" => {
+                self.multi = Some(Vec::new());
+                self.reply(b"+OK\r\n")
+            }
+            "DISCARD" => {
+                self.multi = None;
+                self.reply(b"+OK\r\n")
+            }
+            "EXEC" => {
+                let queue = self.multi.take().unwrap_or_default();
+                // Pushes raised inside the transaction follow the EXEC reply, as Redis 7.2+
+                // sends them (7.0 embeds them in the array, which no client can parse).
+                self.in_exec = true;
+                let mut r = Vec::new();
+                encode::header(&mut r, b'*', queue.len());
+                for cmd in queue {
+                    let before = std::mem::take(&mut self.output);
+                    let (off, skip, next) = (self.reply_off, self.skip, self.skip_next);
+                    (self.reply_off, self.skip, self.skip_next) = (false, false, false);
+                    self.command(cmd);
+                    (self.reply_off, self.skip, self.skip_next) = (off, skip, next);
+                    r.extend(std::mem::replace(&mut self.output, before));
+                }
+                // Redis clears ASKING after EXEC even if the transaction ran it.
+                self.asking = false;
+                self.in_exec = false;
+                self.reply(&r);
+                let deferred = std::mem::take(&mut self.deferred);
+                self.output.extend(deferred);
+            }
+            "HELLO" => {
+                self.proto = if args[1] == b"3" { 3 } else { 2 };
+                let kind = if self.proto == 3 { "%1" } else { "*2" };
+                self.reply(format!("{kind}\r\n$5\r\nproto\r\n:{}\r\n", self.proto).as_bytes())
+            }
+            "SUBSCRIBE" => {
+                for ch in &args[1..] {
+                    self.subs.insert(ch.clone());
+                    self.push(&[b"subscribe", ch], Some(self.subs.len()));
+                }
+            }
+            "UNSUBSCRIBE" => {
+                let chans: Vec<Vec<u8>> = if args.len() > 1 {
+                    args[1..].to_vec()
+                } else {
+                    self.subs.iter().cloned().collect()
+                };
+                if chans.is_empty() {
+                    self.push(&[b"unsubscribe", b""], Some(0));
+                }
+                for ch in chans {
+                    self.subs.remove(&ch);
+                    self.push(&[b"unsubscribe", &ch], Some(self.subs.len()));
+                }
+            }
+            "PUBLISH" => {
+                let n = usize::from(self.subs.contains(&args[1]));
+                if n == 1 {
+                    self.push(&[b"message", &args[1], &args[2]], None);
+                }
+                self.reply(format!(":{n}\r\n").as_bytes())
+            }
+            "CLIENT" => match String::from_utf8_lossy(&args[2]).to_uppercase().as_str() {
+                "ON" => {
+                    // Redis clears both flags before replying: ON is answered even when it
+                    // is the command a SKIP applied to.
+                    (self.reply_off, self.skip) = (false, false);
+                    self.reply(b"+OK\r\n")
+                }
+                "OFF" => self.reply_off = true,
+                _ => self.skip_next = !self.reply_off,
+            },
+            other => panic!("model does not know {other}"),
+        }
+    }
+}
