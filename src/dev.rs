@@ -25,6 +25,11 @@ pub struct DevTokenSource {
     lifetime: Duration,
     generation: AtomicU64,
     prefix: String,
+    /// Generations from which on tokens are not registered with the server (so AUTH with them
+    /// fails), for tests of refused re-authentication.
+    refuse_from: Option<u64>,
+    /// Whether an identity is deleted when its token expires (as Azure does).
+    expire_users: bool,
 }
 
 impl DevTokenSource {
@@ -35,7 +40,22 @@ impl DevTokenSource {
             lifetime,
             generation: AtomicU64::new(0),
             prefix: prefix.to_owned(),
+            refuse_from: None,
+            expire_users: true,
         }
+    }
+
+    /// Keeps identities after their tokens expire: the server then never closes a
+    /// connection, so only the proxy's own deadline can (tests).
+    pub fn keep_users(mut self) -> Self {
+        self.expire_users = false;
+        self
+    }
+
+    /// Tokens from generation `n` on are not registered: the server refuses them (tests).
+    pub fn refuse_from(mut self, n: u64) -> Self {
+        self.refuse_from = Some(n);
+        self
     }
 }
 
@@ -54,10 +74,24 @@ impl TokenSource for DevTokenSource {
                 .unwrap_or_default()
                 .as_secs();
             let token = mint_token(&oid, exp);
+            if self.refuse_from.is_some_and(|r| n >= r) {
+                return Ok(Token {
+                    token: Secret::new(token),
+                    expires_at: Some(expires_at),
+                    username: None,
+                });
+            }
             self.server
                 .acl_setuser(&oid, &token)
                 .await
                 .map_err(|e| CredentialError::Source(format!("registering {oid}: {e}")))?;
+            if !self.expire_users {
+                return Ok(Token {
+                    token: Secret::new(token),
+                    expires_at: Some(expires_at),
+                    username: None,
+                });
+            }
             // At expiry, the identity goes away and Redis closes its connections, as AMR does.
             let server = self.server.clone();
             let lifetime = self.lifetime;
