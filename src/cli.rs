@@ -56,8 +56,38 @@ pub struct DevArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CredentialKind {
+    /// A fixed token if one is given; else a secret file or command if given; else the
+    /// environment's service principal, workload identity, managed identity, Azure CLI.
+    Auto,
+    /// Managed identity (system-assigned, or user-assigned by client, object or resource id).
+    ManagedIdentity,
+    /// AKS workload identity (AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID, AZURE_TENANT_ID).
+    WorkloadIdentity,
+    /// Service principal with a client secret or certificate.
+    ServicePrincipal,
+    /// The Azure CLI's signed-in account (developer machines).
+    AzureCli,
+    /// A JSON file written by an external job, re-read when it changes.
+    File,
+    /// A command that prints the JSON.
+    Exec,
     /// One token from REDIS_ENTRA_PROXY_TOKEN or --token-file.
     Fixed,
+}
+
+impl CredentialKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CredentialKind::Auto => "auto",
+            CredentialKind::ManagedIdentity => "managed-identity",
+            CredentialKind::WorkloadIdentity => "workload-identity",
+            CredentialKind::ServicePrincipal => "service-principal",
+            CredentialKind::AzureCli => "azure-cli",
+            CredentialKind::File => "file",
+            CredentialKind::Exec => "exec",
+            CredentialKind::Fixed => "fixed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -105,9 +135,75 @@ pub struct Options {
     )]
     pub upstream_server_name: Option<String>,
 
-    /// Where tokens come from [default: fixed].
+    /// Where tokens come from [default: auto].
     #[arg(long, env = "REDIS_ENTRA_PROXY_CREDENTIAL", value_name = "SOURCE")]
     pub credential: Option<CredentialKind>,
+
+    /// Application (client) id: of the service principal, the workload identity, or a
+    /// user-assigned managed identity.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CLIENT_ID", value_name = "ID")]
+    pub client_id: Option<String>,
+
+    /// Object (principal) id of a user-assigned managed identity.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_OBJECT_ID", value_name = "ID")]
+    pub object_id: Option<String>,
+
+    /// Azure resource id of a user-assigned managed identity.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_RESOURCE_ID", value_name = "ID")]
+    pub resource_id: Option<String>,
+
+    /// Entra tenant id (service principal, workload identity).
+    #[arg(long, env = "REDIS_ENTRA_PROXY_TENANT_ID", value_name = "ID")]
+    pub tenant_id: Option<String>,
+
+    /// File holding the service principal's client secret (or set
+    /// REDIS_ENTRA_PROXY_CLIENT_SECRET / AZURE_CLIENT_SECRET).
+    #[arg(
+        long,
+        env = "REDIS_ENTRA_PROXY_CLIENT_SECRET_FILE",
+        value_name = "PATH"
+    )]
+    pub client_secret_file: Option<PathBuf>,
+
+    /// PEM file with the service principal's certificate and private key.
+    #[arg(
+        long,
+        env = "REDIS_ENTRA_PROXY_CLIENT_CERTIFICATE_FILE",
+        value_name = "PATH"
+    )]
+    pub client_certificate_file: Option<PathBuf>,
+
+    /// JSON file with `username`, `access_token`, `expires_on` (the `file` source).
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CREDENTIAL_FILE", value_name = "PATH")]
+    pub credential_file: Option<PathBuf>,
+
+    /// Command printing that JSON (the `exec` source), run through /bin/sh -c.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CREDENTIAL_COMMAND", value_name = "CMD")]
+    pub credential_command: Option<String>,
+
+    /// JSON path of the username in the file/command output [default: $.username].
+    #[arg(
+        long,
+        env = "REDIS_ENTRA_PROXY_JSON_USERNAME_PATH",
+        value_name = "PATH"
+    )]
+    pub json_username_path: Option<String>,
+
+    /// JSON path of the token [default: $.access_token].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_JSON_TOKEN_PATH", value_name = "PATH")]
+    pub json_token_path: Option<String>,
+
+    /// JSON path of the expiry (unix seconds or RFC 3339) [default: $.expires_on].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_JSON_EXPIRY_PATH", value_name = "PATH")]
+    pub json_expiry_path: Option<String>,
+
+    /// Token scope [default: https://redis.azure.com/.default].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_SCOPE", value_name = "SCOPE")]
+    pub scope: Option<String>,
+
+    /// Entra authority host for sovereign clouds (e.g. https://login.microsoftonline.us/).
+    #[arg(long, env = "REDIS_ENTRA_PROXY_AUTHORITY_HOST", value_name = "URL")]
+    pub authority_host: Option<String>,
 
     /// File holding the token of the `fixed` source (re-read at start-up only).
     #[arg(long, env = "REDIS_ENTRA_PROXY_TOKEN_FILE", value_name = "PATH")]
@@ -164,6 +260,11 @@ pub struct Options {
     #[serde(default, deserialize_with = "de_duration")]
     pub reauth_window: Option<Duration>,
 
+    /// Admin HTTP endpoint (/metrics, /healthz, /readyz, /startupz), or `none`
+    /// [default: 127.0.0.1:9090].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+
     /// Log filter, RUST_LOG syntax [default: info].
     #[arg(long, env = "REDIS_ENTRA_PROXY_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -185,9 +286,11 @@ impl Options {
         let hi = self;
         let lo = lower;
         merge_fields!(hi, lo; listen, unix_socket, upstream, upstream_tls, upstream_ca_file,
-            upstream_server_name, credential, token_file, username, local_password,
+            upstream_server_name, credential, client_id, object_id, resource_id, tenant_id,
+            client_secret_file, client_certificate_file, credential_file, credential_command,
+            json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
-            max_connections, refresh_ratio, reauth_window, log_level, log_format)
+            max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }
 

@@ -24,6 +24,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// arrives: wide enough to spread thousands of AUTHs, far shorter than the 2 minutes between
 /// the latest refresh (5 min before expiry) and Microsoft's 3-minute deadline.
 pub const DEFAULT_REAUTH_WINDOW: Duration = Duration::from_secs(30);
+/// Loopback by default: metrics and probes are for the pod and its node, not the network.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Environment variable holding the token of the `fixed` source (never a flag).
 pub const TOKEN_ENV: &str = "REDIS_ENTRA_PROXY_TOKEN";
@@ -65,6 +67,25 @@ pub struct UpstreamConfig {
     pub server_name: String,
 }
 
+/// Options of the credential sources other than `fixed`, as given; `credentials/source.rs`
+/// turns them into a source.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    pub client_id: Option<String>,
+    pub object_id: Option<String>,
+    pub resource_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub client_certificate_file: Option<PathBuf>,
+    pub credential_file: Option<PathBuf>,
+    pub credential_command: Option<String>,
+    pub json_username_path: Option<String>,
+    pub json_token_path: Option<String>,
+    pub json_expiry_path: Option<String>,
+    pub scope: String,
+    pub authority_host: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Option<SocketAddr>,
@@ -74,6 +95,7 @@ pub struct Config {
     pub token: Option<Secret>,
     pub token_file: Option<PathBuf>,
     pub username: Option<String>,
+    pub sources: SourceOptions,
     pub local_password: Option<Secret>,
     pub allow_unauthenticated_remote: bool,
     pub connect_timeout: Duration,
@@ -81,6 +103,7 @@ pub struct Config {
     pub max_connections: usize,
     pub refresh_ratio: f64,
     pub reauth_window: Duration,
+    pub admin_listen: Option<SocketAddr>,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -168,7 +191,34 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         }
     }
 
-    let credential = o.credential.unwrap_or(CredentialKind::Fixed);
+    let credential = o.credential.unwrap_or(CredentialKind::Auto);
+    let sources = SourceOptions {
+        client_id: o.client_id.clone(),
+        object_id: o.object_id.clone(),
+        resource_id: o.resource_id.clone(),
+        tenant_id: o.tenant_id.clone(),
+        client_secret_file: o.client_secret_file.clone(),
+        client_certificate_file: o.client_certificate_file.clone(),
+        credential_file: o.credential_file.clone(),
+        credential_command: o.credential_command.clone(),
+        json_username_path: o.json_username_path.clone(),
+        json_token_path: o.json_token_path.clone(),
+        json_expiry_path: o.json_expiry_path.clone(),
+        scope: o
+            .scope
+            .clone()
+            .unwrap_or_else(|| crate::credentials::DEFAULT_SCOPE.to_owned()),
+        authority_host: o.authority_host.clone(),
+    };
+    let ids = [&sources.client_id, &sources.object_id, &sources.resource_id];
+    if credential == CredentialKind::ManagedIdentity
+        && ids.iter().filter(|i| i.is_some()).count() > 1
+    {
+        return Err(invalid(
+            "client-id",
+            "a managed identity is chosen by one of --client-id, --object-id, --resource-id",
+        ));
+    }
     let token = token_env.filter(|t| !t.is_empty()).map(Secret::new);
     let refresh_ratio = o
         .refresh_ratio
@@ -179,6 +229,15 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
             format!("{refresh_ratio} is outside 0.05..=0.95"),
         ));
     }
+    let admin_listen = match o.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN) {
+        "none" => None,
+        s => Some(s.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "admin-listen",
+                format!("{s:?} is not IP:PORT (e.g. 127.0.0.1:9090) or `none`"),
+            )
+        })?),
+    };
     let max_connections = o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if max_connections == 0 {
         return Err(invalid("max-connections", "must be at least 1"));
@@ -203,6 +262,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         token,
         token_file: o.token_file,
         username: o.username,
+        sources,
         local_password,
         allow_unauthenticated_remote: allow_remote,
         connect_timeout: o.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
@@ -210,6 +270,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         max_connections,
         refresh_ratio,
         reauth_window: o.reauth_window.unwrap_or(DEFAULT_REAUTH_WINDOW),
+        admin_listen,
         log_level,
         log_format: o.log_format.unwrap_or(LogFormat::Text),
     })
@@ -298,8 +359,33 @@ pub fn render(o: &Options, token_set: bool) -> String {
             .as_deref()
             .map_or("# (host of upstream)".into(), q),
     );
-    let cred = o.credential.unwrap_or(CredentialKind::Fixed);
-    line("credential", q(&format!("{cred:?}").to_lowercase()));
+    let cred = o.credential.unwrap_or(CredentialKind::Auto);
+    line("credential", q(cred.name()));
+    let opt = |v: &Option<String>, unset: &str| v.as_deref().map_or(format!("# ({unset})"), q);
+    line("client-id", opt(&o.client_id, "unset"));
+    line("object-id", opt(&o.object_id, "unset"));
+    line("resource-id", opt(&o.resource_id, "unset"));
+    line("tenant-id", opt(&o.tenant_id, "unset"));
+    line("client-secret-file", p(&o.client_secret_file));
+    line("client-certificate-file", p(&o.client_certificate_file));
+    line("credential-file", p(&o.credential_file));
+    line("credential-command", opt(&o.credential_command, "unset"));
+    line(
+        "json-username-path",
+        opt(&o.json_username_path, "$.username"),
+    );
+    line("json-token-path", opt(&o.json_token_path, "$.access_token"));
+    line("json-expiry-path", opt(&o.json_expiry_path, "$.expires_on"));
+    line(
+        "scope",
+        q(o.scope
+            .as_deref()
+            .unwrap_or(crate::credentials::DEFAULT_SCOPE)),
+    );
+    line(
+        "authority-host",
+        opt(&o.authority_host, "Azure public cloud"),
+    );
     line("token-file", p(&o.token_file));
     line(
         "username",
@@ -334,6 +420,10 @@ pub fn render(o: &Options, token_set: bool) -> String {
         .unwrap_or(crate::credentials::refresh::DEFAULT_REFRESH_RATIO);
     line("refresh-ratio", ratio.to_string());
     line("reauth-window", d(o.reauth_window, DEFAULT_REAUTH_WINDOW));
+    line(
+        "admin-listen",
+        q(o.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN)),
+    );
     line(
         "log-level",
         q(o.log_level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL)),

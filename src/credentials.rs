@@ -5,6 +5,7 @@
 //! ([`refresh`]) keeps the current credentials in a `watch` channel that sessions follow.
 //! Only `credentials/azure.rs` (a later addition) may touch `azure_identity`.
 
+pub mod azure;
 pub mod exec;
 pub mod file;
 pub mod fixed;

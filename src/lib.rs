@@ -28,11 +28,13 @@
 //!   `redis-entra-proxy dev` and by the tests.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod dev;
 pub mod devenv;
+pub mod metrics;
 pub mod resp;
 pub mod secret;
 pub mod server;
@@ -94,7 +96,18 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
         }
         None => None,
     };
-    Ok(Listeners { tcp, unix })
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind {
+                    what: format!("admin {addr}"),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    Ok(Listeners { tcp, unix, admin })
 }
 
 /// Runs the proxy with the configured token source until `shutdown` is cancelled and the
@@ -111,10 +124,13 @@ pub async fn run(
 /// Like [`run`], with a token source chosen by the caller (the `dev` setup, tests).
 pub async fn run_with_source(
     config: Config,
-    listeners: Listeners,
+    mut listeners: Listeners,
     source: Arc<dyn TokenSource>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    // First, so that every metric handle registered afterwards records.
+    let prometheus = metrics::install();
+    let health = Arc::new(admin::Health::default());
     let (tx, rx): (_, CredentialsRx) = watch::channel(None);
     let refresher = tokio::spawn(refresh::run(
         source,
@@ -123,6 +139,7 @@ pub async fn run_with_source(
             ratio: config.refresh_ratio,
         },
         tx,
+        health.clone(),
         shutdown.clone(),
     ));
     let tls = if config.upstream.tls {
@@ -142,12 +159,22 @@ pub async fn run_with_source(
     let connector =
         upstream::Connector::new(config.upstream.addr.clone(), tls, config.connect_timeout);
     let shared = Arc::new(session::Shared {
-        connector,
-        credentials: rx,
+        connector: connector.clone(),
+        credentials: rx.clone(),
         local_password: config.local_password.clone().map(Arc::new),
         shutdown: shutdown.clone(),
         reauth_window: config.reauth_window,
+        health: health.clone(),
     });
+    if let Some(listener) = listeners.admin.take() {
+        let admin = Arc::new(admin::Admin {
+            handle: prometheus,
+            health,
+            credentials: rx,
+            connector,
+        });
+        tokio::spawn(admin::serve(listener, admin, shutdown.clone()));
+    }
     tracing::info!(
         listen = ?config.listen,
         unix_socket = ?config.unix_socket,

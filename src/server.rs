@@ -27,6 +27,8 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct Listeners {
     pub tcp: Option<TcpListener>,
     pub unix: Option<UnixListener>,
+    /// The admin HTTP endpoint (`/metrics`, `/readyz`…).
+    pub admin: Option<TcpListener>,
 }
 
 /// Serves until `shared.shutdown` is cancelled, then drains for at most `drain_timeout`.
@@ -110,6 +112,8 @@ fn spawn<S>(
     let id = ids.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", id, %peer);
     let Ok(permit) = limit.clone().try_acquire_owned() else {
+        metrics::counter!(crate::metrics::CLIENT_CONNECTIONS_TOTAL, "outcome" => "refused_max_connections")
+            .increment(1);
         tracker.spawn(
             async move {
                 tracing::warn!("refused: max connections reached");
@@ -124,7 +128,12 @@ fn spawn<S>(
     tracker.spawn(
         async move {
             tracing::debug!("accepted");
+            let m = crate::metrics::handles();
+            metrics::counter!(crate::metrics::CLIENT_CONNECTIONS_TOTAL, "outcome" => "served")
+                .increment(1);
+            m.client_active.increment(1.0);
             let outcome = session::serve(stream, &shared).await;
+            m.client_active.decrement(1.0);
             log_outcome(&outcome);
             drop(permit);
         }
@@ -134,6 +143,11 @@ fn spawn<S>(
 
 fn log_outcome(outcome: &Outcome) {
     let side = outcome.side();
+    metrics::counter!(crate::metrics::CONNECTIONS_CLOSED_TOTAL, "side" => side, "reason" => outcome.label())
+        .increment(1);
+    if let Outcome::Closed(session::CloseReason::ClientProtocol(e)) = outcome {
+        metrics::counter!(crate::metrics::PROTOCOL_ERRORS_TOTAL, "kind" => e.kind()).increment(1);
+    }
     match outcome {
         Outcome::ClientClosed | Outcome::Drained => tracing::debug!(side, "closed: {outcome}"),
         Outcome::Closed(session::CloseReason::ClientQuit) => {

@@ -23,7 +23,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use self::core::{CloseReason, Core};
+use crate::admin::Health;
 use crate::credentials::refresh::CredentialsRx;
+use crate::metrics;
 use crate::secret::Secret;
 use crate::upstream::Connector;
 
@@ -47,6 +49,8 @@ pub struct Shared {
     /// to a quarter of the old token's remaining life), so that thousands of connections do
     /// not send AUTH in the same millisecond.
     pub reauth_window: Duration,
+    /// Where sessions report that the upstream answered (for `/readyz`).
+    pub health: Arc<Health>,
 }
 
 /// How a session ended.
@@ -66,6 +70,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// A short stable label, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Closed(r) => r.label(),
+            Outcome::ClientClosed => "client_closed",
+            Outcome::ClientError(_) => "client_error",
+            Outcome::UpstreamClosed => "upstream_closed",
+            Outcome::UpstreamError(_) => "upstream_error",
+            Outcome::Drained => "drained",
+            Outcome::NoCredentials(_) => "no_valid_token",
+            Outcome::UpstreamConnect(_) => "upstream_connect_failed",
+        }
+    }
+
     pub fn side(&self) -> &'static str {
         match self {
             Outcome::Closed(r) => r.side(),
@@ -113,15 +131,23 @@ where
             return Outcome::NoCredentials(why);
         }
     };
+    let m = metrics::handles();
+    let started = std::time::Instant::now();
     let mut upstream = match shared.connector.connect().await {
         Ok(u) => u,
         Err(e) => {
+            ::metrics::counter!(metrics::UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => e.label())
+                .increment(1);
             refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
             return Outcome::UpstreamConnect(e);
         }
     };
+    m.connect_seconds.record(started.elapsed().as_secs_f64());
+    m.upstream_active.increment(1.0);
     let mut core = Core::new(creds, shared.local_password.clone());
-    pump(&mut client, &mut upstream, &mut core, shared).await
+    let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;
+    m.upstream_active.decrement(1.0);
+    outcome
 }
 
 /// Sends one error reply to a client the proxy cannot serve, then lets it go.
@@ -157,6 +183,7 @@ where
     let mut retry_at: Option<Instant> = None;
     let mut retry_delay = REAUTH_RETRY_INITIAL;
     loop {
+        record_auth(core, &shared.health);
         if core.reauth_failed() && retry_at.is_none() {
             retry_at = Some(Instant::now() + retry_delay);
             retry_delay = (retry_delay * 2).min(REAUTH_RETRY_MAX);
@@ -164,14 +191,17 @@ where
             retry_delay = REAUTH_RETRY_INITIAL;
         }
         let close_at = core.close_deadline().map(instant_of);
+        let timers = (core.reauth_failed(), core.close_deadline());
         tokio::select! {
-            outcome = poll_fn(|cx| io.poll(cx, client, upstream, core)) => match outcome {
-                Outcome::ClientClosed if core.in_flight() > 0 && grace.is_none() => {
+            outcome = poll_fn(|cx| io.poll(cx, client, upstream, core, timers, &shared.health)) => match outcome {
+                // The core's timers changed: recompute them.
+                None => {}
+                Some(Outcome::ClientClosed) if core.in_flight() > 0 && grace.is_none() => {
                     // Half-close: finish what is owed, within the grace period.
                     io.reading_client = false;
                     grace = Some(tokio::time::Instant::now() + HALF_CLOSE_GRACE);
                 }
-                other => return other,
+                Some(other) => return other,
             },
             changed = creds.changed(), if creds_open => match changed {
                 Ok(()) => {
@@ -228,6 +258,21 @@ fn instant_of(t: SystemTime) -> Instant {
     }
 }
 
+/// Turns the core's AUTH results into metrics and readiness.
+fn record_auth(core: &mut Core, health: &Health) {
+    for e in core.auth_events.drain(..) {
+        let m = metrics::handles();
+        let kind = metrics::auth_kind(e.initial);
+        if e.ok {
+            m.auth_ok[kind].increment(1);
+            health.upstream_ok();
+        } else {
+            m.auth_error[kind].increment(1);
+        }
+        m.auth_seconds[kind].record(e.latency.as_secs_f64());
+    }
+}
+
 /// The byte-moving half of a session: buffers and the poll loop.
 struct Io {
     cin: BytesMut,
@@ -244,7 +289,9 @@ impl Io {
         client: &mut C,
         upstream: &mut U,
         core: &mut Core,
-    ) -> Poll<Outcome>
+        timers: (bool, Option<SystemTime>),
+        health: &Health,
+    ) -> Poll<Option<Outcome>>
     where
         C: AsyncRead + AsyncWrite + Unpin,
         U: AsyncRead + AsyncWrite + Unpin,
@@ -254,35 +301,41 @@ impl Io {
             while !core.to_client.is_empty() {
                 match Pin::new(&mut *client).poll_write(cx, &core.to_client) {
                     Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Outcome::ClientError(io::ErrorKind::WriteZero.into()))
+                        return Poll::Ready(Some(Outcome::ClientError(
+                            io::ErrorKind::WriteZero.into(),
+                        )))
                     }
                     Poll::Ready(Ok(n)) => {
                         core.to_client.advance(n);
+                        metrics::handles().client_out.increment(n as u64);
                         progress = true;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::ClientError(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::ClientError(e))),
                     Poll::Pending => break,
                 }
             }
             if core.to_client.is_empty() {
                 if let Some(reason) = core.close_reason() {
-                    return Poll::Ready(Outcome::Closed(reason.clone()));
+                    return Poll::Ready(Some(Outcome::Closed(reason.clone())));
                 }
                 if !self.reading_client && core.idle() {
-                    return Poll::Ready(Outcome::Drained);
+                    return Poll::Ready(Some(Outcome::Drained));
                 }
             }
             while !core.to_upstream.is_empty() {
                 match Pin::new(&mut *upstream).poll_write(cx, &core.to_upstream) {
                     Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Outcome::UpstreamError(io::ErrorKind::WriteZero.into()))
+                        return Poll::Ready(Some(Outcome::UpstreamError(
+                            io::ErrorKind::WriteZero.into(),
+                        )))
                     }
                     Poll::Ready(Ok(n)) => {
                         core.to_upstream.advance(n);
+                        metrics::handles().upstream_out.increment(n as u64);
                         self.upstream_unflushed = true;
                         progress = true;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::UpstreamError(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::UpstreamError(e))),
                     Poll::Pending => break,
                 }
             }
@@ -290,19 +343,23 @@ impl Io {
                 // TLS buffers records until flushed.
                 match Pin::new(&mut *upstream).poll_flush(cx) {
                     Poll::Ready(Ok(())) => self.upstream_unflushed = false,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::UpstreamError(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::UpstreamError(e))),
                     Poll::Pending => {}
                 }
             }
             if self.reading_client && core.wants_client_input() {
                 self.cin.reserve(READ_CHUNK);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Outcome::ClientClosed),
-                    Poll::Ready(Ok(_)) => {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::ClientClosed)),
+                    Poll::Ready(Ok(n)) => {
+                        let m = metrics::handles();
+                        m.client_in.increment(n as u64);
+                        let before = core.stats.commands;
                         core.client_input(&mut self.cin);
+                        m.commands.increment(core.stats.commands - before);
                         progress = true;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::ClientError(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::ClientError(e))),
                     Poll::Pending => {}
                 }
             }
@@ -315,14 +372,19 @@ impl Io {
             if core.wants_upstream_input() {
                 self.uin.reserve(READ_CHUNK);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *upstream), cx, &mut self.uin) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Outcome::UpstreamClosed),
-                    Poll::Ready(Ok(_)) => {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::UpstreamClosed)),
+                    Poll::Ready(Ok(n)) => {
+                        metrics::handles().upstream_in.increment(n as u64);
                         core.upstream_input(&mut self.uin);
                         progress = true;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::UpstreamError(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::UpstreamError(e))),
                     Poll::Pending => {}
                 }
+            }
+            record_auth(core, health);
+            if (core.reauth_failed(), core.close_deadline()) != timers {
+                return Poll::Ready(None);
             }
             if !progress {
                 return Poll::Pending;

@@ -350,7 +350,7 @@ fn defaults_are_the_named_constants() {
     );
     assert_eq!(c.upstream.server_name, "myredis.example.net");
     assert!(c.upstream.tls);
-    assert_eq!(c.credential, CredentialKind::Fixed);
+    assert_eq!(c.credential, CredentialKind::Auto);
     assert!(c.local_password.is_none() && !c.allow_unauthenticated_remote);
     assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
     assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);

@@ -21,10 +21,10 @@ use super::{CredentialError, Token, TokenFuture, TokenSource};
 
 /// Default time a token command may run before it is killed. Token helpers that call an
 /// identity endpoint answer in a second or two when healthy, but CLIs such as `az` take
-/// several seconds to start; 30 s matches the refresher's own per-attempt limit
-/// (`refresh::ATTEMPT_TIMEOUT`), beyond which the attempt would be abandoned anyway (and the
+/// several seconds to start; 25 s stays under the refresher's own per-attempt limit
+/// (`refresh::ATTEMPT_TIMEOUT`, 30 s), so this clearer error is the one logged (and the
 /// command killed, through `kill_on_drop`).
-pub const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// How much of a failed command's stderr is quoted in the error: enough for the usual one-line
 /// diagnostic, short enough for a log line.

@@ -90,8 +90,11 @@ pub async fn run(
     username: Option<String>,
     policy: Policy,
     tx: watch::Sender<Option<Arc<Credentials>>>,
+    health: Arc<crate::admin::Health>,
     shutdown: CancellationToken,
 ) {
+    let counter = |result: &'static str| metrics::counter!(crate::metrics::TOKEN_REFRESH_TOTAL, "source" => source.name(), "result" => result);
+    let (ok_count, error_count) = (counter("ok"), counter("error"));
     let mut backoff = Backoff::default();
     let mut generation = 0u64;
     loop {
@@ -122,6 +125,8 @@ pub async fn run(
         let wait = match result {
             Ok(creds) => {
                 backoff.reset();
+                ok_count.increment(1);
+                health.set_refresh_error(None);
                 generation += 1;
                 let lifetime = creds.remaining(now);
                 tracing::info!(
@@ -143,6 +148,8 @@ pub async fn run(
             }
             Err(reason) => {
                 let wait = backoff.next(fastrand::f64());
+                error_count.increment(1);
+                health.set_refresh_error(Some(reason.clone()));
                 let valid_for = current.as_ref().and_then(|c| c.remaining(now));
                 tracing::warn!(
                     source = source.name(),

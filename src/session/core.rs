@@ -138,8 +138,8 @@ pub struct Core {
     pub(super) creds: Arc<Credentials>,
     /// The last AUTH the upstream accepted.
     authed: Option<Authed>,
-    /// Generation and expiry of an AUTH written and not yet answered.
-    auth_in_flight: Option<(u64, Option<SystemTime>)>,
+    /// Generation and expiry of an AUTH written and not yet answered, and when it was written.
+    auth_in_flight: Option<(u64, Option<SystemTime>, std::time::Instant)>,
     /// A re-AUTH with the current generation failed; it is not retried until new credentials
     /// arrive or the driver calls [`Core::retry_reauth`].
     reauth_failed: bool,
@@ -152,6 +152,17 @@ pub struct Core {
     pub to_upstream: BytesMut,
     pub to_client: BytesMut,
     pub stats: Stats,
+    /// AUTH replies since the driver last looked (for metrics and health).
+    pub auth_events: Vec<AuthEvent>,
+}
+
+/// One answered AUTH of the proxy's.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthEvent {
+    pub initial: bool,
+    pub ok: bool,
+    /// From writing the AUTH to reading its reply (includes commands queued before it).
+    pub latency: Duration,
 }
 
 impl Core {
@@ -179,6 +190,7 @@ impl Core {
             to_upstream: BytesMut::new(),
             to_client: BytesMut::new(),
             stats: Stats::default(),
+            auth_events: Vec::new(),
         };
         core.inject_auth(true);
         core
@@ -386,7 +398,7 @@ impl Core {
         self.creds.write_auth(&mut self.to_upstream);
         let generation = self.creds.generation;
         tracing::trace!(generation, initial, "AUTH injected");
-        self.auth_in_flight = Some((generation, self.creds.expires_at));
+        self.auth_in_flight = Some((generation, self.creds.expires_at, std::time::Instant::now()));
         self.ledger.push(Expect::Swallow(Injected::Auth {
             generation,
             initial,
@@ -546,7 +558,15 @@ impl Core {
     }
 
     fn auth_answered(&mut self, generation: u64, initial: bool, error: bool) {
-        let expires_at = self.auth_in_flight.take().and_then(|(_, e)| e);
+        let (expires_at, latency) = match self.auth_in_flight.take() {
+            Some((_, e, at)) => (e, at.elapsed()),
+            None => (None, Duration::ZERO),
+        };
+        self.auth_events.push(AuthEvent {
+            initial,
+            ok: !error,
+            latency,
+        });
         tracing::trace!(generation, initial, error, "AUTH answered");
         if !error {
             if !initial {

@@ -39,6 +39,10 @@ pub struct ProxyOptions {
     pub max_connections: Option<usize>,
     pub drain_timeout: Option<Duration>,
     pub connect_timeout: Option<Duration>,
+    /// Serve the admin endpoint on a free port.
+    pub admin: bool,
+    /// Return without waiting for a PING to succeed (for proxies that cannot be ready).
+    pub no_ready_wait: bool,
 }
 
 impl Default for ProxyOptions {
@@ -53,6 +57,8 @@ impl Default for ProxyOptions {
             max_connections: None,
             drain_timeout: None,
             connect_timeout: None,
+            admin: false,
+            no_ready_wait: false,
         }
     }
 }
@@ -66,6 +72,8 @@ pub struct Proxy {
     _dir: tempfile::TempDir,
     /// The local password, sent before the readiness PING.
     password: Option<String>,
+    /// The admin endpoint, when `ProxyOptions::admin` asked for one.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 impl Proxy {
@@ -108,6 +116,7 @@ impl Proxy {
             max_connections: opts.max_connections,
             drain_timeout: opts.drain_timeout,
             connect_timeout: opts.connect_timeout,
+            admin_listen: Some(if opts.admin { "127.0.0.1:0" } else { "none" }.into()),
             ..Options::default()
         };
         let config = redis_entra_proxy::config::validate(options, None).expect("valid test config");
@@ -118,6 +127,10 @@ impl Proxy {
             .expect("tcp listener")
             .local_addr()
             .expect("local addr");
+        let admin_addr = listeners
+            .admin
+            .as_ref()
+            .map(|l| l.local_addr().expect("admin addr"));
         let source = opts.source.clone().unwrap_or_else(|| {
             Arc::new(DevTokenSource::new(
                 redis.clone(),
@@ -142,8 +155,11 @@ impl Proxy {
             task: Some(task),
             _dir: dir,
             password: opts.local_password.clone(),
+            admin_addr,
         };
-        proxy.wait_ready().await;
+        if !opts.no_ready_wait {
+            proxy.wait_ready().await;
+        }
         proxy
     }
 
@@ -242,6 +258,29 @@ impl Raw {
             .expect("read");
         buf
     }
+}
+
+/// A bounded HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect admin");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut buf))
+        .await
+        .expect("admin answers in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Runs an external command (redis-cli, redis-benchmark) with a time bound; returns stdout.

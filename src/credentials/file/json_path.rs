@@ -238,6 +238,7 @@ mod tests {
             ("empty key", "$.a..b", "empty key"),
             ("trailing dot", "$.a.", "empty key"),
             ("unterminated quote", "$['a", "unterminated"),
+            ("trailing backslash", r"$['a\", "unterminated"),
             ("missing bracket after quote", "$['a'", "missing `]`"),
             ("missing bracket after index", "$[0", "missing `]`"),
             (

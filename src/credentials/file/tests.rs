@@ -411,3 +411,59 @@ async fn debug_shows_no_state() {
     assert!(shown.contains("token.json"), "{shown}");
     assert_no_token(&shown, "debug");
 }
+
+/// The refresher and the file source together: a rewritten file reaches the `watch` channel
+/// long before the scheduled refresh.
+#[tokio::test]
+async fn refresher_follows_the_file() {
+    use std::sync::Arc;
+
+    use crate::credentials::refresh::{run, Policy};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("token.json");
+    let expiry = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        + 3600;
+    let write = |token: &str| {
+        let json = format!(
+            r#"{{"username": "oid-1", "access_token": "{token}", "expires_on": {expiry}}}"#
+        );
+        std::fs::write(&path, json).expect("write");
+    };
+    write("token-one");
+    let (tx, mut rx) = tokio::sync::watch::channel(None);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let refresher = tokio::spawn(run(
+        Arc::new(source(&path)),
+        None,
+        Policy::default(),
+        tx,
+        Default::default(),
+        shutdown.clone(),
+    ));
+    let first = wait_for(&mut rx, "token-one").await;
+    assert_eq!(first.username, "oid-1");
+    write("token-two");
+    let second = wait_for(&mut rx, "token-two").await;
+    assert_eq!(second.generation, first.generation + 1);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, refresher)
+        .await
+        .expect("refresher stops")
+        .expect("refresher task");
+}
+
+async fn wait_for(
+    rx: &mut crate::credentials::refresh::CredentialsRx,
+    want: &str,
+) -> std::sync::Arc<crate::credentials::Credentials> {
+    let published = rx.wait_for(|c| c.as_ref().is_some_and(|c| c.token.expose() == want));
+    let creds = tokio::time::timeout(WAIT, published)
+        .await
+        .unwrap_or_else(|_| panic!("{want} not published within {WAIT:?}"))
+        .expect("refresher alive");
+    creds.clone().expect("credentials")
+}

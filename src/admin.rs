@@ -1,0 +1,247 @@
+//! The admin HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process
+//! works), `/readyz` (a valid token and an upstream that answered recently; the body says why
+//! not), `/startupz` (the first token has arrived).
+//!
+//! A deliberately small HTTP/1.1 server: GET only, one request per connection, bounded
+//! request size and time. It serves probes and scrapers, not browsers, and keeps the proxy
+//! free of an HTTP server framework.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::credentials::refresh::CredentialsRx;
+use crate::metrics;
+use crate::upstream::Connector;
+
+/// The upstream counts as reachable if it answered within this window; otherwise `/readyz`
+/// probes it (connect, AUTH, PING) before answering.
+pub const UPSTREAM_FRESH: Duration = Duration::from_secs(60);
+/// Bound on a readiness probe of the upstream: shorter than Kubernetes' default probe
+/// timeout would allow for two attempts.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request accepted, and how long a client may take to send it.
+const MAX_REQUEST: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// State the health endpoints read; written by sessions and the refresher.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Unix milliseconds of the last successful upstream exchange (AUTH answered).
+    last_upstream_ok_ms: AtomicU64,
+    /// Why the last token fetch failed; cleared by a success.
+    refresh_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    pub fn upstream_ok(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_upstream_ok_ms
+            .store(now.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn upstream_fresh(&self) -> bool {
+        let last = self.last_upstream_ok_ms.load(Ordering::Relaxed);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        last != 0 && now.saturating_sub(last) <= UPSTREAM_FRESH.as_millis() as u64
+    }
+
+    pub fn set_refresh_error(&self, error: Option<String>) {
+        if let Ok(mut e) = self.refresh_error.lock() {
+            *e = error;
+        }
+    }
+
+    fn refresh_error(&self) -> Option<String> {
+        self.refresh_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
+pub struct Admin {
+    pub handle: PrometheusHandle,
+    pub health: Arc<Health>,
+    pub credentials: CredentialsRx,
+    pub connector: Connector,
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &admin)).await {
+                tracing::debug!(error = %e, "admin request timed out");
+            }
+        });
+    }
+}
+
+async fn handle(mut stream: TcpStream, admin: &Admin) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > MAX_REQUEST {
+            return respond(&mut stream, 431, "text/plain", "request too large\n").await;
+        }
+    }
+    let line =
+        String::from_utf8_lossy(buf.split(|&b| b == b'\r').next().unwrap_or_default()).into_owned();
+    let mut parts = line.split(' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = path.split('?').next().unwrap_or_default();
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut stream, 405, "text/plain", "only GET\n").await;
+    }
+    let (status, kind, body) = match path {
+        "/metrics" => (200, "text/plain; version=0.0.4", render_metrics(admin)),
+        "/healthz" => (200, "text/plain", "ok\n".to_owned()),
+        "/startupz" => match admin.credentials.borrow().as_ref() {
+            Some(_) => (200, "text/plain", "started\n".to_owned()),
+            None => (
+                503,
+                "text/plain",
+                format!("waiting for the first token{}\n", why(admin)),
+            ),
+        },
+        "/readyz" => match readiness(admin).await {
+            Ok(()) => (200, "text/plain", "ready\n".to_owned()),
+            Err(reason) => (503, "text/plain", format!("not ready: {reason}\n")),
+        },
+        _ => (
+            404,
+            "text/plain",
+            "not found; try /metrics /healthz /readyz /startupz\n".to_owned(),
+        ),
+    };
+    respond(&mut stream, status, kind, &body).await
+}
+
+fn why(admin: &Admin) -> String {
+    admin
+        .health
+        .refresh_error()
+        .map(|e| format!(": last token fetch failed: {e}"))
+        .unwrap_or_default()
+}
+
+fn render_metrics(admin: &Admin) -> String {
+    if let Some(c) = admin.credentials.borrow().as_ref() {
+        let left = match c.expires_at {
+            Some(t) => match t.duration_since(SystemTime::now()) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            },
+            None => f64::INFINITY,
+        };
+        ::metrics::gauge!(metrics::TOKEN_EXPIRES_IN_SECONDS).set(left);
+        ::metrics::gauge!(metrics::TOKEN_GENERATION).set(c.generation as f64);
+    }
+    admin.handle.run_upkeep();
+    admin.handle.render()
+}
+
+/// Ready when a valid token is held and the upstream accepts it.
+async fn readiness(admin: &Admin) -> Result<(), String> {
+    let creds = admin.credentials.borrow().clone();
+    let creds = match creds {
+        None => return Err(format!("no token yet{}", why(admin))),
+        Some(c) if c.is_expired(SystemTime::now()) => {
+            return Err(format!("the token expired{}", why(admin)))
+        }
+        Some(c) => c,
+    };
+    if admin.health.upstream_fresh() {
+        return Ok(());
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, probe(admin, &creds)).await {
+        Ok(Ok(())) => {
+            admin.health.upstream_ok();
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!(
+            "upstream {} did not answer within {PROBE_TIMEOUT:?}",
+            admin.connector.addr()
+        )),
+    }
+}
+
+/// Connects, authenticates and PINGs once.
+async fn probe(admin: &Admin, creds: &crate::credentials::Credentials) -> Result<(), String> {
+    let mut up = admin.connector.connect().await.map_err(|e| e.to_string())?;
+    let mut req = bytes::BytesMut::new();
+    creds.write_auth(&mut req);
+    req.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
+    up.write_all(&req)
+        .await
+        .map_err(|e| format!("upstream write: {e}"))?;
+    up.flush()
+        .await
+        .map_err(|e| format!("upstream write: {e}"))?;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !(got.ends_with(b"\r\n") && got.windows(2).filter(|w| w == b"\r\n").count() >= 2) {
+        let n = up
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("upstream read: {e}"))?;
+        if n == 0 {
+            return Err("upstream closed the probe connection".into());
+        }
+        got.extend_from_slice(&chunk[..n]);
+        if got.first() == Some(&b'-') {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    let first = text.lines().next().unwrap_or_default();
+    if let Some(error) = first.strip_prefix('-') {
+        return Err(format!("upstream refused the token: {error}"));
+    }
+    Ok(())
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, kind: &str, body: &str) {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,153 @@
+//! Metric names (all under one prefix, documented in the README) and the handles the hot
+//! path uses. Handles are registered once: recording through a handle is an atomic add, with
+//! no name lookup or allocation per command.
+//!
+//! The Prometheus recorder is process-wide: [`install`] sets it once, and every proxy in the
+//! process (tests run several) shares it.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const CLIENT_CONNECTIONS_ACTIVE: &str = "redis_entra_proxy_client_connections_active";
+pub const CLIENT_CONNECTIONS_TOTAL: &str = "redis_entra_proxy_client_connections_total";
+pub const UPSTREAM_CONNECTIONS_ACTIVE: &str = "redis_entra_proxy_upstream_connections_active";
+pub const UPSTREAM_CONNECT_SECONDS: &str = "redis_entra_proxy_upstream_connect_seconds";
+pub const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "redis_entra_proxy_upstream_connect_errors_total";
+pub const COMMANDS_TOTAL: &str = "redis_entra_proxy_commands_total";
+pub const BYTES_TOTAL: &str = "redis_entra_proxy_bytes_total";
+pub const UPSTREAM_AUTH_TOTAL: &str = "redis_entra_proxy_upstream_auth_total";
+pub const UPSTREAM_AUTH_SECONDS: &str = "redis_entra_proxy_upstream_auth_seconds";
+pub const TOKEN_REFRESH_TOTAL: &str = "redis_entra_proxy_token_refresh_total";
+pub const TOKEN_EXPIRES_IN_SECONDS: &str = "redis_entra_proxy_token_expires_in_seconds";
+pub const TOKEN_GENERATION: &str = "redis_entra_proxy_token_generation";
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "redis_entra_proxy_connections_closed_total";
+pub const PROTOCOL_ERRORS_TOTAL: &str = "redis_entra_proxy_protocol_errors_total";
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (an embedding program's):
+            // then that one receives the metrics.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CLIENT_CONNECTIONS_ACTIVE, "Client connections open now.");
+    describe_counter!(
+        CLIENT_CONNECTIONS_TOTAL,
+        "Client connections accepted, by outcome (served, refused_max_connections)."
+    );
+    describe_gauge!(
+        UPSTREAM_CONNECTIONS_ACTIVE,
+        "Upstream connections open now."
+    );
+    describe_histogram!(
+        UPSTREAM_CONNECT_SECONDS,
+        Unit::Seconds,
+        "Time to open an upstream connection (TCP and TLS)."
+    );
+    describe_counter!(
+        UPSTREAM_CONNECT_ERRORS_TOTAL,
+        "Failed upstream connection attempts, by kind (resolve, connect, timeout, tls)."
+    );
+    describe_counter!(
+        COMMANDS_TOTAL,
+        "Client commands handled (forwarded or answered by the proxy)."
+    );
+    describe_counter!(
+        BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes moved, by direction (client_in, client_out, upstream_in, upstream_out)."
+    );
+    describe_counter!(
+        UPSTREAM_AUTH_TOTAL,
+        "Upstream AUTH results, by kind (initial, reauth) and result (ok, error)."
+    );
+    describe_histogram!(
+        UPSTREAM_AUTH_SECONDS,
+        Unit::Seconds,
+        "Time from writing an AUTH to its reply, by kind."
+    );
+    describe_counter!(
+        TOKEN_REFRESH_TOTAL,
+        "Token fetch attempts, by source and result (ok, error)."
+    );
+    describe_gauge!(
+        TOKEN_EXPIRES_IN_SECONDS,
+        Unit::Seconds,
+        "Seconds until the current token expires (negative once expired)."
+    );
+    describe_gauge!(
+        TOKEN_GENERATION,
+        "Generation of the current token (increases with every new token)."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED_TOTAL,
+        "Client connections ended, by side (client, upstream, proxy) and reason."
+    );
+    describe_counter!(PROTOCOL_ERRORS_TOTAL, "Malformed client input, by kind.");
+}
+
+/// Handles the per-connection paths use, registered once.
+pub struct Handles {
+    pub client_active: Gauge,
+    pub upstream_active: Gauge,
+    pub commands: Counter,
+    pub client_in: Counter,
+    pub client_out: Counter,
+    pub upstream_in: Counter,
+    pub upstream_out: Counter,
+    pub connect_seconds: Histogram,
+    pub auth_ok: [Counter; 2],
+    pub auth_error: [Counter; 2],
+    pub auth_seconds: [Histogram; 2],
+}
+
+/// Index into the `[initial, reauth]` arrays.
+pub fn auth_kind(initial: bool) -> usize {
+    usize::from(!initial)
+}
+
+pub fn handles() -> &'static Handles {
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    HANDLES.get_or_init(|| {
+        install();
+        let bytes = |d: &'static str| metrics::counter!(BYTES_TOTAL, "direction" => d);
+        let auth = |k: &'static str, r: &'static str| {
+            metrics::counter!(UPSTREAM_AUTH_TOTAL, "kind" => k, "result" => r)
+        };
+        Handles {
+            client_active: metrics::gauge!(CLIENT_CONNECTIONS_ACTIVE),
+            upstream_active: metrics::gauge!(UPSTREAM_CONNECTIONS_ACTIVE),
+            commands: metrics::counter!(COMMANDS_TOTAL),
+            client_in: bytes("client_in"),
+            client_out: bytes("client_out"),
+            upstream_in: bytes("upstream_in"),
+            upstream_out: bytes("upstream_out"),
+            connect_seconds: metrics::histogram!(UPSTREAM_CONNECT_SECONDS),
+            auth_ok: [auth("initial", "ok"), auth("reauth", "ok")],
+            auth_error: [auth("initial", "error"), auth("reauth", "error")],
+            auth_seconds: [
+                metrics::histogram!(UPSTREAM_AUTH_SECONDS, "kind" => "initial"),
+                metrics::histogram!(UPSTREAM_AUTH_SECONDS, "kind" => "reauth"),
+            ],
+        }
+    })
+}

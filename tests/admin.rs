@@ -1,0 +1,144 @@
+//! The admin endpoint: probes and Prometheus metrics, against a real proxy and server.
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_entra_proxy::credentials::fixed::FixedSource;
+use redis_entra_proxy::devenv::mint_token;
+use redis_entra_proxy::secret::Secret;
+use support::*;
+
+/// Value of an unlabelled or labelled sample line starting with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn probes_and_metrics_of_a_working_proxy() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        admin: true,
+        ..Default::default()
+    })
+    .await;
+    let admin = proxy.admin_addr.expect("admin endpoint");
+    assert_eq!(http_get(admin, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(
+        http_get(admin, "/startupz").await,
+        (200, "started\n".into())
+    );
+    assert_eq!(http_get(admin, "/readyz").await, (200, "ready\n".into()));
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+
+    let mut c = proxy.client().await;
+    for _ in 0..10 {
+        c.command(&[b"SET", b"k", b"v"]).await.unwrap();
+    }
+    let (status, m) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "redis_entra_proxy_client_connections_active",
+        "redis_entra_proxy_client_connections_total{outcome=\"served\"}",
+        "redis_entra_proxy_upstream_connections_active",
+        "redis_entra_proxy_upstream_connect_seconds_count",
+        "redis_entra_proxy_commands_total",
+        "redis_entra_proxy_bytes_total{direction=\"client_in\"}",
+        "redis_entra_proxy_bytes_total{direction=\"upstream_out\"}",
+        "redis_entra_proxy_upstream_auth_total{kind=\"initial\",result=\"ok\"}",
+        "redis_entra_proxy_upstream_auth_seconds_count{kind=\"initial\"}",
+        "redis_entra_proxy_token_refresh_total{source=\"dev\",result=\"ok\"}",
+        "redis_entra_proxy_token_expires_in_seconds",
+        "redis_entra_proxy_token_generation",
+    ] {
+        assert!(sample(&m, name).is_some(), "{name} missing from:\n{m}");
+    }
+    // Metrics are process-wide and tests share the process: compare at least, not equal.
+    assert!(sample(&m, "redis_entra_proxy_commands_total").unwrap() >= 10.0);
+    assert!(sample(&m, "redis_entra_proxy_client_connections_active").unwrap() >= 1.0);
+    let left = sample(&m, "redis_entra_proxy_token_expires_in_seconds").unwrap();
+    assert!(left > 3000.0 && left <= 3600.0, "{left}");
+    assert!(!m.contains("eyJ"), "a token leaked into the metrics");
+}
+
+#[tokio::test]
+async fn readyz_says_why_when_the_upstream_refuses_the_token() {
+    let redis = std::sync::Arc::new(
+        redis_entra_proxy::devenv::RedisServer::start(Default::default())
+            .await
+            .unwrap(),
+    );
+    let exp = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let exp = exp.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let token = mint_token("unknown-identity", exp);
+    let proxy = Proxy::start_on(
+        redis,
+        ProxyOptions {
+            admin: true,
+            no_ready_wait: true,
+            source: Some(Arc::new(FixedSource::new(Secret::new(token.clone())))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    // Bounded poll until the first token is published.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while http_get(admin, "/startupz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("upstream refused the token") && body.contains("WRONGPASS"),
+        "{body}"
+    );
+    assert!(!body.contains(&token));
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn readyz_is_unready_when_the_upstream_is_down() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let redis = std::sync::Arc::new(
+        redis_entra_proxy::devenv::RedisServer::start(Default::default())
+            .await
+            .unwrap(),
+    );
+    let exp = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let exp = exp.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let proxy = Proxy::start_on(
+        redis,
+        ProxyOptions {
+            admin: true,
+            no_ready_wait: true,
+            upstream: Some((closed.to_string(), false, None)),
+            source: Some(Arc::new(FixedSource::new(Secret::new(mint_token(
+                "x", exp,
+            ))))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let (status, body) = http_get(admin, "/readyz").await;
+        if body.contains("connect failed") {
+            assert_eq!(status, 503);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unexpected: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
