@@ -488,6 +488,7 @@ async fn start_bare(
         upstream_ca_file: ca.map(|p| p.to_path_buf()),
         upstream_server_name: Some("localhost".into()),
         local_password: local_password.map(Secret::new),
+        admin_listen: Some("none".into()),
         ..Default::default()
     };
     let config = redis_entra_proxy::config::validate(options, None).expect("valid test config");

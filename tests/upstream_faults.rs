@@ -68,6 +68,7 @@ async fn start_bare(
         upstream_ca_file: ca,
         upstream_server_name: Some("localhost".into()),
         connect_timeout,
+        admin_listen: Some("none".into()),
         ..Default::default()
     };
     let config = redis_entra_proxy::config::validate(options, None).expect("valid test config");
