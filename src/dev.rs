@@ -161,11 +161,7 @@ pub async fn run(args: DevArgs, options: Options) -> ExitCode {
         lifetime,
     );
     let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        stop.cancel();
-    });
+    tokio::spawn(crate::signals(shutdown.clone()));
     let source = Arc::new(DevTokenSource::new(
         server.clone(),
         lifetime,

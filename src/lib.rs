@@ -192,3 +192,24 @@ pub async fn run_with_source(
     refresher.abort();
     Ok(())
 }
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+pub async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will not drain");
+        return;
+    };
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal = which,
+        "shutting down: no new connections, finishing in-flight commands"
+    );
+    shutdown.cancel();
+}

@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             }
         };
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
+        tokio::spawn(redis_entra_proxy::signals(shutdown.clone()));
         match redis_entra_proxy::run(config, listeners, shutdown).await {
             Ok(()) => {
                 tracing::info!("stopped");
@@ -89,25 +89,4 @@ fn init_logging(filter: &str, format: Option<LogFormat>) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; SIGTERM will not drain");
-        return;
-    };
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(
-        signal = which,
-        "shutting down: no new connections, finishing in-flight commands"
-    );
-    shutdown.cancel();
 }

@@ -1,0 +1,110 @@
+//! No secret in any output: the real binary runs the local setup at the most verbose log
+//! level through start-up, token rotations, client AUTH (right and wrong), a protocol error
+//! and SIGTERM; neither a token (every token is a JWT, so starts with `eyJ`) nor the local
+//! password may appear in anything it printed.
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::AsyncReadExt;
+
+const PASSWORD: &str = "pw-0123456789-secret";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_secret_in_trace_logs() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rotate-every",
+            "1s",
+        ])
+        .args(["--admin-listen", "none", "--log-level", "trace"])
+        .env("REDIS_ENTRA_PROXY_LOCAL_PASSWORD", PASSWORD)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary runs");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Bounded wait for the listener.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut c = loop {
+        if let Ok(c) = redis_entra_proxy::devenv::RespConn::connect_plain(addr).await {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "proxy did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(matches!(
+        c.command(&[b"AUTH", b"wrong"]).await.unwrap(),
+        Reply::Error(_)
+    ));
+    assert_eq!(
+        c.command(&[b"AUTH", PASSWORD.as_bytes()]).await.unwrap(),
+        Reply::Simple("OK".into())
+    );
+    // Across a few rotations.
+    for i in 0..30u32 {
+        let v = i.to_string();
+        assert_eq!(
+            c.command(&[b"SET", b"k", v.as_bytes()]).await.unwrap(),
+            Reply::Simple("OK".into())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut bad = redis_entra_proxy::devenv::RespConn::connect_plain(addr)
+        .await
+        .unwrap();
+    bad.write_raw(b"*x\r\n").await.unwrap();
+    let _ = bad.read_reply().await;
+    let pid = child.id().expect("pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(STEP * 3, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(status.success(), "exit {status:?}\n{err}");
+    let all = format!("{out}\n{err}");
+    assert!(
+        all.contains("token acquired") && all.contains("AUTH injected"),
+        "trace logs missing:\n{all}"
+    );
+    for secret in ["eyJ", PASSWORD] {
+        if let Some(line) = all.lines().find(|l| l.contains(secret)) {
+            panic!("secret {secret:?} printed: {line}");
+        }
+    }
+}
