@@ -168,6 +168,7 @@ where
         cin: BytesMut::with_capacity(READ_CHUNK),
         uin: BytesMut::with_capacity(READ_CHUNK),
         reading_client: true,
+        draining: false,
         upstream_unflushed: false,
     };
     let mut creds = shared.credentials.clone();
@@ -234,8 +235,8 @@ where
                     core.expire();
                 }
             }
-            _ = shared.shutdown.cancelled(), if io.reading_client => {
-                io.reading_client = false;
+            _ = shared.shutdown.cancelled(), if !io.draining => {
+                io.draining = true;
             }
             _ = sleep_opt(grace) => return Outcome::ClientClosed,
         }
@@ -279,6 +280,9 @@ struct Io {
     uin: BytesMut,
     /// False once the client half-closed or the proxy is draining.
     reading_client: bool,
+    /// The proxy is shutting down: close as soon as the connection is idle (nothing owed to
+    /// the client, no partial command buffered, nothing more to read right now).
+    draining: bool,
     upstream_unflushed: bool,
 }
 
@@ -319,7 +323,7 @@ impl Io {
                     return Poll::Ready(Some(Outcome::Closed(reason.clone())));
                 }
                 if !self.reading_client && core.idle() {
-                    return Poll::Ready(Some(Outcome::Drained));
+                    return Poll::Ready(Some(Outcome::ClientClosed));
                 }
             }
             while !core.to_upstream.is_empty() {
@@ -387,6 +391,11 @@ impl Io {
                 return Poll::Ready(None);
             }
             if !progress {
+                // Reads returned Pending above: the client has nothing more in flight.
+                if self.draining && core.idle() && core.to_client.is_empty() && self.cin.is_empty()
+                {
+                    return Poll::Ready(Some(Outcome::Drained));
+                }
                 return Poll::Pending;
             }
         }
