@@ -19,7 +19,7 @@
 //! network. Each fetch is bounded by [`FETCH_TIMEOUT`].
 //!
 //! # Layout
-//! `azure/plan.rs` turns configuration and environment into a [`plan::Plan`], including the
+//! `azure/plan.rs` turns configuration and environment into a `Plan`, including the
 //! `Auto` chain; `azure/assertion.rs` signs certificate client assertions with ring (no
 //! OpenSSL); `azure/http.rs` builds the production HTTP client and the `az` runner, and turns
 //! `azure_core` errors into messages without secrets.
@@ -63,7 +63,7 @@ pub enum EntraKind {
     ServicePrincipal,
     AzureCli,
     /// Service principal from the environment, then workload identity, then managed identity,
-    /// then Azure CLI; decided once from the environment, see [`plan`].
+    /// then Azure CLI; decided once from the environment (see `azure/plan.rs`).
     Auto,
 }
 
@@ -151,6 +151,8 @@ struct EntraSource {
     http: Arc<dyn HttpClient>,
     /// Runs `az` for the Azure CLI source; replaced by a fake in tests.
     executor: Arc<dyn Executor>,
+    /// [`FETCH_TIMEOUT`]; shortened in tests.
+    fetch_timeout: Duration,
 }
 
 impl fmt::Debug for EntraSource {
@@ -177,29 +179,37 @@ impl EntraSource {
             scope: config.scope,
             http,
             executor: Arc::new(http::CliExecutor),
+            fetch_timeout: FETCH_TIMEOUT,
         })
     }
 
     async fn fetch_now(&self) -> Result<Token, CredentialError> {
-        let credential = self.credential().await?;
+        let http = Arc::new(http::Observed::new(self.http.clone()));
+        let credential = self.credential(&http).await?;
         let access = credential
             .get_token(&[self.scope.as_str()], None)
             .await
-            .map_err(|err| CredentialError::Source(http::describe(&err, &self.secrets())))?;
+            .map_err(|err| {
+                let status = http.last_status();
+                CredentialError::Source(http::describe(&err, &self.secrets(), status))
+            })?;
         token_from(access)
     }
 
-    /// A new credential object: see the module documentation for why it is not reused.
-    async fn credential(&self) -> Result<Arc<dyn TokenCredential>, CredentialError> {
+    /// A new credential object sending through `http`: see the module documentation for why
+    /// it is not reused.
+    async fn credential(
+        &self,
+        http: &Arc<http::Observed>,
+    ) -> Result<Arc<dyn TokenCredential>, CredentialError> {
         let failed = |err: azure_core::Error| {
-            CredentialError::Source(http::describe(&err, &self.secrets()))
+            CredentialError::Source(http::describe(&err, &self.secrets(), None))
         };
         Ok(match &self.plan {
             Plan::ManagedIdentity { id } => {
                 ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
                     user_assigned_id: id.clone(),
-                    client_options: self.client_options(None),
-                    ..Default::default()
+                    client_options: self.client_options(http, None),
                 }))
                 .map_err(failed)?
             }
@@ -213,12 +223,11 @@ impl EntraSource {
                 // so, and this rereads it on every fetch.
                 WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
                     credential_options: ClientAssertionCredentialOptions {
-                        client_options: self.client_options(Some(authority)),
+                        client_options: self.client_options(http, Some(authority)),
                     },
                     client_id: Some(client_id.clone()),
                     tenant_id: Some(tenant_id.clone()),
                     token_file_path: Some(token_file.clone()),
-                    ..Default::default()
                 }))
                 .map_err(failed)?
             }
@@ -232,7 +241,7 @@ impl EntraSource {
                 client_id.clone(),
                 azure_core::credentials::Secret::new(secret.expose().to_owned()),
                 Some(ClientSecretCredentialOptions {
-                    client_options: self.client_options(Some(authority)),
+                    client_options: self.client_options(http, Some(authority)),
                 }),
             )
             .map_err(failed)?,
@@ -256,7 +265,7 @@ impl EntraSource {
                     client_id.clone(),
                     assertion::SignedAssertion(jwt),
                     Some(ClientAssertionCredentialOptions {
-                        client_options: self.client_options(Some(authority)),
+                        client_options: self.client_options(http, Some(authority)),
                     }),
                 )
                 .map_err(failed)?
@@ -272,14 +281,14 @@ impl EntraSource {
         })
     }
 
-    fn client_options(&self, authority: Option<&Url>) -> ClientOptions {
+    fn client_options(&self, http: &Arc<http::Observed>, authority: Option<&Url>) -> ClientOptions {
         let cloud = authority.map(|url| {
             let mut custom = CustomConfiguration::default();
             custom.authority_host = url.as_str().to_owned();
             Arc::new(CloudConfiguration::Custom(custom))
         });
         ClientOptions {
-            transport: Some(Transport::new(self.http.clone())),
+            transport: Some(Transport::new(http.clone())),
             cloud,
             // The refresher retries with backoff for as long as the process lives; retries
             // inside one fetch would only hide the endpoint's error behind our timeout. (The
@@ -305,12 +314,12 @@ impl TokenSource for EntraSource {
 
     fn fetch(&self) -> TokenFuture<'_> {
         Box::pin(async move {
-            match tokio::time::timeout(FETCH_TIMEOUT, self.fetch_now()).await {
+            match tokio::time::timeout(self.fetch_timeout, self.fetch_now()).await {
                 Ok(result) => result,
                 Err(_) => Err(CredentialError::Source(format!(
-                    "{}: no token within {} s",
+                    "{}: no token within {:?}",
                     self.name(),
-                    FETCH_TIMEOUT.as_secs()
+                    self.fetch_timeout
                 ))),
             }
         })
