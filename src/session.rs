@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,13 @@ const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// First wait before retrying a re-AUTH the server refused; doubles up to the maximum.
 const REAUTH_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const REAUTH_RETRY_MAX: Duration = Duration::from_secs(30);
+/// While draining, a connection counts as idle only after the client sent nothing for this
+/// long: a pipeline written just before shutdown may still be in flight on the network.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+/// After a drained connection's write side is shut, its input is read and dropped for at
+/// most this long, so that closing with unread input does not reset the connection and
+/// destroy replies the client has not read yet.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// What every session shares.
 pub struct Shared {
@@ -147,7 +154,25 @@ where
     let mut core = Core::new(creds, shared.local_password.clone());
     let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;
     m.upstream_active.decrement(1.0);
+    if matches!(outcome, Outcome::Drained) {
+        linger(&mut client).await;
+    }
     outcome
+}
+
+/// Closes gracefully: FIN first, then input is read and dropped until the client closes too
+/// (bounded by [`LINGER`]).
+async fn linger<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C) {
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Sends one error reply to a client the proxy cannot serve, then lets it go.
@@ -169,6 +194,7 @@ where
         uin: BytesMut::with_capacity(READ_CHUNK),
         reading_client: true,
         draining: false,
+        last_client_input: Instant::now(),
         upstream_unflushed: false,
     };
     let mut creds = shared.credentials.clone();
@@ -193,6 +219,7 @@ where
         }
         let close_at = core.close_deadline().map(instant_of);
         let timers = (core.reauth_failed(), core.close_deadline());
+        let quiet_at = io.draining.then(|| io.last_client_input + DRAIN_QUIET);
         tokio::select! {
             outcome = poll_fn(|cx| io.poll(cx, client, upstream, core, timers, &shared.health)) => match outcome {
                 // The core's timers changed: recompute them.
@@ -239,6 +266,8 @@ where
                 io.draining = true;
             }
             _ = sleep_opt(grace) => return Outcome::ClientClosed,
+            // While draining, look again once the client has been quiet long enough.
+            _ = sleep_opt(quiet_at) => {}
         }
     }
 }
@@ -283,6 +312,8 @@ struct Io {
     /// The proxy is shutting down: close as soon as the connection is idle (nothing owed to
     /// the client, no partial command buffered, nothing more to read right now).
     draining: bool,
+    /// When the client last sent something.
+    last_client_input: Instant,
     upstream_unflushed: bool,
 }
 
@@ -356,6 +387,7 @@ impl Io {
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::ClientClosed)),
                     Poll::Ready(Ok(n)) => {
+                        self.last_client_input = Instant::now();
                         let m = metrics::handles();
                         m.client_in.increment(n as u64);
                         let before = core.stats.commands;
@@ -392,7 +424,11 @@ impl Io {
             }
             if !progress {
                 // Reads returned Pending above: the client has nothing more in flight.
-                if self.draining && core.idle() && core.to_client.is_empty() && self.cin.is_empty()
+                if self.draining
+                    && core.idle()
+                    && core.to_client.is_empty()
+                    && self.cin.is_empty()
+                    && self.last_client_input.elapsed() >= DRAIN_QUIET
                 {
                     return Poll::Ready(Some(Outcome::Drained));
                 }
