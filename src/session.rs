@@ -8,6 +8,7 @@
 mod commands;
 pub mod core;
 mod ledger;
+mod no_token;
 mod state;
 
 use std::future::poll_fn;
@@ -123,18 +124,10 @@ pub async fn serve<C>(mut client: C, shared: &Shared) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let creds = shared.credentials.borrow().clone();
-    let creds = match creds {
-        None => Err("the first token has not been acquired yet"),
-        Some(c) if c.is_expired(SystemTime::now()) => Err("the current token has expired"),
-        Some(c) => Ok(c),
-    };
-    let creds = match creds {
+    let creds = match no_token::current(&shared.credentials).await {
         Ok(c) => c,
         Err(why) => {
-            let msg =
-                format!("ERR redis-entra-proxy has no valid token: {why}; see the proxy's log");
-            refuse(&mut client, &msg).await;
+            no_token::serve(&mut client, &shared.credentials, why).await;
             return Outcome::NoCredentials(why);
         }
     };
