@@ -22,7 +22,9 @@
 //!   `session/state.rs` the tracked connection state.
 //! - [`resp`]: request parser (RESP + inline), reply scanner (RESP2/RESP3), encoders.
 //! - [`upstream`], [`tls`]: TCP/TLS connections to the server.
-//! - [`credentials`]: `Credentials`, the `TokenSource` trait, sources, the refresher.
+//! - [`credentials`]: `Credentials`, the `TokenSource` trait, the refresher; one file per
+//!   source (`azure.rs` is the only one touching `azure_identity`), `source.rs` chooses.
+//! - [`admin`], [`metrics`]: the admin HTTP endpoint and the metric names.
 //! - [`secret`]: a string type that cannot be printed.
 //! - [`dev`], [`devenv`]: the built-in local setup (TLS redis-server, token issuer) used by
 //!   `redis-entra-proxy dev` and by the tests.
