@@ -45,6 +45,10 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// most this long, so that closing with unread input does not reset the connection and
 /// destroy replies the client has not read yet.
 const LINGER: Duration = Duration::from_secs(1);
+/// A connection with no traffic for this long gives its buffers back to the allocator, so
+/// that thousands of idle pooled connections cost little memory; a busy one keeps them and
+/// allocates nothing per command.
+const IDLE_SHRINK: Duration = Duration::from_secs(2);
 
 /// What every session shares.
 pub struct Shared {
@@ -188,6 +192,8 @@ where
         reading_client: true,
         draining: false,
         last_client_input: Instant::now(),
+        last_activity: Instant::now(),
+        shrunk: false,
         upstream_unflushed: false,
     };
     let mut creds = shared.credentials.clone();
@@ -213,6 +219,7 @@ where
         let close_at = core.close_deadline().map(instant_of);
         let timers = (core.reauth_failed(), core.close_deadline());
         let quiet_at = io.draining.then(|| io.last_client_input + DRAIN_QUIET);
+        let shrink_at = (!io.shrunk).then(|| io.last_activity + IDLE_SHRINK);
         tokio::select! {
             outcome = poll_fn(|cx| io.poll(cx, client, upstream, core, timers, &shared.health)) => match outcome {
                 // The core's timers changed: recompute them.
@@ -261,6 +268,11 @@ where
             _ = sleep_opt(grace) => return Outcome::ClientClosed,
             // While draining, look again once the client has been quiet long enough.
             _ = sleep_opt(quiet_at) => {}
+            _ = sleep_opt(shrink_at) => {
+                if io.last_activity.elapsed() >= IDLE_SHRINK {
+                    io.shrink(core);
+                }
+            }
         }
     }
 }
@@ -307,10 +319,26 @@ struct Io {
     draining: bool,
     /// When the client last sent something.
     last_client_input: Instant,
+    /// When either side last sent something.
+    last_activity: Instant,
+    /// Buffers were released after idleness and not needed since.
+    shrunk: bool,
     upstream_unflushed: bool,
 }
 
 impl Io {
+    /// Releases every empty buffer; the next read allocates again.
+    fn shrink(&mut self, core: &mut Core) {
+        if self.cin.is_empty() {
+            self.cin = BytesMut::new();
+        }
+        if self.uin.is_empty() {
+            self.uin = BytesMut::new();
+        }
+        core.shrink();
+        self.shrunk = true;
+    }
+
     fn poll<C, U>(
         &mut self,
         cx: &mut Context<'_>,
@@ -381,6 +409,8 @@ impl Io {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::ClientClosed)),
                     Poll::Ready(Ok(n)) => {
                         self.last_client_input = Instant::now();
+                        self.last_activity = self.last_client_input;
+                        self.shrunk = false;
                         let m = metrics::handles();
                         m.client_in.increment(n as u64);
                         let before = core.stats.commands;
@@ -404,6 +434,8 @@ impl Io {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::UpstreamClosed)),
                     Poll::Ready(Ok(n)) => {
                         metrics::handles().upstream_in.increment(n as u64);
+                        self.last_activity = Instant::now();
+                        self.shrunk = false;
                         core.upstream_input(&mut self.uin);
                         progress = true;
                     }

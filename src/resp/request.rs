@@ -181,6 +181,14 @@ impl RequestParser {
         }
     }
 
+    /// Releases the capacity of the argument buffers (an idle connection).
+    pub fn shrink(&mut self) {
+        if self.state == State::Start {
+            self.ranges = Vec::new();
+            self.inline = Vec::new();
+        }
+    }
+
     /// Apply Redis's limits for clients that still have to authenticate (at most 10
     /// arguments, bulks of at most 16 KiB).
     pub fn set_auth_required(&mut self, required: bool) {

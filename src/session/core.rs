@@ -196,6 +196,18 @@ impl Core {
         core
     }
 
+    /// Releases the capacity of empty buffers (an idle connection).
+    pub fn shrink(&mut self) {
+        for buf in [&mut self.to_client, &mut self.to_upstream, &mut self.held] {
+            if buf.is_empty() {
+                *buf = BytesMut::new();
+            }
+        }
+        self.parser.shrink();
+        self.ledger.shrink();
+        self.auth_events.shrink_to_fit();
+    }
+
     /// Set once the connection must close; the driver flushes `to_client` first.
     pub fn close_reason(&self) -> Option<&CloseReason> {
         self.closing.as_ref()

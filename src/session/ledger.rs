@@ -116,6 +116,13 @@ impl Ledger {
             .count()
     }
 
+    /// Releases the capacity of an empty ledger (a deep pipeline leaves a large one behind).
+    pub fn shrink(&mut self) {
+        if self.entries.is_empty() {
+            self.entries = VecDeque::new();
+        }
+    }
+
     pub fn clear(&mut self) {
         self.entries.clear();
     }

@@ -7,6 +7,7 @@
 //! through `mock::Redirect`, which only connects to a mock on 127.0.0.1.
 
 mod auto;
+mod e2e;
 mod entra;
 mod mock;
 
