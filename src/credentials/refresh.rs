@@ -51,10 +51,11 @@ impl Default for Policy {
 /// fetch; `jitter` is a uniform sample from [0, 1).
 pub fn schedule(lifetime: Duration, policy: Policy, jitter: f64) -> Duration {
     let mut delay = lifetime.mul_f64(policy.ratio.clamp(0.05, 0.95));
-    // The 5-minute bound applies when the token lives long enough to honour it with room to
-    // spare; shorter tokens (tests, some dev setups) keep the plain ratio.
-    if lifetime >= 2 * REFRESH_BEFORE_EXPIRY {
-        delay = delay.min(lifetime - REFRESH_BEFORE_EXPIRY);
+    // Never later than 5 minutes before expiry when the token lives longer than that, but
+    // never sooner than a tenth of its life either (a 6-minute token is refreshed after 1
+    // minute, not at once); tokens living 5 minutes or less (tests, dev) keep the plain ratio.
+    if lifetime > REFRESH_BEFORE_EXPIRY {
+        delay = delay.min((lifetime - REFRESH_BEFORE_EXPIRY).max(lifetime / 10));
     }
     let max_jitter = MAX_JITTER.min(lifetime / 20);
     delay.saturating_sub(max_jitter.mul_f64(jitter.clamp(0.0, 1.0)))

@@ -9,6 +9,7 @@
 use super::*;
 
 const MIN: Duration = Duration::from_secs(60);
+const SEC: Duration = Duration::from_secs(1);
 
 #[test]
 fn schedule_follows_ratio_and_bound() {
@@ -23,6 +24,13 @@ fn schedule_follows_ratio_and_bound() {
             7 * MIN,
         ),
         ("24 h", 24 * 60 * MIN, 0.0, 18 * 60 * MIN),
+        ("6 min: 5 min before expiry", 6 * MIN, 0.0, MIN),
+        (
+            "5.5 min: a tenth of its life, not at once",
+            11 * MIN / 2,
+            0.0,
+            33 * SEC,
+        ),
         (
             "2 s test token",
             Duration::from_secs(2),
@@ -60,10 +68,7 @@ fn backoff_grows_to_cap_and_never_stops() {
     assert!(b.next(0.0) >= BACKOFF_MAX.mul_f64(0.8));
 }
 
-/// `run` under paused time. Needs tokio's `test-util` feature, which `Cargo.toml` does not
-/// enable yet: add `tokio = { version = "1", features = ["test-util"] }` under
-/// `[dev-dependencies]` and delete the `cfg(any())` below.
-#[cfg(any())]
+/// `run` under paused time (tokio's `test-util`, enabled for tests in `Cargo.toml`).
 mod paused {
     use std::collections::VecDeque;
     use std::sync::atomic::{AtomicUsize, Ordering};
