@@ -246,6 +246,19 @@ pub struct Options {
     #[serde(default, deserialize_with = "de_duration")]
     pub drain_timeout: Option<Duration>,
 
+    /// Close a client connection that sent nothing for this long while nothing was owed to it
+    /// (Redis's `timeout`; subscribers, MONITOR and blocked commands are exempt); 0 never
+    /// closes idle clients [default: 0].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CLIENT_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub client_idle_timeout: Option<Duration>,
+
+    /// Close a client connection that keeps a request incomplete for this long (a slow or
+    /// stalled sender holding a partial frame open); 0 never does [default: 60s].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_PARTIAL_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub partial_request_timeout: Option<Duration>,
+
     /// Most client connections served at once [default: 10000].
     #[arg(long, env = "REDIS_ENTRA_PROXY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -290,7 +303,7 @@ impl Options {
             client_secret_file, client_certificate_file, credential_file, credential_command,
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
-            max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
+            client_idle_timeout, partial_request_timeout, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }
 

@@ -23,6 +23,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Connections re-authenticate at random moments within this window after a new token
 /// arrives: wide enough to spread thousands of AUTHs, far shorter than the 2 minutes between
 /// the latest refresh (5 min before expiry) and Microsoft's 3-minute deadline.
+pub const DEFAULT_PARTIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_REAUTH_WINDOW: Duration = Duration::from_secs(30);
 /// Loopback by default: metrics and probes are for the pod and its node, not the network.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -100,6 +101,10 @@ pub struct Config {
     pub allow_unauthenticated_remote: bool,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `None`: never.
+    pub client_idle_timeout: Option<Duration>,
+    /// `None`: never.
+    pub partial_request_timeout: Option<Duration>,
     pub max_connections: usize,
     pub refresh_ratio: f64,
     pub reauth_window: Duration,
@@ -267,6 +272,12 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         allow_unauthenticated_remote: allow_remote,
         connect_timeout: o.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         drain_timeout: o.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        client_idle_timeout: o.client_idle_timeout.filter(|d| !d.is_zero()),
+        partial_request_timeout: Some(
+            o.partial_request_timeout
+                .unwrap_or(DEFAULT_PARTIAL_REQUEST_TIMEOUT),
+        )
+        .filter(|d| !d.is_zero()),
         max_connections,
         refresh_ratio,
         reauth_window: o.reauth_window.unwrap_or(DEFAULT_REAUTH_WINDOW),
@@ -409,6 +420,14 @@ pub fn render(o: &Options, token_set: bool) -> String {
         d(o.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
     );
     line("drain-timeout", d(o.drain_timeout, DEFAULT_DRAIN_TIMEOUT));
+    line(
+        "client-idle-timeout",
+        d(o.client_idle_timeout, Duration::ZERO),
+    );
+    line(
+        "partial-request-timeout",
+        d(o.partial_request_timeout, DEFAULT_PARTIAL_REQUEST_TIMEOUT),
+    );
     line(
         "max-connections",
         o.max_connections

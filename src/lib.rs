@@ -166,6 +166,8 @@ pub async fn run_with_source(
         local_password: config.local_password.clone().map(Arc::new),
         shutdown: shutdown.clone(),
         reauth_window: config.reauth_window,
+        client_idle_timeout: config.client_idle_timeout,
+        partial_request_timeout: config.partial_request_timeout,
         health: health.clone(),
     });
     if let Some(listener) = listeners.admin.take() {

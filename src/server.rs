@@ -153,6 +153,9 @@ fn log_outcome(outcome: &Outcome) {
         Outcome::Closed(session::CloseReason::ClientQuit) => {
             tracing::debug!(side, "closed: {outcome}")
         }
+        Outcome::Closed(session::CloseReason::ClientIdle(_)) => {
+            tracing::info!(side, "closed: {outcome}")
+        }
         _ => tracing::warn!(side, "closed: {outcome}"),
     }
 }

@@ -61,6 +61,10 @@ pub struct Shared {
     /// to a quarter of the old token's remaining life), so that thousands of connections do
     /// not send AUTH in the same millisecond.
     pub reauth_window: Duration,
+    /// Close a client that sent nothing for this long while nothing was owed to it.
+    pub client_idle_timeout: Option<Duration>,
+    /// Close a client that keeps one request incomplete for this long.
+    pub partial_request_timeout: Option<Duration>,
     /// Where sessions report that the upstream answered (for `/readyz`).
     pub health: Arc<Health>,
 }
@@ -193,6 +197,8 @@ where
         draining: false,
         last_client_input: Instant::now(),
         last_activity: Instant::now(),
+        cin_partial: false,
+        partial_since: None,
         shrunk: false,
         upstream_unflushed: false,
     };
@@ -217,9 +223,18 @@ where
             retry_delay = REAUTH_RETRY_INITIAL;
         }
         let close_at = core.close_deadline().map(instant_of);
-        let timers = (core.reauth_failed(), core.close_deadline());
+        let timers = io.timers(core);
         let quiet_at = io.draining.then(|| io.last_client_input + DRAIN_QUIET);
         let shrink_at = (!io.shrunk).then(|| io.last_activity + IDLE_SHRINK);
+        // Redis's `timeout`: only a client owed nothing, not subscribed and not monitoring.
+        let idle_at = shared
+            .client_idle_timeout
+            .filter(|_| timers.idle)
+            .map(|t| io.last_activity + t);
+        let partial_at = shared
+            .partial_request_timeout
+            .zip(io.partial_since)
+            .map(|(t, since)| since + t);
         tokio::select! {
             outcome = poll_fn(|cx| io.poll(cx, client, upstream, core, timers, &shared.health)) => match outcome {
                 // The core's timers changed: recompute them.
@@ -268,6 +283,23 @@ where
             _ = sleep_opt(grace) => return Outcome::ClientClosed,
             // While draining, look again once the client has been quiet long enough.
             _ = sleep_opt(quiet_at) => {}
+            _ = sleep_opt(idle_at) => {
+                let timeout = shared.client_idle_timeout.unwrap_or_default();
+                if io.timers(core).idle && io.last_activity.elapsed() >= timeout {
+                    core.close_after_replies(CloseReason::ClientIdle(timeout));
+                }
+            }
+            _ = sleep_opt(partial_at) => {
+                let timeout = shared.partial_request_timeout.unwrap_or_default();
+                if !core.wants_client_input() {
+                    // The wait is the upstream's, not the client's: start the clock again.
+                    io.partial_since = io.partial_since.map(|_| Instant::now());
+                } else if io.partial_since.is_some_and(|since| since.elapsed() >= timeout) {
+                    io.cin.clear();
+                    io.partial_since = None;
+                    core.close_after_replies(CloseReason::PartialRequest(timeout));
+                }
+            }
             _ = sleep_opt(shrink_at) => {
                 if io.last_activity.elapsed() >= IDLE_SHRINK {
                     io.shrink(core);
@@ -308,6 +340,18 @@ fn record_auth(core: &mut Core, health: &Health) {
     }
 }
 
+/// What the driver's timers depend on: when it changes during a poll, the poll returns so
+/// that the timers are recomputed. (A timer that fires early finds its condition unmet and
+/// is simply recomputed.)
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Timers {
+    reauth_failed: bool,
+    close_deadline: Option<SystemTime>,
+    /// Nothing owed to the client, nothing buffered from it, not streaming.
+    idle: bool,
+    partial: bool,
+}
+
 /// The byte-moving half of a session: buffers and the poll loop.
 struct Io {
     cin: BytesMut,
@@ -321,12 +365,50 @@ struct Io {
     last_client_input: Instant,
     /// When either side last sent something.
     last_activity: Instant,
+    /// `cin` holds only the beginning of a request: the core waits for the client.
+    cin_partial: bool,
+    /// Since when the client has kept the current request incomplete (reset whenever a
+    /// request completes), for `--partial-request-timeout`.
+    partial_since: Option<Instant>,
     /// Buffers were released after idleness and not needed since.
     shrunk: bool,
     upstream_unflushed: bool,
 }
 
 impl Io {
+    fn timers(&self, core: &Core) -> Timers {
+        Timers {
+            reauth_failed: core.reauth_failed(),
+            close_deadline: core.close_deadline(),
+            idle: core.idle()
+                && core.to_client.is_empty()
+                && self.cin.is_empty()
+                && !core.streaming()
+                && core.close_reason().is_none(),
+            partial: self.partial_since.is_some(),
+        }
+    }
+
+    /// Hands buffered client bytes to the core; returns whether it took any.
+    fn feed_client(&mut self, core: &mut Core) -> bool {
+        let before = self.cin.len();
+        let commands = core.stats.commands;
+        core.client_input(&mut self.cin);
+        metrics::handles()
+            .commands
+            .increment(core.stats.commands - commands);
+        let took = self.cin.len() != before;
+        // Bytes left while the core still wants input are an incomplete request; bytes left
+        // because the upstream side is full are complete requests that wait for room.
+        self.cin_partial = !self.cin.is_empty() && core.wants_client_input();
+        if !self.cin_partial {
+            self.partial_since = None;
+        } else if took || self.partial_since.is_none() {
+            self.partial_since = Some(Instant::now());
+        }
+        took
+    }
+
     /// Releases every empty buffer; the next read allocates again.
     fn shrink(&mut self, core: &mut Core) {
         if self.cin.is_empty() {
@@ -345,7 +427,7 @@ impl Io {
         client: &mut C,
         upstream: &mut U,
         core: &mut Core,
-        timers: (bool, Option<SystemTime>),
+        timers: Timers,
         health: &Health,
     ) -> Poll<Option<Outcome>>
     where
@@ -374,7 +456,10 @@ impl Io {
                 if let Some(reason) = core.close_reason() {
                     return Poll::Ready(Some(Outcome::Closed(reason.clone())));
                 }
-                if !self.reading_client && core.idle() {
+                // Half-closed: done once every request read was answered (a trailing partial
+                // request will never complete).
+                if !self.reading_client && core.idle() && (self.cin.is_empty() || self.cin_partial)
+                {
                     return Poll::Ready(Some(Outcome::ClientClosed));
                 }
             }
@@ -403,6 +488,10 @@ impl Io {
                     Poll::Pending => {}
                 }
             }
+            // Complete requests held back while the upstream side was full.
+            if !self.cin.is_empty() && !self.cin_partial && core.wants_client_input() {
+                progress |= self.feed_client(core);
+            }
             if self.reading_client && core.wants_client_input() {
                 self.cin.reserve(READ_CHUNK);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
@@ -411,11 +500,8 @@ impl Io {
                         self.last_client_input = Instant::now();
                         self.last_activity = self.last_client_input;
                         self.shrunk = false;
-                        let m = metrics::handles();
-                        m.client_in.increment(n as u64);
-                        let before = core.stats.commands;
-                        core.client_input(&mut self.cin);
-                        m.commands.increment(core.stats.commands - before);
+                        metrics::handles().client_in.increment(n as u64);
+                        self.feed_client(core);
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::ClientError(e))),
@@ -444,7 +530,7 @@ impl Io {
                 }
             }
             record_auth(core, health);
-            if (core.reauth_failed(), core.close_deadline()) != timers {
+            if self.timers(core) != timers {
                 return Poll::Ready(None);
             }
             if !progress {
@@ -462,3 +548,6 @@ impl Io {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -360,8 +360,46 @@ fn defaults_are_the_named_constants() {
         crate::credentials::refresh::DEFAULT_REFRESH_RATIO
     );
     assert_eq!(c.reauth_window, DEFAULT_REAUTH_WINDOW);
+    assert_eq!(
+        c.client_idle_timeout, None,
+        "idle clients are kept, as by Redis"
+    );
+    assert_eq!(
+        c.partial_request_timeout,
+        Some(DEFAULT_PARTIAL_REQUEST_TIMEOUT)
+    );
     assert_eq!(c.log_level, DEFAULT_LOG_LEVEL);
     assert_eq!(c.log_format, LogFormat::Text);
+}
+
+#[test]
+fn zero_turns_a_client_timeout_off() {
+    let base = || Options {
+        upstream: Some("r.example.net".into()),
+        token_file: Some("/dev/null".into()),
+        credential: Some(CredentialKind::Fixed),
+        ..Options::default()
+    };
+    let c = validate(
+        Options {
+            client_idle_timeout: Some(Duration::from_secs(300)),
+            partial_request_timeout: Some(Duration::ZERO),
+            ..base()
+        },
+        None,
+    )
+    .expect("valid");
+    assert_eq!(c.client_idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(c.partial_request_timeout, None);
+    let c = validate(
+        Options {
+            client_idle_timeout: Some(Duration::ZERO),
+            ..base()
+        },
+        None,
+    )
+    .expect("valid");
+    assert_eq!(c.client_idle_timeout, None);
 }
 
 #[test]

@@ -49,13 +49,20 @@ pub enum CloseReason {
     /// The token this connection authenticated with is about to expire and the connection
     /// could not re-authenticate in time (blocked, a RESP2 subscriber, AUTH refused).
     TokenExpiring,
+    /// The client sent nothing for `--client-idle-timeout` while nothing was owed to it.
+    ClientIdle(Duration),
+    /// The client kept one request incomplete for `--partial-request-timeout`.
+    PartialRequest(Duration),
 }
 
 impl CloseReason {
     /// Which side caused the close, for logs and metrics.
     pub fn side(&self) -> &'static str {
         match self {
-            CloseReason::ClientQuit | CloseReason::ClientProtocol(_) => "client",
+            CloseReason::ClientQuit
+            | CloseReason::ClientProtocol(_)
+            | CloseReason::ClientIdle(_)
+            | CloseReason::PartialRequest(_) => "client",
             CloseReason::TokenExpiring => "proxy",
             _ => "upstream",
         }
@@ -69,6 +76,8 @@ impl CloseReason {
             CloseReason::UpstreamProtocol(_) => "upstream_protocol_error",
             CloseReason::UpstreamDesync => "upstream_desync",
             CloseReason::TokenExpiring => "token_expiring",
+            CloseReason::ClientIdle(_) => "client_idle_timeout",
+            CloseReason::PartialRequest(_) => "partial_request_timeout",
         }
     }
 }
@@ -83,6 +92,13 @@ impl std::fmt::Display for CloseReason {
             CloseReason::UpstreamDesync => f.write_str("upstream sent a reply nobody asked for"),
             CloseReason::TokenExpiring => f.write_str(
                 "token about to expire and the connection could not re-authenticate in time",
+            ),
+            CloseReason::ClientIdle(d) => {
+                write!(f, "client idle for {d:?} (client-idle-timeout)")
+            }
+            CloseReason::PartialRequest(d) => write!(
+                f,
+                "client kept a request incomplete for {d:?} (partial-request-timeout)"
             ),
         }
     }
@@ -228,6 +244,11 @@ impl Core {
         self.ledger.client_pending() == 0
     }
 
+    /// The server sends to this connection without being asked: subscribed or MONITOR.
+    pub fn streaming(&self) -> bool {
+        self.state.wsubs.any() || self.state.monitor_sent
+    }
+
     /// Whether the upstream is authenticated with the newest credentials.
     pub fn current(&self) -> bool {
         self.authed
@@ -259,6 +280,18 @@ impl Core {
         if self.closing.is_none() {
             self.closing = Some(CloseReason::TokenExpiring);
         }
+    }
+
+    /// Stops reading the client and closes once every reply owed to it was delivered (what
+    /// the driver's timeouts use; the bytes of an incomplete request are dropped).
+    pub fn close_after_replies(&mut self, reason: CloseReason) {
+        if self.closing.is_some() || self.pending_close.is_some() {
+            return;
+        }
+        self.state.quit = true;
+        self.ledger.push(Expect::Close);
+        self.closing_reason_after_drain(reason);
+        self.drain_local();
     }
 
     /// Replies still expected from the upstream, injected ones included.

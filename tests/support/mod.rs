@@ -39,6 +39,9 @@ pub struct ProxyOptions {
     pub max_connections: Option<usize>,
     pub drain_timeout: Option<Duration>,
     pub connect_timeout: Option<Duration>,
+    /// `--client-idle-timeout` and `--partial-request-timeout`.
+    pub client_idle_timeout: Option<Duration>,
+    pub partial_request_timeout: Option<Duration>,
     /// Serve the admin endpoint on a free port.
     pub admin: bool,
     /// Return without waiting for a PING to succeed (for proxies that cannot be ready).
@@ -57,6 +60,8 @@ impl Default for ProxyOptions {
             max_connections: None,
             drain_timeout: None,
             connect_timeout: None,
+            client_idle_timeout: None,
+            partial_request_timeout: None,
             admin: false,
             no_ready_wait: false,
         }
@@ -116,6 +121,8 @@ impl Proxy {
             max_connections: opts.max_connections,
             drain_timeout: opts.drain_timeout,
             connect_timeout: opts.connect_timeout,
+            client_idle_timeout: opts.client_idle_timeout,
+            partial_request_timeout: opts.partial_request_timeout,
             admin_listen: Some(if opts.admin { "127.0.0.1:0" } else { "none" }.into()),
             ..Options::default()
         };

@@ -1,0 +1,99 @@
+//! The driver over in-memory pipes, with a fake upstream whose pace the test controls: the
+//! cases that need a server that stops reading, which a real Redis never does on loopback.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::credentials::Credentials;
+use crate::resp::request::RequestParser;
+
+fn shared(creds: Arc<Credentials>) -> Shared {
+    let (tx, rx) = watch::channel(Some(creds));
+    // The sender lives as long as the test: a closed channel is a different case.
+    std::mem::forget(tx);
+    Shared {
+        connector: Connector::new("127.0.0.1:1".into(), None, Duration::from_secs(1)),
+        credentials: rx,
+        local_password: None,
+        shutdown: CancellationToken::new(),
+        reauth_window: Duration::ZERO,
+        client_idle_timeout: None,
+        partial_request_timeout: None,
+        health: Arc::new(Health::default()),
+    }
+}
+
+fn creds() -> Arc<Credentials> {
+    Arc::new(Credentials {
+        username: "oid".into(),
+        token: Secret::new(String::from("token")),
+        expires_at: Some(SystemTime::now() + Duration::from_secs(3600)),
+        generation: 1,
+    })
+}
+
+/// Answers `+OK` to every request (the proxy's AUTH included), once `start` fires.
+async fn fake_upstream(mut conn: DuplexStream, start: tokio::sync::oneshot::Receiver<()>) {
+    let _ = start.await;
+    let mut parser = RequestParser::new();
+    let mut buf = BytesMut::new();
+    loop {
+        match conn.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut replies = Vec::new();
+        while let Ok(Some(frame)) = parser.parse(&buf) {
+            buf.advance(frame.len());
+            replies.extend_from_slice(b"+OK\r\n");
+        }
+        if conn.write_all(&replies).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A pipeline that fills the proxy's upstream-side buffer while the server does not read
+/// leaves complete requests in the proxy's client buffer; when the server catches up they
+/// must be served although the client sends nothing more (it waits for its replies).
+#[tokio::test]
+async fn requests_held_back_while_the_upstream_stalls_are_served_without_more_input() {
+    let (mut app, proxy_side) = tokio::io::duplex(1 << 20);
+    let (proxy_up, server) = tokio::io::duplex(16 * 1024);
+    let (start, started) = tokio::sync::oneshot::channel();
+    tokio::spawn(fake_upstream(server, started));
+    let shared = shared(creds());
+    let session = tokio::spawn(async move {
+        let mut client = proxy_side;
+        let mut upstream = proxy_up;
+        let mut core = Core::new(creds(), None);
+        pump(&mut client, &mut upstream, &mut core, &shared).await
+    });
+
+    // Well past the upstream-side high-water mark, written at once, then nothing more.
+    let cmd = b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n";
+    let n = 3 * core::UPSTREAM_OUT_HIGH_WATER / cmd.len();
+    app.write_all(&cmd.repeat(n)).await.expect("write pipeline");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    start.send(()).expect("upstream starts");
+
+    let want = b"+OK\r\n".repeat(n);
+    let mut got = vec![0; want.len()];
+    tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut got))
+        .await
+        .expect("every reply without further input")
+        .expect("read");
+    assert!(got == want);
+    drop(app);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), session)
+        .await
+        .expect("session ends")
+        .expect("session task");
+    assert!(matches!(outcome, Outcome::ClientClosed), "{outcome}");
+}
