@@ -151,3 +151,31 @@ pub fn handles() -> &'static Handles {
         }
     })
 }
+
+/// Holds a gauge one higher for as long as it lives, unwinding included. With `session`, a
+/// drop during a panic is logged and counted as a connection the proxy closed.
+pub struct Active<'a> {
+    gauge: &'a Gauge,
+    session: bool,
+}
+
+impl<'a> Active<'a> {
+    pub fn new(gauge: &'a Gauge, session: bool) -> Self {
+        gauge.increment(1.0);
+        Active { gauge, session }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+        if self.session && std::thread::panicking() {
+            metrics::counter!(CONNECTIONS_CLOSED_TOTAL, "side" => "proxy", "reason" => "panic")
+                .increment(1);
+            tracing::error!(
+                side = "proxy",
+                "closed: internal error (panic); other connections are unaffected"
+            );
+        }
+    }
+}

@@ -131,9 +131,11 @@ fn spawn<S>(
             let m = crate::metrics::handles();
             metrics::counter!(crate::metrics::CLIENT_CONNECTIONS_TOTAL, "outcome" => "served")
                 .increment(1);
-            m.client_active.increment(1.0);
+            // A bug that panics in one session unwinds only that connection's task (tokio
+            // contains it; its sockets close): the guard keeps the gauge right and logs and
+            // counts that close too.
+            let _active = crate::metrics::Active::new(&m.client_active, true);
             let outcome = session::serve(stream, &shared).await;
-            m.client_active.decrement(1.0);
             log_outcome(&outcome);
             drop(permit);
         }

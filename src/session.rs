@@ -151,10 +151,10 @@ where
         }
     };
     m.connect_seconds.record(started.elapsed().as_secs_f64());
-    m.upstream_active.increment(1.0);
+    let active = metrics::Active::new(&m.upstream_active, false);
     let mut core = Core::new(creds, shared.local_password.clone());
     let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;
-    m.upstream_active.decrement(1.0);
+    drop(active);
     if matches!(outcome, Outcome::Drained) {
         linger(&mut client).await;
     }
