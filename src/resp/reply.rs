@@ -106,7 +106,8 @@ impl ReplyScanner {
                 });
             };
             let kind = buf[pos];
-            let line = &buf[pos + 1..pos + line_end];
+            // Empty when the line starts with its CR: an unknown type byte, refused below.
+            let line = buf.get(pos + 1..pos + line_end).unwrap_or_default();
             pos += line_end + 2;
             let finished = match kind {
                 b'+' | b'-' | b':' | b',' | b'#' | b'_' | b'(' => self.value_done(),
@@ -206,7 +207,8 @@ pub enum First<'a> {
 pub fn peek_head(buf: &[u8]) -> Option<Head<'_>> {
     let end = find_crlf(buf)?;
     let kind = buf[0];
-    let line = &buf[1..end];
+    // Empty when the line starts with its CR (not RESP: the scanner refuses it).
+    let line = buf.get(1..end).unwrap_or_default();
     let mut head = Head {
         kind,
         line,
@@ -217,7 +219,7 @@ pub fn peek_head(buf: &[u8]) -> Option<Head<'_>> {
     }
     let rest = &buf[end + 2..];
     let first_end = find_crlf(rest)?;
-    let first_line = &rest[1..first_end];
+    let first_line = rest.get(1..first_end).unwrap_or_default();
     head.first = match rest[0] {
         b'+' if first_line.len() <= PEEK_MAX => First::Str(first_line),
         b'$' => match string2ll(first_line) {

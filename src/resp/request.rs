@@ -65,10 +65,11 @@ impl ProtocolError {
     pub fn write_reply(&self, out: &mut impl BufMut) {
         out.put_slice(b"-ERR ");
         match self {
-            // Redis formats the byte with `%c`: it is sent raw.
+            // Redis formats the byte with `%c`, raw, except that error replies never carry a
+            // CR or LF: `addReplyErrorFormat` turns them into spaces.
             ProtocolError::ExpectedDollar(b) => {
                 out.put_slice(b"Protocol error: expected '$', got '");
-                out.put_u8(*b);
+                out.put_u8(if matches!(b, b'\r' | b'\n') { b' ' } else { *b });
                 out.put_slice(b"'");
             }
             other => {

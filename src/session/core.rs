@@ -154,8 +154,8 @@ pub struct Core {
     pub(super) creds: Arc<Credentials>,
     /// The last AUTH the upstream accepted.
     authed: Option<Authed>,
-    /// Generation and expiry of an AUTH written and not yet answered, and when it was written.
-    auth_in_flight: Option<(u64, Option<SystemTime>, std::time::Instant)>,
+    /// AUTHs written and not yet answered (two after a RESET written behind one).
+    auths_in_flight: usize,
     /// A re-AUTH with the current generation failed; it is not retried until new credentials
     /// arrive or the driver calls [`Core::retry_reauth`].
     reauth_failed: bool,
@@ -197,7 +197,7 @@ impl Core {
             relay_current: true,
             creds,
             authed: None,
-            auth_in_flight: None,
+            auths_in_flight: 0,
             reauth_failed: false,
             role: None,
             held: BytesMut::new(),
@@ -419,7 +419,7 @@ impl Core {
     }
 
     pub(super) fn maybe_reauth(&mut self) {
-        if self.auth_in_flight.is_none()
+        if self.auths_in_flight == 0
             && !self.current()
             && !self.reauth_failed
             && self.safe_to_inject()
@@ -443,10 +443,12 @@ impl Core {
         self.creds.write_auth(&mut self.to_upstream);
         let generation = self.creds.generation;
         tracing::trace!(generation, initial, "AUTH injected");
-        self.auth_in_flight = Some((generation, self.creds.expires_at, std::time::Instant::now()));
+        self.auths_in_flight += 1;
         self.ledger.push(Expect::Swallow(Injected::Auth {
             generation,
             initial,
+            expires_at: self.creds.expires_at,
+            sent: std::time::Instant::now(),
         }));
     }
 
@@ -529,7 +531,9 @@ impl Core {
                 Some(Expect::Swallow(Injected::Auth {
                     generation,
                     initial,
-                })) => self.auth_answered(generation, initial, error),
+                    expires_at,
+                    sent,
+                })) => self.auth_answered(generation, initial, expires_at, sent, error),
                 Some(Expect::Swallow(Injected::Hello { version, emulate })) => {
                     self.hello_answered(version, emulate, error)
                 }
@@ -602,15 +606,19 @@ impl Core {
         }
     }
 
-    fn auth_answered(&mut self, generation: u64, initial: bool, error: bool) {
-        let (expires_at, latency) = match self.auth_in_flight.take() {
-            Some((_, e, at)) => (e, at.elapsed()),
-            None => (None, Duration::ZERO),
-        };
+    fn auth_answered(
+        &mut self,
+        generation: u64,
+        initial: bool,
+        expires_at: Option<SystemTime>,
+        sent: std::time::Instant,
+        error: bool,
+    ) {
+        self.auths_in_flight = self.auths_in_flight.saturating_sub(1);
         self.auth_events.push(AuthEvent {
             initial,
             ok: !error,
-            latency,
+            latency: sent.elapsed(),
         });
         tracing::trace!(generation, initial, error, "AUTH answered");
         if !error {
@@ -622,6 +630,10 @@ impl Core {
                 expires_at,
                 at: SystemTime::now(),
             });
+            if generation == self.creds.generation {
+                // An earlier refusal of this generation is moot.
+                self.reauth_failed = false;
+            }
             return;
         }
         let text = error_text(&self.held);

@@ -52,8 +52,15 @@ pub enum Effect {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Injected {
     /// `AUTH <user> <token>` with credentials of this generation; `initial` for the first AUTH
-    /// of the connection, whose failure the client must hear about.
-    Auth { generation: u64, initial: bool },
+    /// of the connection, whose failure the client must hear about; the token's expiry and
+    /// when the AUTH was written travel with it, since a RESET can put a second AUTH in flight
+    /// behind the first.
+    Auth {
+        generation: u64,
+        initial: bool,
+        expires_at: Option<std::time::SystemTime>,
+        sent: std::time::Instant,
+    },
     /// `HELLO <version>` switching the upstream's protocol for a RESP2 subscriber
     /// (`emulate`: to RESP3 and translate; otherwise back to RESP2).
     Hello { version: u8, emulate: bool },
