@@ -32,22 +32,32 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// State the health endpoints read; written by sessions and the refresher.
 #[derive(Debug, Default)]
 pub struct Health {
-    /// Unix milliseconds of the last successful upstream exchange (AUTH answered).
+    /// Unix milliseconds of the last successful upstream exchange (AUTH answered), and the
+    /// token generation it authenticated with: only the current generation counts, so a
+    /// token the server refuses is not hidden by connections still on the previous one.
     last_upstream_ok_ms: AtomicU64,
+    last_upstream_ok_generation: AtomicU64,
     /// Why the last token fetch failed; cleared by a success.
     refresh_error: Mutex<Option<String>>,
 }
 
 impl Health {
-    pub fn upstream_ok(&self) {
+    /// The upstream accepted an AUTH with credentials of `generation`.
+    pub fn upstream_ok(&self, generation: u64) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
+        self.last_upstream_ok_generation
+            .store(generation, Ordering::Relaxed);
         self.last_upstream_ok_ms
             .store(now.as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn upstream_fresh(&self) -> bool {
+    /// The upstream recently accepted credentials of `generation`.
+    fn upstream_fresh(&self, generation: u64) -> bool {
+        if self.last_upstream_ok_generation.load(Ordering::Relaxed) != generation {
+            return false;
+        }
         let last = self.last_upstream_ok_ms.load(Ordering::Relaxed);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -178,12 +188,12 @@ async fn readiness(admin: &Admin) -> Result<(), String> {
         }
         Some(c) => c,
     };
-    if admin.health.upstream_fresh() {
+    if admin.health.upstream_fresh(creds.generation) {
         return Ok(());
     }
     match tokio::time::timeout(PROBE_TIMEOUT, probe(admin, &creds)).await {
         Ok(Ok(())) => {
-            admin.health.upstream_ok();
+            admin.health.upstream_ok(creds.generation);
             Ok(())
         }
         Ok(Err(e)) => Err(e),

@@ -155,7 +155,10 @@ where
     let mut core = Core::new(creds, shared.local_password.clone());
     let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;
     drop(active);
-    if matches!(outcome, Outcome::Drained) {
+    // The proxy closes: FIN, then unread input is drained, so that the close does not turn
+    // into a reset that destroys replies the client has not read yet.
+    if matches!(outcome, Outcome::Drained | Outcome::Closed(_)) {
+        drop(upstream);
         linger(&mut client).await;
     }
     outcome
@@ -332,7 +335,7 @@ fn record_auth(core: &mut Core, health: &Health) {
         let kind = metrics::auth_kind(e.initial);
         if e.ok {
             m.auth_ok[kind].increment(1);
-            health.upstream_ok();
+            health.upstream_ok(e.generation);
         } else {
             m.auth_error[kind].increment(1);
         }

@@ -32,6 +32,9 @@ pub const UPSTREAM_OUT_HIGH_WATER: usize = 256 * 1024;
 /// so that it ends between replies rather than being cut by the server mid-reply. Scaled
 /// down for tokens that live only seconds (tests, the dev setup).
 pub const CLOSE_BEFORE_EXPIRY: Duration = Duration::from_secs(5);
+/// A connection closing for expiry whose replies are still owed this close to expiry (a
+/// command blocked past it) is closed at once: the server would cut it mid-reply.
+pub const HARD_CLOSE_BEFORE_EXPIRY: Duration = Duration::from_secs(1);
 
 /// Why the core wants the connection closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +159,8 @@ pub struct Core {
     authed: Option<Authed>,
     /// AUTHs written and not yet answered (two after a RESET written behind one).
     auths_in_flight: usize,
+    /// The close deadline passed: closing after the replies owed.
+    expiring: bool,
     /// A re-AUTH with the current generation failed; it is not retried until new credentials
     /// arrive or the driver calls [`Core::retry_reauth`].
     reauth_failed: bool,
@@ -176,6 +181,8 @@ pub struct Core {
 #[derive(Debug, Clone, Copy)]
 pub struct AuthEvent {
     pub initial: bool,
+    /// The token generation the AUTH carried.
+    pub generation: u64,
     pub ok: bool,
     /// From writing the AUTH to reading its reply (includes commands queued before it).
     pub latency: Duration,
@@ -198,6 +205,7 @@ impl Core {
             creds,
             authed: None,
             auths_in_flight: 0,
+            expiring: false,
             reauth_failed: false,
             role: None,
             held: BytesMut::new(),
@@ -261,11 +269,15 @@ impl Core {
     }
 
     /// When the connection must be closed unless it re-authenticates first: shortly before
-    /// the token it is authenticated with expires.
+    /// the token it is authenticated with expires. Once that passed ([`Core::expire`]), the
+    /// moment just before expiry when replies still owed are given up.
     pub fn close_deadline(&self) -> Option<SystemTime> {
         let a = self.authed?;
         let expires = a.expires_at?;
         let lifetime = expires.duration_since(a.at).unwrap_or_default();
+        if self.expiring {
+            return Some(expires - HARD_CLOSE_BEFORE_EXPIRY.min(lifetime / 20));
+        }
         Some(expires - CLOSE_BEFORE_EXPIRY.min(lifetime / 10))
     }
 
@@ -275,10 +287,18 @@ impl Core {
         Some(expires.duration_since(now).unwrap_or_default())
     }
 
-    /// The deadline passed without re-authentication: close.
+    /// The deadline passed without re-authentication. The first time: read nothing more
+    /// from the client and close once every reply owed to it was delivered. The second time
+    /// (the token is about to expire, a command is still blocked): close now.
     pub fn expire(&mut self) {
-        if self.closing.is_none() {
+        if self.closing.is_some() {
+            return;
+        }
+        if self.expiring {
             self.closing = Some(CloseReason::TokenExpiring);
+        } else {
+            self.expiring = true;
+            self.close_after_replies(CloseReason::TokenExpiring);
         }
     }
 
@@ -617,6 +637,7 @@ impl Core {
         self.auths_in_flight = self.auths_in_flight.saturating_sub(1);
         self.auth_events.push(AuthEvent {
             initial,
+            generation,
             ok: !error,
             latency: sent.elapsed(),
         });

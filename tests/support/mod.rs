@@ -324,3 +324,7 @@ pub async fn run_tool(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+pub mod mock_identity;
+pub mod proxy_process;
+pub mod token_issuer;

@@ -126,6 +126,16 @@ pub(super) fn describe(
         }
         cause = e.source();
     }
+    // No HTTP answer: the transport's own causes (refused, reset, timed out) say why.
+    let mut cause = std::error::Error::source(err);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !text.is_empty() && !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = e.source();
+    }
     if let Some(status) = last_status {
         message.push_str(&format!(" (HTTP {status})"));
     }
