@@ -119,3 +119,29 @@ fn reset_during_an_auth_sends_no_duplicate_auth() {
         "initial, two of generation 2, one of generation 3"
     );
 }
+
+/// A reply the proxy answers itself is queued as soon as the ledger reaches it, even while an
+/// unsolicited frame (a pub/sub message, a tracking invalidation) is half relayed: the client
+/// receives the local reply inside the push and its reader desynchronises
+/// (src/session/core.rs, `drain_local` at the end of `client_input`). Here a RESP3
+/// subscriber receives a message in two reads and sends `AUTH` between them.
+#[test]
+fn local_reply_never_lands_inside_a_relayed_push() {
+    let mut core = Core::new(creds(1), None);
+    client(&mut core, b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n");
+    upstream(&mut core, b"+OK\r\n%1\r\n$5\r\nproto\r\n:3\r\n");
+    client(&mut core, b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nc1\r\n");
+    let ack = b">3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:1\r\n";
+    upstream(&mut core, ack);
+    core.to_client.clear();
+    let message = b">3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$5\r\nhello\r\n";
+    let mut uin = BytesMut::from(&message[..35]);
+    core.upstream_input(&mut uin);
+    client(&mut core, b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n");
+    uin.extend_from_slice(&message[35..]);
+    core.upstream_input(&mut uin);
+    assert_eq!(
+        String::from_utf8_lossy(&core.to_client),
+        String::from_utf8_lossy(&[&message[..], b"+OK\r\n"].concat())
+    );
+}

@@ -679,6 +679,11 @@ impl Core {
 
     /// Appends replies the proxy answers itself once everything before them was relayed.
     pub(super) fn drain_local(&mut self) {
+        if self.role.is_some() {
+            // A frame (a push) is half relayed: its end comes first; `upstream_input` calls
+            // this again when it completes.
+            return;
+        }
         while let Some(front) = self.ledger.front() {
             match front {
                 Expect::Local(bytes) => {
