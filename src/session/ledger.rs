@@ -89,38 +89,85 @@ pub enum Expect {
     Close,
 }
 
+/// Consecutive plain replies (no effect) share one entry with a count, so a client that
+/// pipelines millions of ordinary commands without reading costs the ledger one entry, not
+/// one per command: its memory stays bounded by what is special in the stream.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    entries: VecDeque<Expect>,
+    entries: VecDeque<(Expect, u32)>,
+    /// Sum of the counts.
+    total: usize,
+    /// How many of them are injected or `Close` (no client reply).
+    not_client: usize,
+}
+
+fn mergeable(e: &Expect) -> bool {
+    matches!(
+        e,
+        Expect::Reply {
+            effect: Effect::None,
+            ..
+        }
+    )
+}
+
+fn counts_for_client(e: &Expect) -> bool {
+    !matches!(e, Expect::Swallow(_) | Expect::Close)
 }
 
 impl Ledger {
     pub fn push(&mut self, e: Expect) {
-        self.entries.push_back(e);
+        self.total += 1;
+        if !counts_for_client(&e) {
+            self.not_client += 1;
+        }
+        if let Some((last, n)) = self.entries.back_mut() {
+            if *n < u32::MAX && mergeable(&e) && *last == e {
+                *n += 1;
+                return;
+            }
+        }
+        self.entries.push_back((e, 1));
     }
 
     pub fn front(&self) -> Option<&Expect> {
-        self.entries.front()
+        self.entries.front().map(|(e, _)| e)
     }
 
+    /// The front entry alone (split from its run, so that changing it changes one reply).
     pub fn front_mut(&mut self) -> Option<&mut Expect> {
-        self.entries.front_mut()
+        if let Some((e, n)) = self.entries.front_mut() {
+            if *n > 1 {
+                *n -= 1;
+                let one = e.clone();
+                self.entries.push_front((one, 1));
+            }
+        }
+        self.entries.front_mut().map(|(e, _)| e)
     }
 
     pub fn pop(&mut self) -> Option<Expect> {
-        self.entries.pop_front()
+        let (e, n) = self.entries.front_mut()?;
+        let e = if *n > 1 {
+            *n -= 1;
+            e.clone()
+        } else {
+            self.entries.pop_front()?.0
+        };
+        self.total -= 1;
+        if !counts_for_client(&e) {
+            self.not_client -= 1;
+        }
+        Some(e)
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.total
     }
 
     /// Replies the client still waits for (excluding injected ones).
     pub fn client_pending(&self) -> usize {
-        self.entries
-            .iter()
-            .filter(|e| !matches!(e, Expect::Swallow(_) | Expect::Close))
-            .count()
+        self.total - self.not_client
     }
 
     /// Releases the capacity of an empty ledger (a deep pipeline leaves a large one behind).
@@ -132,5 +179,57 @@ impl Ledger {
 
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.total = 0;
+        self.not_client = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain() -> Expect {
+        Expect::Reply {
+            effect: Effect::None,
+            relay: true,
+        }
+    }
+
+    #[test]
+    fn plain_replies_share_one_entry_and_come_out_one_by_one() {
+        let mut l = Ledger::default();
+        for _ in 0..1_000_000 {
+            l.push(plain());
+        }
+        l.push(Expect::Close);
+        l.push(plain());
+        assert_eq!(l.entries.len(), 3, "runs, not one entry per command");
+        assert_eq!((l.len(), l.client_pending()), (1_000_002, 1_000_001));
+        for _ in 0..1_000_000 {
+            assert_eq!(l.pop(), Some(plain()));
+        }
+        assert_eq!(l.pop(), Some(Expect::Close));
+        assert_eq!((l.len(), l.client_pending()), (1, 1));
+        assert_eq!(l.pop(), Some(plain()));
+        assert_eq!((l.pop(), l.len(), l.client_pending()), (None, 0, 0));
+    }
+
+    #[test]
+    fn changing_the_front_changes_one_reply_of_a_run() {
+        let mut l = Ledger::default();
+        l.push(plain());
+        l.push(plain());
+        if let Some(Expect::Reply { relay, .. }) = l.front_mut() {
+            *relay = false;
+        }
+        assert_eq!(
+            l.pop(),
+            Some(Expect::Reply {
+                effect: Effect::None,
+                relay: false
+            })
+        );
+        assert_eq!(l.pop(), Some(plain()));
+        assert_eq!(l.len(), 0);
     }
 }
