@@ -456,6 +456,7 @@ async fn traffic(mut c: Conn, until: Instant) -> Result<(Conn, ConnStats), Failu
         }
         req.clear();
         want.clear();
+        #[allow(clippy::needless_late_init)]
         let commands;
         match rng.u32(0..100) {
             // SET then GET, pipelined.
