@@ -30,8 +30,12 @@ use crate::metrics;
 use crate::secret::Secret;
 use crate::upstream::Connector;
 
-/// Bytes requested per read. Matches Redis's own read size (`PROTO_IOBUF_LEN`).
+/// Most bytes requested per read. Matches Redis's own read size (`PROTO_IOBUF_LEN`).
 const READ_CHUNK: usize = 16 * 1024;
+/// Bytes requested by a connection's first read, doubled after every read that fills its
+/// room up to [`READ_CHUNK`]: a connection that only ever sends small commands never holds a
+/// large buffer (memory per idle connection), a busy one reaches full-size reads at once.
+const READ_CHUNK_MIN: usize = 2 * 1024;
 /// After the client half-closes, replies already owed to it are still delivered for this
 /// long (what `printf 'PING\r\n' | nc` expects), then the connection closes.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -132,16 +136,19 @@ pub async fn serve<C>(mut client: C, shared: &Shared) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let creds = match no_token::current(&shared.credentials).await {
+    // The futures of the phases before the byte pump are boxed: they are large (the TLS
+    // handshake holds a whole TLS connection) and short-lived, and unboxed they would size
+    // every session's task for its whole life.
+    let creds = match Box::pin(no_token::current(&shared.credentials)).await {
         Ok(c) => c,
         Err(why) => {
-            no_token::serve(&mut client, &shared.credentials, why).await;
+            Box::pin(no_token::serve(&mut client, &shared.credentials, why)).await;
             return Outcome::NoCredentials(why);
         }
     };
     let m = metrics::handles();
     let started = std::time::Instant::now();
-    let mut upstream = match shared.connector.connect().await {
+    let mut upstream = match Box::pin(shared.connector.connect()).await {
         Ok(u) => u,
         Err(e) => {
             ::metrics::counter!(metrics::UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => e.label())
@@ -168,7 +175,8 @@ where
 /// (bounded by [`LINGER`]).
 async fn linger<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C) {
     let _ = client.shutdown().await;
-    let mut sink = [0u8; 4096];
+    // On the heap: an array here would be part of every session's future for its whole life.
+    let mut sink = vec![0u8; 4096];
     let _ = tokio::time::timeout(LINGER, async {
         while let Ok(n) = client.read(&mut sink).await {
             if n == 0 {
@@ -194,8 +202,10 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let mut io = Io {
-        cin: BytesMut::with_capacity(READ_CHUNK),
-        uin: BytesMut::with_capacity(READ_CHUNK),
+        cin: BytesMut::new(),
+        uin: BytesMut::new(),
+        cin_chunk: READ_CHUNK_MIN,
+        uin_chunk: READ_CHUNK_MIN,
         reading_client: true,
         draining: false,
         last_client_input: Instant::now(),
@@ -238,6 +248,19 @@ where
             .partial_request_timeout
             .zip(io.partial_since)
             .map(|(t, since)| since + t);
+        let next = [
+            pending.as_ref().map(|p| p.1),
+            retry_at,
+            close_at,
+            grace,
+            quiet_at,
+            idle_at,
+            partial_at,
+            shrink_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         tokio::select! {
             outcome = poll_fn(|cx| io.poll(cx, client, upstream, core, timers, &shared.health)) => match outcome {
                 // The core's timers changed: recompute them.
@@ -266,47 +289,51 @@ where
                 }
                 Err(_) => creds_open = false,
             },
-            _ = sleep_opt(pending.as_ref().map(|p| p.1)) => {
-                if let Some((c, _)) = pending.take() {
-                    core.set_credentials(c);
-                }
-            }
-            _ = sleep_opt(retry_at) => {
-                retry_at = None;
-                core.retry_reauth();
-            }
-            _ = sleep_opt(close_at) => {
-                if core.close_deadline().is_some_and(|d| d <= SystemTime::now()) {
-                    core.expire();
-                }
-            }
             _ = shared.shutdown.cancelled(), if !io.draining => {
                 io.draining = true;
             }
-            _ = sleep_opt(grace) => return Outcome::ClientClosed,
-            // While draining, look again once the client has been quiet long enough.
-            _ = sleep_opt(quiet_at) => {}
-            _ = sleep_opt(idle_at) => {
-                let timeout = shared.client_idle_timeout.unwrap_or_default();
-                if io.timers(core).idle && io.last_activity.elapsed() >= timeout {
-                    core.close_after_replies(CloseReason::ClientIdle(timeout));
+            // One timer for all deadlines (a sleep each would make every session's task
+            // larger); whichever are due are handled, the rest are recomputed.
+            _ = sleep_opt(next) => {
+                let now = Instant::now();
+                let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+                if grace.is_some_and(|at| at <= now) {
+                    return Outcome::ClientClosed;
                 }
-            }
-            _ = sleep_opt(partial_at) => {
-                let timeout = shared.partial_request_timeout.unwrap_or_default();
-                if !core.wants_client_input() {
-                    // The wait is the upstream's, not the client's: start the clock again.
-                    io.partial_since = io.partial_since.map(|_| Instant::now());
-                } else if io.partial_since.is_some_and(|since| since.elapsed() >= timeout) {
-                    io.cin.clear();
-                    io.partial_since = None;
-                    core.close_after_replies(CloseReason::PartialRequest(timeout));
+                if pending.as_ref().is_some_and(|p| p.1 <= now) {
+                    if let Some((c, _)) = pending.take() {
+                        core.set_credentials(c);
+                    }
                 }
-            }
-            _ = sleep_opt(shrink_at) => {
-                if io.last_activity.elapsed() >= IDLE_SHRINK {
+                if due(retry_at) {
+                    retry_at = None;
+                    core.retry_reauth();
+                }
+                if due(close_at) && core.close_deadline().is_some_and(|d| d <= SystemTime::now()) {
+                    core.expire();
+                }
+                if due(idle_at) {
+                    let timeout = shared.client_idle_timeout.unwrap_or_default();
+                    if io.timers(core).idle && io.last_activity.elapsed() >= timeout {
+                        core.close_after_replies(CloseReason::ClientIdle(timeout));
+                    }
+                }
+                if due(partial_at) {
+                    let timeout = shared.partial_request_timeout.unwrap_or_default();
+                    if !core.wants_client_input() {
+                        // The wait is the upstream's, not the client's: start the clock again.
+                        io.partial_since = io.partial_since.map(|_| Instant::now());
+                    } else if io.partial_since.is_some_and(|since| since.elapsed() >= timeout) {
+                        io.cin.clear();
+                        io.partial_since = None;
+                        core.close_after_replies(CloseReason::PartialRequest(timeout));
+                    }
+                }
+                if due(shrink_at) && io.last_activity.elapsed() >= IDLE_SHRINK {
                     io.shrink(core);
                 }
+                // `quiet_at`: while draining, the poll looks again once the client has been
+                // quiet long enough.
             }
         }
     }
@@ -368,6 +395,9 @@ struct Io {
     last_client_input: Instant,
     /// When either side last sent something.
     last_activity: Instant,
+    /// Room reserved before the next read of each side (see [`READ_CHUNK_MIN`]).
+    cin_chunk: usize,
+    uin_chunk: usize,
     /// `cin` holds only the beginning of a request: the core waits for the client.
     cin_partial: bool,
     /// Since when the client has kept the current request incomplete (reset whenever a
@@ -420,6 +450,8 @@ impl Io {
         if self.uin.is_empty() {
             self.uin = BytesMut::new();
         }
+        self.cin_chunk = READ_CHUNK_MIN;
+        self.uin_chunk = READ_CHUNK_MIN;
         core.shrink();
         self.shrunk = true;
     }
@@ -496,7 +528,7 @@ impl Io {
                 progress |= self.feed_client(core);
             }
             if self.reading_client && core.wants_client_input() {
-                self.cin.reserve(READ_CHUNK);
+                self.cin.reserve(self.cin_chunk);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::ClientClosed)),
                     Poll::Ready(Ok(n)) => {
@@ -504,6 +536,9 @@ impl Io {
                         self.last_activity = self.last_client_input;
                         self.shrunk = false;
                         metrics::handles().client_in.increment(n as u64);
+                        if n >= self.cin_chunk {
+                            self.cin_chunk = (self.cin_chunk * 2).min(READ_CHUNK);
+                        }
                         self.feed_client(core);
                         progress = true;
                     }
@@ -518,11 +553,14 @@ impl Io {
                 progress |= self.uin.len() != before;
             }
             if core.wants_upstream_input() {
-                self.uin.reserve(READ_CHUNK);
+                self.uin.reserve(self.uin_chunk);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *upstream), cx, &mut self.uin) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::UpstreamClosed)),
                     Poll::Ready(Ok(n)) => {
                         metrics::handles().upstream_in.increment(n as u64);
+                        if n >= self.uin_chunk {
+                            self.uin_chunk = (self.uin_chunk * 2).min(READ_CHUNK);
+                        }
                         self.last_activity = Instant::now();
                         self.shrunk = false;
                         core.upstream_input(&mut self.uin);

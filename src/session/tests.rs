@@ -97,3 +97,14 @@ async fn requests_held_back_while_the_upstream_stalls_are_served_without_more_in
         .expect("session task");
     assert!(matches!(outcome, Outcome::ClientClosed), "{outcome}");
 }
+
+/// Every client connection is one task whose size is this future's: keep it small (it was
+/// 5 KiB when a 4 KiB linger buffer and a timer per deadline lived in it).
+#[test]
+fn a_session_task_stays_small() {
+    let shared = shared(creds());
+    let (client, _app) = tokio::io::duplex(64);
+    let session = serve(client, &shared);
+    let size = std::mem::size_of_val(&session);
+    assert!(size <= 3 * 1024, "a session future takes {size} bytes");
+}
