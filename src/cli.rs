@@ -259,6 +259,12 @@ pub struct Options {
     #[serde(default, deserialize_with = "de_duration")]
     pub partial_request_timeout: Option<Duration>,
 
+    /// Upstream connections kept open and authenticated ahead of clients, each handed to one
+    /// new client at once and replaced in the background; for applications that open a
+    /// connection per request. Each counts against the cache's connection limit [default: 0].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_WARM_CONNECTIONS", value_name = "N")]
+    pub warm_connections: Option<usize>,
+
     /// Most client connections served at once [default: 10000].
     #[arg(long, env = "REDIS_ENTRA_PROXY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -303,7 +309,7 @@ impl Options {
             client_secret_file, client_certificate_file, credential_file, credential_command,
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
-            client_idle_timeout, partial_request_timeout, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
+            client_idle_timeout, partial_request_timeout, warm_connections, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }
 

@@ -105,6 +105,7 @@ pub struct Config {
     pub client_idle_timeout: Option<Duration>,
     /// `None`: never.
     pub partial_request_timeout: Option<Duration>,
+    pub warm_connections: usize,
     pub max_connections: usize,
     pub refresh_ratio: f64,
     pub reauth_window: Duration,
@@ -278,6 +279,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
                 .unwrap_or(DEFAULT_PARTIAL_REQUEST_TIMEOUT),
         )
         .filter(|d| !d.is_zero()),
+        warm_connections: o.warm_connections.unwrap_or(0),
         max_connections,
         refresh_ratio,
         reauth_window: o.reauth_window.unwrap_or(DEFAULT_REAUTH_WINDOW),
@@ -427,6 +429,10 @@ pub fn render(o: &Options, token_set: bool) -> String {
     line(
         "partial-request-timeout",
         d(o.partial_request_timeout, DEFAULT_PARTIAL_REQUEST_TIMEOUT),
+    );
+    line(
+        "warm-connections",
+        o.warm_connections.unwrap_or(0).to_string(),
     );
     line(
         "max-connections",

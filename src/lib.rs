@@ -37,6 +37,7 @@ pub mod credentials;
 pub mod dev;
 pub mod devenv;
 pub mod metrics;
+pub mod pool;
 pub mod resp;
 pub mod secret;
 pub mod server;
@@ -160,6 +161,7 @@ pub async fn run_with_source(
     };
     let connector =
         upstream::Connector::new(config.upstream.addr.clone(), tls, config.connect_timeout);
+    let pool = (config.warm_connections > 0).then(|| pool::Pool::new(config.warm_connections));
     let shared = Arc::new(session::Shared {
         connector: connector.clone(),
         credentials: rx.clone(),
@@ -168,7 +170,26 @@ pub async fn run_with_source(
         reauth_window: config.reauth_window,
         client_idle_timeout: config.client_idle_timeout,
         partial_request_timeout: config.partial_request_timeout,
+        pool: pool.clone(),
         health: health.clone(),
+    });
+    if let Some(pool) = pool {
+        tokio::spawn(pool::run(pool, shared.clone()));
+    }
+    // Histograms keep their samples until the exporter's upkeep folds them: without it, a
+    // proxy nobody scrapes (or with no admin endpoint) grows with every connection and AUTH.
+    tokio::spawn({
+        let handle = prometheus.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => handle.run_upkeep(),
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
     });
     if let Some(listener) = listeners.admin.take() {
         let admin = Arc::new(admin::Admin {

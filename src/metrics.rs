@@ -24,6 +24,8 @@ pub const TOKEN_EXPIRES_IN_SECONDS: &str = "redis_entra_proxy_token_expires_in_s
 pub const TOKEN_GENERATION: &str = "redis_entra_proxy_token_generation";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "redis_entra_proxy_connections_closed_total";
 pub const PROTOCOL_ERRORS_TOTAL: &str = "redis_entra_proxy_protocol_errors_total";
+pub const WARM_CONNECTIONS: &str = "redis_entra_proxy_warm_connections";
+pub const WARM_HANDED_OUT_TOTAL: &str = "redis_entra_proxy_warm_handed_out_total";
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -103,6 +105,14 @@ fn describe() {
         "Client connections ended, by side (client, upstream, proxy) and reason."
     );
     describe_counter!(PROTOCOL_ERRORS_TOTAL, "Malformed client input, by kind.");
+    describe_gauge!(
+        WARM_CONNECTIONS,
+        "Authenticated upstream connections waiting in the warm pool."
+    );
+    describe_counter!(
+        WARM_HANDED_OUT_TOTAL,
+        "Client connections served by a connection from the warm pool."
+    );
 }
 
 /// Handles the per-connection paths use, registered once.
@@ -118,6 +128,8 @@ pub struct Handles {
     pub auth_ok: [Counter; 2],
     pub auth_error: [Counter; 2],
     pub auth_seconds: [Histogram; 2],
+    pub warm_idle: Gauge,
+    pub warm_handed_out: Counter,
 }
 
 /// Index into the `[initial, reauth]` arrays.
@@ -148,6 +160,8 @@ pub fn handles() -> &'static Handles {
                 metrics::histogram!(UPSTREAM_AUTH_SECONDS, "kind" => "initial"),
                 metrics::histogram!(UPSTREAM_AUTH_SECONDS, "kind" => "reauth"),
             ],
+            warm_idle: metrics::gauge!(WARM_CONNECTIONS),
+            warm_handed_out: metrics::counter!(WARM_HANDED_OUT_TOTAL),
         }
     })
 }

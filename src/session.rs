@@ -69,6 +69,8 @@ pub struct Shared {
     pub client_idle_timeout: Option<Duration>,
     /// Close a client that keeps one request incomplete for this long.
     pub partial_request_timeout: Option<Duration>,
+    /// Authenticated upstream connections ready for new clients (`--warm-connections`).
+    pub pool: Option<Arc<crate::pool::Pool>>,
     /// Where sessions report that the upstream answered (for `/readyz`).
     pub health: Arc<Health>,
 }
@@ -147,19 +149,26 @@ where
         }
     };
     let m = metrics::handles();
-    let started = std::time::Instant::now();
-    let mut upstream = match Box::pin(shared.connector.connect()).await {
-        Ok(u) => u,
-        Err(e) => {
-            ::metrics::counter!(metrics::UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => e.label())
-                .increment(1);
-            refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
-            return Outcome::UpstreamConnect(e);
+    let warm = shared.pool.as_ref().and_then(|p| p.take());
+    let (mut upstream, mut core) = match warm {
+        Some(warm) => (warm.upstream, warm.core),
+        None => {
+            let started = std::time::Instant::now();
+            match Box::pin(shared.connector.connect()).await {
+                Ok(u) => {
+                    m.connect_seconds.record(started.elapsed().as_secs_f64());
+                    (u, Core::new(creds, shared.local_password.clone()))
+                }
+                Err(e) => {
+                    ::metrics::counter!(metrics::UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => e.label())
+                        .increment(1);
+                    refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
+                    return Outcome::UpstreamConnect(e);
+                }
+            }
         }
     };
-    m.connect_seconds.record(started.elapsed().as_secs_f64());
     let active = metrics::Active::new(&m.upstream_active, false);
-    let mut core = Core::new(creds, shared.local_password.clone());
     let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;
     drop(active);
     // The proxy closes: FIN, then unread input is drained, so that the close does not turn
@@ -356,7 +365,7 @@ fn instant_of(t: SystemTime) -> Instant {
 }
 
 /// Turns the core's AUTH results into metrics and readiness.
-fn record_auth(core: &mut Core, health: &Health) {
+pub(crate) fn record_auth(core: &mut Core, health: &Health) {
     for e in core.auth_events.drain(..) {
         let m = metrics::handles();
         let kind = metrics::auth_kind(e.initial);

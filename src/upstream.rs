@@ -65,6 +65,10 @@ impl Connector {
         Connector { addr, tls, timeout }
     }
 
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn addr(&self) -> &str {
         &self.addr
     }

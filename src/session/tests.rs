@@ -25,6 +25,7 @@ fn shared(creds: Arc<Credentials>) -> Shared {
         reauth_window: Duration::ZERO,
         client_idle_timeout: None,
         partial_request_timeout: None,
+        pool: None,
         health: Arc::new(Health::default()),
     }
 }

@@ -42,6 +42,8 @@ pub struct ProxyOptions {
     /// `--client-idle-timeout` and `--partial-request-timeout`.
     pub client_idle_timeout: Option<Duration>,
     pub partial_request_timeout: Option<Duration>,
+    /// `--warm-connections`.
+    pub warm_connections: Option<usize>,
     /// Serve the admin endpoint on a free port.
     pub admin: bool,
     /// Return without waiting for a PING to succeed (for proxies that cannot be ready).
@@ -62,6 +64,7 @@ impl Default for ProxyOptions {
             connect_timeout: None,
             client_idle_timeout: None,
             partial_request_timeout: None,
+            warm_connections: None,
             admin: false,
             no_ready_wait: false,
         }
@@ -123,6 +126,7 @@ impl Proxy {
             connect_timeout: opts.connect_timeout,
             client_idle_timeout: opts.client_idle_timeout,
             partial_request_timeout: opts.partial_request_timeout,
+            warm_connections: opts.warm_connections,
             admin_listen: Some(if opts.admin { "127.0.0.1:0" } else { "none" }.into()),
             ..Options::default()
         };
