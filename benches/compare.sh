@@ -11,7 +11,8 @@
 #
 # Measures, for each target, in ROUNDS interleaved rounds (the order rotates each round):
 # throughput and latency (redis-benchmark --csv) for 50 clients, 50 clients pipelining 16,
-# 16 KiB values and a single client; CPU per request of the process in the middle (utime +
+# 16 KiB values, a single client, and a new connection per request (the proxy with a warm
+# pool of WARM_CONNECTIONS, default 32); CPU per request of the process in the middle (utime +
 # stime from /proc/PID/stat around each run); and, once, on fresh processes, resident memory
 # per idle connection (IDLE_CONNS connections each sent one PING, VmRSS before and after).
 # Prints one markdown report: medians, and ratios to direct TLS and to the peers.
@@ -146,7 +147,8 @@ PIDS+=("$PID_REDIS")
 
 REDIS_ENTRA_PROXY_TOKEN="$TOKEN" "$BIN" --listen "127.0.0.1:$P_PROXY" \
     --upstream "127.0.0.1:$P_REDIS" --upstream-ca-file "$WORK/ca.pem" \
-    --upstream-server-name localhost --admin-listen none >"$WORK/proxy.log" 2>&1 &
+    --upstream-server-name localhost --admin-listen none \
+    --warm-connections "${WARM_CONNECTIONS:-32}" >"$WORK/proxy.log" 2>&1 &
 PID_PROXY=$!
 PIDS+=("$PID_PROXY")
 
@@ -267,12 +269,14 @@ for t in proxy stunnel haproxy; do
 done
 
 # --- throughput, latency, CPU -------------------------------------------------------------
-CASES=(c50 c50_p16 v16k c1)
+CASES=(c50 c50_p16 v16k c1 churn)
 declare -A CASE_ARGS=(
     [c50]="-c 50 -n $((100000 / SCALE)) -t set,get"
     [c50_p16]="-c 50 -P 16 -n $((500000 / SCALE)) -t set,get"
     [v16k]="-c 50 -d 16384 -n $((20000 / SCALE)) -t set,get"
     [c1]="-c 1 -n $((20000 / SCALE)) -t set,get"
+    # A new connection for every request (`-k 0`): what the warm pool is for.
+    [churn]="-c 10 -k 0 -n $((4000 / SCALE)) -t set,get"
 )
 TCK=$(getconf CLK_TCK)
 cpu_ticks() { # utime + stime of the whole process (all threads)
@@ -347,7 +351,8 @@ from collections import defaultdict
 results, memory, rounds, idle = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 T = ["direct", "proxy", "stunnel", "haproxy"]
 CASES = [("c50", "50 clients"), ("c50_p16", "50 clients, pipeline 16"),
-         ("v16k", "50 clients, 16 KiB values"), ("c1", "1 client")]
+         ("v16k", "50 clients, 16 KiB values"), ("c1", "1 client"),
+         ("churn", "10 clients, a new connection per request")]
 vals = defaultdict(list)
 for row in csv.DictReader(open(results), delimiter="\t"):
     for k in ("rps", "p50_ms", "p99_ms", "mid_cpu_us_per_req", "redis_cpu_us_per_req"):
@@ -433,6 +438,7 @@ rows = [
     ("throughput ≥ 0.8× direct TLS, 50 clients", rps_ratio("c50", "direct"), lambda v: v >= 0.8),
     ("throughput ≥ 0.8× direct TLS, pipeline 16", rps_ratio("c50_p16", "direct"), lambda v: v >= 0.8),
     ("16 KiB values ≥ 1.3× haproxy", rps_ratio("v16k", "haproxy"), lambda v: v >= 1.3),
+    ("new connection per request ≥ 10× direct TLS", rps_ratio("churn", "direct"), lambda v: v >= 10),
 ]
 for goal, v, ok in rows:
     m, met = check(v, ok)
