@@ -35,12 +35,17 @@ use tokio::time::{timeout, Instant};
 
 /// How often the dev issuer rotates tokens.
 const ROTATE_EVERY: &str = "2s";
-/// With it, each token lives `ROTATE_EVERY / REFRESH_RATIO` = 4 s and its ACL user is
-/// deleted then, 2 s after the next token is issued. The proxy spreads re-AUTHs over a
-/// quarter of that overlap (0.5 s) and closes a connection still on the old token 0.4 s
-/// before expiry, so 10,000 connections have about a second to re-authenticate. With the
-/// default 0.75 (2.67 s tokens, a 0.17 s spread and 0.4 s in all), two CPUs busy with
-/// thousands of TLS handshakes could not re-authenticate 8,000 connections in time.
+/// With it, each token lives `ROTATE_EVERY / REFRESH_RATIO` = 8 s and its ACL user is
+/// deleted then, 6 s after the next token is issued. The proxy spreads re-AUTHs over a quarter
+/// of that overlap (1.5 s) and closes a connection still on the old token 0.8 s before expiry,
+/// so the last of 10,000 connections still has ~3.7 s for its AUTH round trip: a soak of
+/// correctness, not of how many AUTHs two CPUs answer per second. Measured with 9,984
+/// connections on 2 CPUs: with the default 0.75 (0.17 s spread, ~0.4 s in all), thousands of
+/// connections were closed for want of re-authentication while others were still connecting
+/// (TLS handshakes saturate the CPUs); with 0.5 (a 0.5 s spread, ~1.1 s in all), a 30 s run
+/// passed but 120 s runs next to a fuzzer and compilers lost 3,647, then all 9,984
+/// connections, as re-AUTH round trips reached 1-2.5 s in the 20,000-a-second bursts; with
+/// 0.25, 99.5 % of re-AUTHs took under 0.25 s and all under 1 s.
 const REFRESH_RATIO: &str = "0.25";
 /// File descriptors the proxy needs besides two per connection (listeners, epoll, the
 /// redis-server child's pipes, the issuer's admin connection): 17 measured, with room to spare.
@@ -56,13 +61,14 @@ const SETTLE: Duration = Duration::from_secs(3);
 const PACE_MS: (u64, u64) = (100, 900);
 /// Idle spell length (milliseconds): longer than `IDLE_SHRINK`, and often across a rotation.
 const IDLE_MS: (u64, u64) = (2_000, 4_500);
-/// Proxy RSS per idle connection allowed. The README measures ~24 KiB (the session task, the
-/// upstream TLS session, two sockets; buffers are released after 2 s idle); this soak
-/// measured 24.4-25.0 KiB with 1,000 to 9,984 connections, and 25.8-26.9 KiB after 2 minutes
-/// of traffic and 65 rotations. 64 KiB catches a per-connection buffer that is never
-/// released.
+/// Proxy RSS per idle connection allowed (the session task, the upstream TLS session, two
+/// sockets; buffers are released after 2 s idle). This soak measured 16.7 KiB with 1,000 to
+/// 9,984 connections (24.4-25.0 KiB before reads started at 2 KiB), and 17.1-18.1 KiB after
+/// 2 minutes of traffic and 68 rotations. 64 KiB catches a per-connection buffer that is
+/// never released.
 const IDLE_PER_CONN_KIB: u64 = 64;
-/// Proxy peak RSS per connection allowed under the mixed traffic. Measured 25.7-27.4 KiB. A
+/// Proxy peak RSS per connection allowed under the mixed traffic. Measured 16.9-18.1 KiB
+/// (25.7-27.4 KiB before reads started at 2 KiB). A
 /// connection in the middle of a round trip also holds a 16 KiB read buffer per side: 128 KiB
 /// allows that on every connection at once, with room to spare, and still catches buffers
 /// that grow with traffic or rotations.
@@ -737,7 +743,7 @@ async fn soak_many_connections_through_rotations() {
         "SOAK: proxy RSS baseline {baseline} KiB; {connections} idle connections {idle_rss} KiB \
          ({:.1} KiB per connection); under traffic peak {peak} KiB ({:.1} KiB per connection), \
          {busy_rss} KiB at the end of traffic; idle after the soak {after_rss} KiB ({:.1} KiB \
-         per connection); RSS during the traffic, every {}th second: {:?}",
+         per connection); RSS during the traffic, sampled every {} s: {:?}",
         per_conn(idle_rss),
         per_conn(peak),
         per_conn(after_rss),
