@@ -236,7 +236,14 @@ where
     let mut pending: Option<(Arc<crate::credentials::Credentials>, Instant)> = None;
     let mut retry_at: Option<Instant> = None;
     let mut retry_delay = REAUTH_RETRY_INITIAL;
+    // A server that accepts the connection and then never answers the first AUTH must not
+    // hold the client forever: the connect timeout covers the AUTH too.
+    let auth_timeout = shared.connector.timeout();
+    let mut auth_deadline = (!core.authenticated()).then(|| Instant::now() + auth_timeout);
     loop {
+        if auth_deadline.is_some() && core.authenticated() {
+            auth_deadline = None;
+        }
         record_auth(core, &shared.health);
         if core.reauth_failed() && retry_at.is_none() {
             retry_at = Some(Instant::now() + retry_delay);
@@ -262,6 +269,7 @@ where
             retry_at,
             close_at,
             grace,
+            auth_deadline,
             quiet_at,
             idle_at,
             partial_at,
@@ -313,6 +321,10 @@ where
                     if let Some((c, _)) = pending.take() {
                         core.set_credentials(c);
                     }
+                }
+                if due(auth_deadline) && !core.authenticated() {
+                    auth_deadline = None;
+                    core.auth_timed_out(auth_timeout);
                 }
                 if due(retry_at) {
                     retry_at = None;

@@ -429,3 +429,68 @@ async fn redis_killed_and_restarted() {
         "{list:?}"
     );
 }
+
+/// Accepts connections and holds them open without a byte in either direction (a server
+/// that hangs), reading and dropping whatever arrives when `read` is set. Returns its address.
+async fn silent_upstream(read: bool) -> (SocketAddr, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = listener.accept().await {
+            if read {
+                tokio::spawn(async move {
+                    let mut sink = [0u8; 1024];
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut conn, &mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                });
+            } else {
+                held.push(conn);
+            }
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn tls_handshake_that_never_completes() {
+    let (addr, server) = silent_upstream(false).await;
+    let (source, token) = fixed_source("oid-x");
+    let upstream = (addr.to_string(), true, None);
+    let bare = start_bare(upstream, source, Some(Duration::from_secs(1))).await;
+    let (out, took) = first_session_output(bare.addr, b"*1\r\n$4\r\nPING\r\n").await;
+    assert_one_error(&out, "-ERR ", &["redis-entra-proxy", "timed out"]);
+    assert!(!contains(&out, token.as_bytes()));
+    assert!(took < FAIL_FAST, "waited {took:?}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn upstream_that_never_answers_auth() {
+    let (addr, server) = silent_upstream(true).await;
+    let (source, token) = fixed_source("oid-x");
+    let upstream = (addr.to_string(), false, None);
+    let bare = start_bare(upstream, source, Some(Duration::from_secs(1))).await;
+    // A pipeline: the client hears one error for all of it, then the close.
+    let (out, took) = first_session_output(
+        bare.addr,
+        b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+    )
+    .await;
+    assert_one_error(
+        &out,
+        "-ERR ",
+        &["redis-entra-proxy", "did not answer AUTH within 1s"],
+    );
+    assert!(!contains(&out, token.as_bytes()));
+    assert!(
+        took >= Duration::from_millis(900) && took < FAIL_FAST,
+        "waited {took:?}"
+    );
+    server.abort();
+}

@@ -45,6 +45,8 @@ pub enum CloseReason {
     ClientProtocol(ProtocolError),
     /// The upstream refused the proxy's first AUTH; the text is the server's error line.
     UpstreamAuth(String),
+    /// The upstream did not answer the proxy's first AUTH in time (a stalled server).
+    UpstreamAuthTimeout(Duration),
     /// The upstream sent bytes that are not RESP.
     UpstreamProtocol(String),
     /// The upstream sent a reply no command asked for: the stream cannot be trusted.
@@ -76,6 +78,7 @@ impl CloseReason {
             CloseReason::ClientQuit => "client_quit",
             CloseReason::ClientProtocol(_) => "client_protocol_error",
             CloseReason::UpstreamAuth(_) => "upstream_auth_failed",
+            CloseReason::UpstreamAuthTimeout(_) => "upstream_auth_timeout",
             CloseReason::UpstreamProtocol(_) => "upstream_protocol_error",
             CloseReason::UpstreamDesync => "upstream_desync",
             CloseReason::TokenExpiring => "token_expiring",
@@ -91,6 +94,9 @@ impl std::fmt::Display for CloseReason {
             CloseReason::ClientQuit => f.write_str("client sent QUIT"),
             CloseReason::ClientProtocol(e) => write!(f, "client protocol error: {e}"),
             CloseReason::UpstreamAuth(e) => write!(f, "upstream refused AUTH: {e}"),
+            CloseReason::UpstreamAuthTimeout(d) => {
+                write!(f, "upstream did not answer AUTH within {d:?}")
+            }
             CloseReason::UpstreamProtocol(e) => write!(f, "upstream protocol error: {e}"),
             CloseReason::UpstreamDesync => f.write_str("upstream sent a reply nobody asked for"),
             CloseReason::TokenExpiring => f.write_str(
@@ -279,6 +285,24 @@ impl Core {
             return Some(expires - HARD_CLOSE_BEFORE_EXPIRY.min(lifetime / 20));
         }
         Some(expires - CLOSE_BEFORE_EXPIRY.min(lifetime / 10))
+    }
+
+    /// The upstream accepted an AUTH on this connection at least once.
+    pub fn authenticated(&self) -> bool {
+        self.authed.is_some()
+    }
+
+    /// The first AUTH was not answered in time: the client hears it once, as when the AUTH
+    /// is refused, and the connection closes.
+    pub fn auth_timed_out(&mut self, after: Duration) {
+        if self.authed.is_some() || self.closing.is_some() {
+            return;
+        }
+        let msg = format!("ERR redis-entra-proxy: upstream did not answer AUTH within {after:?}");
+        self.ledger.clear();
+        self.to_client.clear();
+        crate::resp::encode::error(&mut self.to_client, &msg);
+        self.closing = Some(CloseReason::UpstreamAuthTimeout(after));
     }
 
     /// Time left on the token the upstream is authenticated with.
