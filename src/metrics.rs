@@ -193,3 +193,38 @@ impl Drop for Active<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic inside a session task unwinds that task only; the guard keeps the active
+    /// gauge right and counts the close, and other tasks go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_session_is_counted_and_leaves_the_gauge_right() {
+        let handle = install();
+        let gauge = metrics::gauge!("redis_entra_proxy_test_active_guard");
+        let survivor = tokio::spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            "still running"
+        });
+        let crashed = tokio::spawn(async move {
+            let _active = Active::new(&gauge, true);
+            panic!("a bug in one session");
+        })
+        .await;
+        assert!(crashed.expect_err("the task panicked").is_panic());
+        assert_eq!(survivor.await.expect("other task"), "still running");
+        let text = handle.render();
+        assert!(
+            text.contains("redis_entra_proxy_test_active_guard 0"),
+            "gauge back to 0:\n{text}"
+        );
+        assert!(
+            text.lines().any(|l| l.starts_with(CONNECTIONS_CLOSED_TOTAL)
+                && l.contains("reason=\"panic\"")
+                && !l.ends_with(" 0")),
+            "panic close counted:\n{text}"
+        );
+    }
+}
