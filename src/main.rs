@@ -43,6 +43,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config.log_level, Some(config.log_format));
+    // Read before logging started: say it now.
+    if let Some(path) = &merged.local_password_file {
+        config::warn_if_readable_by_others(path);
+    }
     runtime().block_on(async move {
         let listeners = match redis_entra_proxy::bind(&config).await {
             Ok(l) => l,

@@ -373,3 +373,51 @@ fn readme_table_lists_every_option() {
         );
     }
 }
+
+#[test]
+fn a_secret_file_readable_by_other_users_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = dir.path().join("local-password");
+    std::fs::write(&pw, "a-local-password\n").expect("write");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("REDIS_ENTRA_PROXY_TOKEN", "tok")
+        .args([
+            "--credential",
+            "fixed",
+            "--username",
+            "oid",
+            "--upstream",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "none",
+            "--log-format",
+            "json",
+        ])
+        .arg("--local-password-file")
+        .arg(&pw)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the proxy binary runs");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    child.kill().expect("stop the proxy we started");
+    let out = child.wait_with_output().expect("wait");
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        logs.contains("readable by other users") && logs.contains("local-password"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("a-local-password"),
+        "the secret itself is never logged"
+    );
+}
