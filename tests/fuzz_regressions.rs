@@ -145,3 +145,17 @@ fn local_reply_never_lands_inside_a_relayed_push() {
         String::from_utf8_lossy(&[&message[..], b"+OK\r\n"].concat())
     );
 }
+
+/// The scanner ended a line at CR followed by any byte while the push translation and the
+/// confirmation counting read lines to their LF: a server line with a bare CR could be cut
+/// differently by the two. A bare CR is now an upstream protocol error.
+#[test]
+fn a_reply_line_with_a_bare_cr_is_refused() {
+    assert!(ReplyScanner::new().scan(b"+OK\rX\r\n").is_err());
+    assert!(ReplyScanner::new().scan(b"*1\r\n+a\rb\r\n").is_err());
+    assert!(ReplyScanner::new().scan(b"+OK\r\n").is_ok());
+    let mut core = Core::new(creds(1), None);
+    client(&mut core, b"*1\r\n$4\r\nPING\r\n");
+    upstream(&mut core, b"+OK\r\n+PO\rNG\r\n");
+    assert!(core.close_reason().is_some());
+}

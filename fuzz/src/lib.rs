@@ -75,9 +75,8 @@ impl Chunks {
 /// How [`check_replies`] reads lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rules {
-    /// As the proxy's `ReplyScanner` does: a line ends at the first CR that has a byte after
-    /// it, and the two bytes are skipped whatever the second is; only type bytes and length
-    /// fields are checked.
+    /// As the proxy's `ReplyScanner` does: a line ends at the first CR, which must be
+    /// followed by LF; only type bytes, line ends and length fields are checked.
     Lax,
     /// As a strict RESP client reads: lines end with CRLF and hold no CR or LF, bulks are
     /// followed by CRLF, integers, booleans and nulls are well formed.
@@ -225,6 +224,9 @@ fn read_line(buf: &[u8], from: usize, rules: Rules) -> Result<Option<(&[u8], usi
             // The scanner searches from the type byte, which may itself be the CR.
             let line = &buf[from - 1..];
             match line.iter().position(|&b| b == b'\r') {
+                Some(i) if i + 1 < line.len() && line[i + 1] != b'\n' => {
+                    Err("CR without LF".into())
+                }
                 Some(i) if i + 1 < line.len() => match i {
                     0 => Err("empty line".into()),
                     _ => Ok(Some((&line[1..i], from + i + 1))),

@@ -26,6 +26,8 @@ pub enum ReplyError {
     BadLength,
     /// RESP3 streamed strings and aggregates (`$?`, `*?`): Redis never sends them.
     Streamed,
+    /// A line ended by CR without LF: Redis never sends a bare CR in a line.
+    BareCr,
 }
 
 impl fmt::Display for ReplyError {
@@ -34,6 +36,7 @@ impl fmt::Display for ReplyError {
             ReplyError::UnknownType(b) => write!(f, "unknown RESP type byte 0x{b:02x}"),
             ReplyError::BadLength => f.write_str("invalid length in RESP header"),
             ReplyError::Streamed => f.write_str("streamed RESP3 types are not supported"),
+            ReplyError::BareCr => f.write_str("a line ends with CR but no LF"),
         }
     }
 }
@@ -105,6 +108,10 @@ impl ReplyScanner {
                     complete: false,
                 });
             };
+            if buf[pos + line_end + 1] != b'\n' {
+                // Everything downstream (translation, counting) reads lines to their LF.
+                return Err(ReplyError::BareCr);
+            }
             let kind = buf[pos];
             // Empty when the line starts with its CR: an unknown type byte, refused below.
             let line = buf.get(pos + 1..pos + line_end).unwrap_or_default();
