@@ -174,15 +174,9 @@ async fn open_one(
     shared: &Shared,
     creds: Arc<crate::credentials::Credentials>,
 ) -> Result<Warm, String> {
-    let started = Instant::now();
-    let mut upstream = shared.connector.connect().await.map_err(|e| {
-        ::metrics::counter!(metrics::UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => e.label())
-            .increment(1);
-        e.to_string()
-    })?;
-    metrics::handles()
-        .connect_seconds
-        .record(started.elapsed().as_secs_f64());
+    let mut upstream = session::connect(&shared.connector)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut core = Core::new(creds, shared.local_password.clone());
     settle(&mut upstream, &mut core, shared).await?;
     Ok(Warm {

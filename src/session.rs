@@ -152,21 +152,13 @@ where
     let warm = shared.pool.as_ref().and_then(|p| p.take());
     let (mut upstream, mut core) = match warm {
         Some(warm) => (warm.upstream, warm.core),
-        None => {
-            let started = std::time::Instant::now();
-            match Box::pin(shared.connector.connect()).await {
-                Ok(u) => {
-                    m.connect_seconds.record(started.elapsed().as_secs_f64());
-                    (u, Core::new(creds, shared.local_password.clone()))
-                }
-                Err(e) => {
-                    ::metrics::counter!(metrics::UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => e.label())
-                        .increment(1);
-                    refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
-                    return Outcome::UpstreamConnect(e);
-                }
+        None => match Box::pin(connect(&shared.connector)).await {
+            Ok(u) => (u, Core::new(creds, shared.local_password.clone())),
+            Err(e) => {
+                refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
+                return Outcome::UpstreamConnect(e);
             }
-        }
+        },
     };
     let active = metrics::Active::new(&m.upstream_active, false);
     let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;
@@ -178,6 +170,27 @@ where
         linger(&mut client).await;
     }
     outcome
+}
+
+/// Opens an upstream connection for a client (now or, for the warm pool, ahead of one),
+/// recording its latency or counting its failure.
+pub(crate) async fn connect(
+    connector: &Connector,
+) -> Result<crate::upstream::Upstream, crate::upstream::ConnectError> {
+    let started = std::time::Instant::now();
+    match connector.connect().await {
+        Ok(u) => {
+            metrics::handles()
+                .connect_seconds
+                .record(started.elapsed().as_secs_f64());
+            Ok(u)
+        }
+        Err(e) => {
+            ::metrics::counter!(metrics::UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => e.label())
+                .increment(1);
+            Err(e)
+        }
+    }
 }
 
 /// Closes gracefully: FIN first, then input is read and dropped until the client closes too

@@ -299,10 +299,16 @@ impl Core {
             return;
         }
         let msg = format!("ERR redis-entra-proxy: upstream did not answer AUTH within {after:?}");
+        self.first_auth_failed(&msg, CloseReason::UpstreamAuthTimeout(after));
+    }
+
+    /// The first AUTH failed: the client hears about it once, as the reply to everything it
+    /// sent (nothing it pipelined has been answered yet), and the connection closes.
+    fn first_auth_failed(&mut self, msg: &str, reason: CloseReason) {
         self.ledger.clear();
         self.to_client.clear();
-        crate::resp::encode::error(&mut self.to_client, &msg);
-        self.closing = Some(CloseReason::UpstreamAuthTimeout(after));
+        crate::resp::encode::error(&mut self.to_client, msg);
+        self.closing = Some(reason);
     }
 
     /// Time left on the token the upstream is authenticated with.
@@ -683,16 +689,12 @@ impl Core {
         }
         let text = error_text(&self.held);
         if initial {
-            // The client hears about it once, with the server's own error code, and the
-            // connection closes: nothing it pipelined behind has been answered yet.
+            // With the server's own error code.
             let msg = format!(
                 "{text} (redis-entra-proxy: upstream authentication as '{}' failed)",
                 self.creds.username
             );
-            self.ledger.clear();
-            self.to_client.clear();
-            crate::resp::encode::error(&mut self.to_client, &msg);
-            self.closing = Some(CloseReason::UpstreamAuth(text));
+            self.first_auth_failed(&msg, CloseReason::UpstreamAuth(text));
         } else {
             // The previous token is still valid: keep the connection, retry later.
             self.stats.reauth_failed += 1;
