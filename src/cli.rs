@@ -265,6 +265,23 @@ pub struct Options {
     #[arg(long, env = "REDIS_ENTRA_PROXY_WARM_CONNECTIONS", value_name = "N")]
     pub warm_connections: Option<usize>,
 
+    /// OSS cluster support: `auto` turns it on when the upstream reports cluster support
+    /// enabled; then each cluster node gets a local listener and node addresses in CLUSTER
+    /// SLOTS/SHARDS/NODES replies and MOVED/ASK errors are rewritten to them [default: auto].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CLUSTER_MODE", value_name = "MODE")]
+    pub cluster_mode: Option<crate::cluster::ClusterMode>,
+
+    /// Local ports for cluster node listeners, FIRST-LAST on the --listen address, or 0 for
+    /// ports the system chooses [default: the 100 ports after the --listen port].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CLUSTER_PORTS", value_name = "RANGE")]
+    pub cluster_ports: Option<String>,
+
+    /// How often the cluster topology is read again (also soon after a redirection names a
+    /// node not seen before) [default: 30s].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_CLUSTER_REFRESH_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub cluster_refresh_interval: Option<Duration>,
+
     /// Most client connections served at once [default: 10000].
     #[arg(long, env = "REDIS_ENTRA_PROXY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -309,7 +326,8 @@ impl Options {
             client_secret_file, client_certificate_file, credential_file, credential_command,
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
-            client_idle_timeout, partial_request_timeout, warm_connections, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
+            client_idle_timeout, partial_request_timeout, warm_connections, cluster_mode, cluster_ports,
+            cluster_refresh_interval, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::{CredentialKind, LogFormat, Options};
+use crate::cluster::{ClusterMode, Ports};
 use crate::secret::Secret;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6379";
@@ -28,6 +29,9 @@ pub const DEFAULT_REAUTH_WINDOW: Duration = Duration::from_secs(30);
 /// Loopback by default: metrics and probes are for the pod and its node, not the network.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Clients cache the topology and learn changes from redirections; a periodic read is for
+/// nodes that appear without a client being sent to them first.
+pub const DEFAULT_CLUSTER_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// Environment variable holding the token of the `fixed` source (never a flag).
 pub const TOKEN_ENV: &str = "REDIS_ENTRA_PROXY_TOKEN";
 
@@ -68,6 +72,17 @@ pub struct UpstreamConfig {
     pub server_name: String,
 }
 
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `Off` when cluster support cannot work (no TCP listener, or `auto` on a wildcard
+    /// listen address).
+    pub mode: ClusterMode,
+    pub ports: Ports,
+    pub refresh_interval: Duration,
+    /// `auto` was turned off because the listen address cannot be announced to clients.
+    pub auto_disabled: bool,
+}
+
 /// Options of the credential sources other than `fixed`, as given; `credentials/source.rs`
 /// turns them into a source.
 #[derive(Debug, Clone, Default)]
@@ -106,6 +121,7 @@ pub struct Config {
     /// `None`: never.
     pub partial_request_timeout: Option<Duration>,
     pub warm_connections: usize,
+    pub cluster: ClusterConfig,
     pub max_connections: usize,
     pub refresh_ratio: f64,
     pub reauth_window: Duration,
@@ -248,6 +264,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
     if max_connections == 0 {
         return Err(invalid("max-connections", "must be at least 1"));
     }
+    let cluster = cluster_config(&o, listen)?;
     let log_level = o
         .log_level
         .clone()
@@ -280,12 +297,48 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         )
         .filter(|d| !d.is_zero()),
         warm_connections: o.warm_connections.unwrap_or(0),
+        cluster,
         max_connections,
         refresh_ratio,
         reauth_window: o.reauth_window.unwrap_or(DEFAULT_REAUTH_WINDOW),
         admin_listen,
         log_level,
         log_format: o.log_format.unwrap_or(LogFormat::Text),
+    })
+}
+
+fn cluster_config(o: &Options, listen: Option<SocketAddr>) -> Result<ClusterConfig, ConfigError> {
+    let mut mode = o.cluster_mode.unwrap_or(ClusterMode::Auto);
+    let ports = match &o.cluster_ports {
+        Some(s) => Ports::parse(s).map_err(|e| invalid("cluster-ports", e))?,
+        None => Ports::after(listen.map_or(0, |a| a.port())),
+    };
+    let refresh_interval = o
+        .cluster_refresh_interval
+        .unwrap_or(DEFAULT_CLUSTER_REFRESH_INTERVAL);
+    if refresh_interval < Duration::from_secs(1) {
+        return Err(invalid("cluster-refresh-interval", "must be at least 1s"));
+    }
+    // Rewritten replies send clients to the listen address: it must be one they can reach.
+    let usable = listen.is_some_and(|a| !a.ip().is_unspecified());
+    if !usable {
+        match mode {
+            ClusterMode::On => {
+                return Err(invalid(
+                    "cluster-mode",
+                    "`on` needs --listen with a specific IP address (clients are sent to it \
+                     for every cluster node), not a wildcard or a unix socket only",
+                ))
+            }
+            ClusterMode::Auto => mode = ClusterMode::Off,
+            ClusterMode::Off => {}
+        }
+    }
+    Ok(ClusterConfig {
+        auto_disabled: !usable && o.cluster_mode.unwrap_or(ClusterMode::Auto) == ClusterMode::Auto,
+        mode,
+        ports,
+        refresh_interval,
     })
 }
 
@@ -433,6 +486,20 @@ pub fn render(o: &Options, token_set: bool) -> String {
     line(
         "warm-connections",
         o.warm_connections.unwrap_or(0).to_string(),
+    );
+    line(
+        "cluster-mode",
+        q(&format!("{:?}", o.cluster_mode.unwrap_or(ClusterMode::Auto)).to_lowercase()),
+    );
+    line(
+        "cluster-ports",
+        o.cluster_ports
+            .as_deref()
+            .map_or("# (the 100 ports after the listen port)".into(), q),
+    );
+    line(
+        "cluster-refresh-interval",
+        d(o.cluster_refresh_interval, DEFAULT_CLUSTER_REFRESH_INTERVAL),
     );
     line(
         "max-connections",

@@ -32,6 +32,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod dev;
@@ -170,12 +171,41 @@ pub async fn run_with_source(
         reauth_window: config.reauth_window,
         client_idle_timeout: config.client_idle_timeout,
         partial_request_timeout: config.partial_request_timeout,
-        pool: pool.clone(),
         health: health.clone(),
     });
-    if let Some(pool) = pool {
-        tokio::spawn(pool::run(pool, shared.clone()));
+    if let Some(pool) = &pool {
+        tokio::spawn(pool::run(pool.clone(), shared.clone()));
     }
+    if config.cluster.auto_disabled {
+        tracing::warn!("cluster support is off: --listen is not a specific IP address that cluster clients could be sent to");
+    }
+    let (cluster, nodes) = match (config.cluster.mode, config.listen) {
+        (cluster::ClusterMode::Off, _) | (_, None) => (None, None),
+        (mode, Some(listen)) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let cluster = cluster::Cluster::new(
+                mode,
+                listen.ip(),
+                config.cluster.ports,
+                connector.clone(),
+                config.upstream.tls,
+                tx,
+            );
+            tokio::spawn(cluster::refresh::run(
+                cluster.clone(),
+                shared.clone(),
+                config.cluster.refresh_interval,
+            ));
+            (Some(cluster), Some(rx))
+        }
+    };
+    let (seed_host, _) = config::split_host_port(&config.upstream.addr)?;
+    let main = Arc::new(session::Target {
+        connector: connector.clone(),
+        pool,
+        rewriter: cluster.as_ref().map(|c| c.rewriter(&seed_host)),
+        clients: Default::default(),
+    });
     // Histograms keep their samples until the exporter's upkeep folds them: without it, a
     // proxy nobody scrapes (or with no admin endpoint) grows with every connection and AUTH.
     tokio::spawn({
@@ -205,11 +235,14 @@ pub async fn run_with_source(
         unix_socket = ?config.unix_socket,
         upstream = %config.upstream.addr,
         tls = config.upstream.tls,
+        cluster_mode = ?config.cluster.mode,
         "proxy started"
     );
     server::serve(
         listeners,
         shared,
+        main,
+        nodes,
         config.max_connections,
         config.drain_timeout,
     )

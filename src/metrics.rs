@@ -26,6 +26,8 @@ pub const CONNECTIONS_CLOSED_TOTAL: &str = "redis_entra_proxy_connections_closed
 pub const PROTOCOL_ERRORS_TOTAL: &str = "redis_entra_proxy_protocol_errors_total";
 pub const WARM_CONNECTIONS: &str = "redis_entra_proxy_warm_connections";
 pub const WARM_HANDED_OUT_TOTAL: &str = "redis_entra_proxy_warm_handed_out_total";
+pub const CLUSTER_NODES: &str = "redis_entra_proxy_cluster_nodes";
+pub const CLUSTER_REFRESH_TOTAL: &str = "redis_entra_proxy_cluster_refresh_total";
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -112,6 +114,14 @@ fn describe() {
     describe_counter!(
         WARM_HANDED_OUT_TOTAL,
         "Client connections served by a connection from the warm pool."
+    );
+    describe_gauge!(
+        CLUSTER_NODES,
+        "Cluster nodes with a local listener (cluster mode)."
+    );
+    describe_counter!(
+        CLUSTER_REFRESH_TOTAL,
+        "Reads of the cluster topology, by outcome (ok, error, not_cluster)."
     );
 }
 

@@ -15,8 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::metrics;
@@ -202,41 +201,13 @@ async fn reauthenticate(pool: &Pool, shared: &Shared) {
     }
 }
 
-/// Writes what the core queued (AUTH) and reads until every reply is in, within the connect
-/// timeout; fails unless the connection ends up authenticated with the newest credentials.
+/// Writes what the core queued (AUTH) and reads every reply; fails unless the connection
+/// ends up authenticated with the newest credentials.
 async fn settle(upstream: &mut Upstream, core: &mut Core, shared: &Shared) -> Result<(), String> {
-    let exchange = async {
-        let mut buf = BytesMut::with_capacity(512);
-        loop {
-            if !core.to_upstream.is_empty() {
-                upstream
-                    .write_all(&core.to_upstream)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                core.to_upstream.clear();
-                upstream.flush().await.map_err(|e| e.to_string())?;
-            }
-            session::record_auth(core, &shared.health);
-            if let Some(reason) = core.close_reason() {
-                return Err(reason.to_string());
-            }
-            if core.in_flight() == 0 {
-                return if core.current() {
-                    Ok(())
-                } else {
-                    Err("upstream refused AUTH".to_owned())
-                };
-            }
-            match upstream.read_buf(&mut buf).await {
-                Ok(0) => return Err("upstream closed the connection".to_owned()),
-                Ok(_) => core.upstream_input(&mut buf),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    let timeout = shared.connector.timeout();
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("AUTH not answered within {timeout:?}")),
+    session::exchange(upstream, core, shared).await?;
+    if core.current() {
+        Ok(())
+    } else {
+        Err("upstream refused AUTH".to_owned())
     }
 }

@@ -4,3 +4,4 @@ pub mod encode;
 mod inline;
 pub mod reply;
 pub mod request;
+pub mod value;

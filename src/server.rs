@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::session::{self, Outcome, Shared};
+use crate::cluster::NodeListener;
+use crate::session::{self, Outcome, Shared, Target};
 
 /// Redis's own reply when `maxclients` is reached, so clients recognise it.
 const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
@@ -31,33 +32,38 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
 }
 
+/// What the accept loops share.
+#[derive(Clone)]
+struct Ctx {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    /// Each session holds a permit; dropping it at session end frees the slot.
+    limit: Arc<Semaphore>,
+    ids: Arc<AtomicU64>,
+}
+
 /// Serves until `shared.shutdown` is cancelled, then drains for at most `drain_timeout`.
+/// Clients of the TCP and unix listeners go to `main`; in cluster mode, listeners for cluster
+/// nodes arrive on `nodes` as the topology is learnt, each with its own target.
 pub async fn serve(
     listeners: Listeners,
     shared: Arc<Shared>,
+    main: Arc<Target>,
+    nodes: Option<mpsc::UnboundedReceiver<NodeListener>>,
     max_connections: usize,
     drain_timeout: Duration,
 ) {
-    // Each session holds a permit; dropping it at session end frees the slot.
-    let limit = Arc::new(Semaphore::new(max_connections));
-    let tracker = TaskTracker::new();
-    let ids = Arc::new(AtomicU64::new(0));
+    let ctx = Ctx {
+        shared: shared.clone(),
+        tracker: TaskTracker::new(),
+        limit: Arc::new(Semaphore::new(max_connections)),
+        ids: Arc::new(AtomicU64::new(0)),
+    };
     let shutdown = shared.shutdown.clone();
     let tcp = async {
-        let Some(listener) = listeners.tcp else {
-            return std::future::pending().await;
-        };
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    spawn(&tracker, &shared, &limit, &ids, stream, peer.to_string());
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on tcp listener");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                }
-            }
+        match listeners.tcp {
+            Some(listener) => accept_tcp(&ctx, &listener, &main).await,
+            None => std::future::pending().await,
         }
     };
     let unix = async {
@@ -66,7 +72,7 @@ pub async fn serve(
         };
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => spawn(&tracker, &shared, &limit, &ids, stream, "unix".into()),
+                Ok((stream, _)) => spawn(&ctx, &main, stream, "unix".into()),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed on unix listener");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -74,11 +80,30 @@ pub async fn serve(
             }
         }
     };
+    let nodes = async {
+        let Some(mut nodes) = nodes else {
+            return std::future::pending().await;
+        };
+        while let Some(node) = nodes.recv().await {
+            let ctx = ctx.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = accept_tcp(&ctx, &node.listener, &node.target) => {}
+                    _ = node.stop.cancelled() => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
+        std::future::pending().await
+    };
     tokio::select! {
         _ = tcp => {}
         _ = unix => {}
+        _ = nodes => {}
         _ = shutdown.cancelled() => {}
     }
+    let tracker = ctx.tracker;
     tracker.close();
     let open = tracker.len();
     if open > 0 {
@@ -99,22 +124,40 @@ pub async fn serve(
     }
 }
 
-fn spawn<S>(
-    tracker: &TaskTracker,
-    shared: &Arc<Shared>,
-    limit: &Arc<Semaphore>,
-    ids: &AtomicU64,
-    mut stream: S,
-    peer: String,
-) where
+async fn accept_tcp(ctx: &Ctx, listener: &TcpListener, target: &Arc<Target>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                spawn(ctx, target, stream, peer.to_string());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on tcp listener");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Counts a target's sessions for as long as it lives.
+struct Counted(Arc<Target>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn spawn<S>(ctx: &Ctx, target: &Arc<Target>, mut stream: S, peer: String)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let id = ids.fetch_add(1, Ordering::Relaxed);
+    let id = ctx.ids.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", id, %peer);
-    let Ok(permit) = limit.clone().try_acquire_owned() else {
+    let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
         metrics::counter!(crate::metrics::CLIENT_CONNECTIONS_TOTAL, "outcome" => "refused_max_connections")
             .increment(1);
-        tracker.spawn(
+        ctx.tracker.spawn(
             async move {
                 tracing::warn!("refused: max connections reached");
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(MAX_CLIENTS))
@@ -124,8 +167,10 @@ fn spawn<S>(
         );
         return;
     };
-    let shared = shared.clone();
-    tracker.spawn(
+    let shared = ctx.shared.clone();
+    target.clients.fetch_add(1, Ordering::Relaxed);
+    let counted = Counted(target.clone());
+    ctx.tracker.spawn(
         async move {
             tracing::debug!("accepted");
             let m = crate::metrics::handles();
@@ -135,9 +180,10 @@ fn spawn<S>(
             // contains it; its sockets close): the guard keeps the gauge right and logs and
             // counts that close too.
             let _active = crate::metrics::Active::new(&m.client_active, true);
-            let outcome = session::serve(stream, &shared).await;
+            let outcome = session::serve(stream, &shared, &counted.0).await;
             log_outcome(&outcome);
             drop(permit);
+            drop(counted);
         }
         .instrument(span),
     );

@@ -69,10 +69,20 @@ pub struct Shared {
     pub client_idle_timeout: Option<Duration>,
     /// Close a client that keeps one request incomplete for this long.
     pub partial_request_timeout: Option<Duration>,
-    /// Authenticated upstream connections ready for new clients (`--warm-connections`).
-    pub pool: Option<Arc<crate::pool::Pool>>,
     /// Where sessions report that the upstream answered (for `/readyz`).
     pub health: Arc<Health>,
+}
+
+/// Where a listener's clients are proxied to: the configured upstream, or one node of a
+/// cluster (`cluster.rs`).
+pub struct Target {
+    pub connector: Connector,
+    /// Authenticated upstream connections ready for new clients (`--warm-connections`).
+    pub pool: Option<Arc<crate::pool::Pool>>,
+    /// Rewrites node addresses in replies (cluster mode).
+    pub rewriter: Option<crate::cluster::Rewriter>,
+    /// Sessions open now (a retired node's listener closes once none is left).
+    pub clients: std::sync::atomic::AtomicUsize,
 }
 
 /// How a session ended.
@@ -134,7 +144,7 @@ impl std::fmt::Display for Outcome {
 }
 
 /// Serves one client connection to the end.
-pub async fn serve<C>(mut client: C, shared: &Shared) -> Outcome
+pub async fn serve<C>(mut client: C, shared: &Shared, target: &Target) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -149,10 +159,10 @@ where
         }
     };
     let m = metrics::handles();
-    let warm = shared.pool.as_ref().and_then(|p| p.take());
+    let warm = target.pool.as_ref().and_then(|p| p.take());
     let (mut upstream, mut core) = match warm {
         Some(warm) => (warm.upstream, warm.core),
-        None => match Box::pin(connect(&shared.connector)).await {
+        None => match Box::pin(connect(&target.connector)).await {
             Ok(u) => (u, Core::new(creds, shared.local_password.clone())),
             Err(e) => {
                 refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
@@ -160,6 +170,7 @@ where
             }
         },
     };
+    core.set_rewriter(target.rewriter.clone());
     let active = metrics::Active::new(&m.upstream_active, false);
     let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;
     drop(active);
@@ -190,6 +201,46 @@ pub(crate) async fn connect(
                 .increment(1);
             Err(e)
         }
+    }
+}
+
+/// A short exchange on a connection of the proxy's own (the warm pool, the cluster topology
+/// refresh): writes what the core queued and reads until every reply is in, within the
+/// connect timeout. The caller then looks at the core (authenticated? what was answered?).
+pub(crate) async fn exchange(
+    upstream: &mut crate::upstream::Upstream,
+    core: &mut Core,
+    shared: &Shared,
+) -> Result<(), String> {
+    let exchange = async {
+        let mut buf = BytesMut::with_capacity(512);
+        loop {
+            if !core.to_upstream.is_empty() {
+                upstream
+                    .write_all(&core.to_upstream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                core.to_upstream.clear();
+                upstream.flush().await.map_err(|e| e.to_string())?;
+            }
+            record_auth(core, &shared.health);
+            if let Some(reason) = core.close_reason() {
+                return Err(reason.to_string());
+            }
+            if core.in_flight() == 0 {
+                return Ok(());
+            }
+            match upstream.read_buf(&mut buf).await {
+                Ok(0) => return Err("upstream closed the connection".to_owned()),
+                Ok(_) => core.upstream_input(&mut buf),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let timeout = shared.connector.timeout();
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("upstream did not answer within {timeout:?}")),
     }
 }
 

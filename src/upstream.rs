@@ -73,6 +73,16 @@ impl Connector {
         &self.addr
     }
 
+    /// The same TLS settings (server name included) and timeout for another address: a
+    /// cluster node, whose certificate names the cache, not the node's address.
+    pub fn with_addr(&self, addr: String) -> Connector {
+        Connector {
+            addr,
+            tls: self.tls.clone(),
+            timeout: self.timeout,
+        }
+    }
+
     /// Connects, within the connect timeout (TCP and TLS handshake together).
     pub async fn connect(&self) -> Result<Upstream, ConnectError> {
         match tokio::time::timeout(self.timeout, self.connect_inner()).await {

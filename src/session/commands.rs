@@ -234,6 +234,15 @@ impl Core {
                 self.forward(cmd, raw, Effect::None);
                 self.state.one_shot = true;
             }
+            Special::Other if self.rewriter.is_some() && cmd.arg_is(0, "cluster") => {
+                match cmd.arg(1).and_then(crate::cluster::Topology::of_subcommand) {
+                    // Inside MULTI the reply would come back within EXEC's array, where the
+                    // proxy does not look: node addresses would reach the client unchanged.
+                    Some(_) if self.state.in_multi => self.reject(IN_MULTI),
+                    Some(kind) => self.forward(cmd, raw, Effect::Topology(kind)),
+                    None => self.forward(cmd, raw, Effect::None),
+                }
+            }
             Special::Subscribe(..) | Special::Other => self.forward(cmd, raw, Effect::None),
         }
     }

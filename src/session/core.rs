@@ -146,6 +146,8 @@ enum Mode {
     Relay,
     Drop,
     Hold,
+    /// Held whole, then relayed with its node addresses made local (cluster mode).
+    Rewrite,
 }
 
 #[derive(Debug)]
@@ -181,6 +183,8 @@ pub struct Core {
     pub stats: Stats,
     /// AUTH replies since the driver last looked (for metrics and health).
     pub auth_events: Vec<AuthEvent>,
+    /// Makes node addresses in replies local (cluster mode).
+    pub(super) rewriter: Option<crate::cluster::Rewriter>,
 }
 
 /// One answered AUTH of the proxy's.
@@ -221,9 +225,15 @@ impl Core {
             to_client: BytesMut::new(),
             stats: Stats::default(),
             auth_events: Vec::new(),
+            rewriter: None,
         };
         core.inject_auth(true);
         core
+    }
+
+    /// Cluster mode: node addresses in topology replies and redirections are rewritten.
+    pub fn set_rewriter(&mut self, rewriter: Option<crate::cluster::Rewriter>) {
+        self.rewriter = rewriter;
     }
 
     /// Releases the capacity of empty buffers (an idle connection).
@@ -417,7 +427,8 @@ impl Core {
                     mode: Mode::Drop, ..
                 } => {}
                 Role::Reply {
-                    mode: Mode::Hold, ..
+                    mode: Mode::Hold | Mode::Rewrite,
+                    ..
                 }
                 | Role::Ack { .. } => self.held.extend_from_slice(bytes),
             }
@@ -536,7 +547,8 @@ impl Core {
         }
         // A null array (EXEC aborted by WATCH) also means the command's effect did not happen.
         let error = matches!(head.kind, b'-' | b'!') || (head.kind == b'*' && head.line == b"-1");
-        let mode = match self.ledger.front()? {
+        let front = self.ledger.front()?;
+        let mode = match front {
             Expect::Reply {
                 effect: Effect::Pong,
                 relay: true,
@@ -553,6 +565,16 @@ impl Core {
             }
             Expect::Local(_) | Expect::Close => return None,
         };
+        let rewrite = mode == Mode::Relay
+            && self.rewriter.is_some()
+            && match front {
+                Expect::Reply {
+                    effect: Effect::Topology(_),
+                    ..
+                } => !error,
+                _ => head.kind == b'-' && crate::cluster::rewrite::is_redirect(head.line),
+            };
+        let mode = if rewrite { Mode::Rewrite } else { mode };
         Some(Role::Reply { error, mode })
     }
 
@@ -560,7 +582,15 @@ impl Core {
         match role {
             Role::Unsolicited { .. } => {}
             Role::Ack { kind, subscribe } => self.finish_ack(kind, subscribe),
-            Role::Reply { error, .. } => match self.ledger.pop() {
+            Role::Reply { error, mode } => match self.ledger.pop() {
+                entry if mode == Mode::Rewrite => {
+                    self.relay_rewritten(entry.as_ref());
+                    if let Some(Expect::Reply { effect, .. }) = entry {
+                        if !error {
+                            self.apply(effect);
+                        }
+                    }
+                }
                 // Held whole; dropped when the client turned replies off.
                 Some(Expect::Reply {
                     effect: Effect::Pong,
@@ -589,6 +619,32 @@ impl Core {
                 }
                 _ => {}
             },
+        }
+    }
+
+    /// Relays the held reply with node addresses made local; one that cannot be rewritten
+    /// becomes an error reply, never a reply naming addresses the client cannot reach.
+    fn relay_rewritten(&mut self, entry: Option<&Expect>) {
+        let Some(rw) = &self.rewriter else {
+            self.to_client.extend_from_slice(&self.held);
+            return;
+        };
+        let rewritten = match entry {
+            Some(Expect::Reply {
+                effect: Effect::Topology(kind),
+                ..
+            }) => rw.topology(*kind, &self.held),
+            _ => rw.redirect(&self.held),
+        };
+        match rewritten {
+            Ok(bytes) => self.to_client.extend_from_slice(&bytes),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot rewrite cluster addresses in a reply");
+                crate::resp::encode::error(
+                    &mut self.to_client,
+                    &format!("ERR redis-entra-proxy: {e}"),
+                );
+            }
         }
     }
 
@@ -652,7 +708,7 @@ impl Core {
                 self.state.subs = Default::default();
                 self.state.monitor = false;
             }
-            Effect::Pong => {}
+            Effect::Pong | Effect::Topology(_) => {}
         }
     }
 

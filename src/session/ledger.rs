@@ -46,6 +46,8 @@ pub enum Effect {
     /// `PING` from a RESP2 subscriber on an upstream switched to RESP3: answer as RESP2 does
     /// in subscribed mode, `["pong", <arg or "">]`.
     Pong,
+    /// A cluster topology reply whose node addresses must be made local (cluster mode).
+    Topology(crate::cluster::Topology),
 }
 
 /// What the proxy injected, and so must check and swallow.

@@ -25,7 +25,6 @@ fn shared(creds: Arc<Credentials>) -> Shared {
         reauth_window: Duration::ZERO,
         client_idle_timeout: None,
         partial_request_timeout: None,
-        pool: None,
         health: Arc::new(Health::default()),
     }
 }
@@ -104,8 +103,14 @@ async fn requests_held_back_while_the_upstream_stalls_are_served_without_more_in
 #[test]
 fn a_session_task_stays_small() {
     let shared = shared(creds());
+    let target = Target {
+        connector: shared.connector.clone(),
+        pool: None,
+        rewriter: None,
+        clients: Default::default(),
+    };
     let (client, _app) = tokio::io::duplex(64);
-    let session = serve(client, &shared);
+    let session = serve(client, &shared, &target);
     let size = std::mem::size_of_val(&session);
     assert!(size <= 3 * 1024, "a session future takes {size} bytes");
 }
