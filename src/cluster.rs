@@ -344,3 +344,6 @@ impl Remap for Cluster {
         Some(local)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -427,3 +427,87 @@ fn unsubscribe_when_not_subscribed() {
         );
     }
 }
+
+/// Cluster mode: maps 10.0.0.N:P to 127.0.0.1:(7000 + N).
+#[derive(Debug)]
+struct Nodes;
+
+impl crate::cluster::Remap for Nodes {
+    fn local(&self, host: &str, _port: u16) -> Option<crate::cluster::Local> {
+        let n: u16 = host.rsplit('.').next()?.parse().ok()?;
+        Some(crate::cluster::Local {
+            host: "127.0.0.1".into(),
+            port: 7000 + n,
+        })
+    }
+}
+
+fn clustered() -> T {
+    let mut t = T::new();
+    t.core.set_rewriter(Some(crate::cluster::Rewriter {
+        map: Arc::new(Nodes),
+        origin: "10.0.0.9".into(),
+        tls: true,
+    }));
+    t.server("+OK\r\n");
+    t
+}
+
+#[test]
+fn cluster_redirections_and_topology_name_local_listeners() {
+    let mut t = clustered();
+    t.client("*2\r\n$3\r\nGET\r\n$3\r\nfoo\r\n*2\r\n$7\r\ncluster\r\n$5\r\nnodes\r\n");
+    t.upstream_sent();
+    // Split inside a reply, the replies come out whole and rewritten.
+    let line = "ab 10.0.0.1:8500@18500 myself,master - 0 0 1 connected 0-16383\n";
+    let replies = format!(
+        "-MOVED 12182 10.0.0.2:8501\r\n${}\r\n{line}\r\n",
+        line.len()
+    );
+    let (a, b) = replies.split_at(40);
+    t.server(a);
+    assert_eq!(t.client_got(), "-MOVED 12182 127.0.0.1:7002\r\n");
+    t.server(b);
+    let want = "ab 127.0.0.1:7001@18500 myself,master - 0 0 1 connected 0-16383\n";
+    assert_eq!(t.client_got(), format!("${}\r\n{want}\r\n", want.len()));
+    // Other errors and replies pass as they are.
+    t.client("*2\r\n$3\r\nGET\r\n$3\r\nfoo\r\n*2\r\n$7\r\nCLUSTER\r\n$4\r\nINFO\r\n");
+    t.server("-ERR MOVED somewhere\r\n$10\r\n10.0.0.1:1\r\n");
+    assert_eq!(
+        t.client_got(),
+        "-ERR MOVED somewhere\r\n$10\r\n10.0.0.1:1\r\n"
+    );
+    // A failed topology command is relayed as it is.
+    t.client("*2\r\n$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n");
+    t.server("-ERR This instance has cluster support disabled\r\n");
+    assert_eq!(
+        t.client_got(),
+        "-ERR This instance has cluster support disabled\r\n"
+    );
+}
+
+#[test]
+fn cluster_topology_is_refused_inside_multi() {
+    let mut t = clustered();
+    t.client("*1\r\n$5\r\nMULTI\r\n*2\r\n$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n*1\r\n$4\r\nEXEC\r\n");
+    // MULTI is forwarded, the topology command refused, EXEC turned into DISCARD.
+    assert_eq!(
+        t.upstream_sent(),
+        "*1\r\n$5\r\nMULTI\r\n*1\r\n$7\r\nDISCARD\r\n"
+    );
+    t.server("+OK\r\n+OK\r\n");
+    assert_eq!(
+        t.client_got(),
+        "+OK\r\n-ERR this command is not supported inside MULTI by redis-entra-proxy\r\n\
+         -EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+}
+
+#[test]
+fn without_cluster_mode_nothing_is_rewritten() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("*2\r\n$3\r\nGET\r\n$3\r\nfoo\r\n");
+    t.server("-MOVED 12182 10.0.0.2:8501\r\n");
+    assert_eq!(t.client_got(), "-MOVED 12182 10.0.0.2:8501\r\n");
+}
