@@ -28,6 +28,7 @@ pub const WARM_CONNECTIONS: &str = "redis_entra_proxy_warm_connections";
 pub const WARM_HANDED_OUT_TOTAL: &str = "redis_entra_proxy_warm_handed_out_total";
 pub const CLUSTER_NODES: &str = "redis_entra_proxy_cluster_nodes";
 pub const CLUSTER_REFRESH_TOTAL: &str = "redis_entra_proxy_cluster_refresh_total";
+pub const CLUSTER_REDIRECTS_TOTAL: &str = "redis_entra_proxy_cluster_redirects_total";
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -122,6 +123,10 @@ fn describe() {
     describe_counter!(
         CLUSTER_REFRESH_TOTAL,
         "Reads of the cluster topology, by outcome (ok, error, not_cluster)."
+    );
+    describe_counter!(
+        CLUSTER_REDIRECTS_TOTAL,
+        "MOVED and ASK redirections relayed with a local address, by kind (moved, ask)."
     );
 }
 

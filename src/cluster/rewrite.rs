@@ -110,6 +110,9 @@ impl Rewriter {
         let Some(local) = self.local(host, port)? else {
             return Ok(frame.to_vec());
         };
+        let kind_label = if kind == b"ASK" { "ask" } else { "moved" };
+        metrics::counter!(crate::metrics::CLUSTER_REDIRECTS_TOTAL, "kind" => kind_label)
+            .increment(1);
         let mut out = Vec::with_capacity(frame.len() + 8);
         out.push(b'-');
         out.extend_from_slice(kind);
