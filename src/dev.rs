@@ -18,10 +18,12 @@ use crate::credentials::{CredentialError, Token, TokenFuture, TokenSource};
 use crate::devenv::{mint_token, RedisOptions, RedisServer};
 use crate::secret::Secret;
 
-/// Issues tokens for the local stand-in server.
+/// Issues tokens for the local stand-in server, or for every node of a stand-in cluster.
 #[derive(Debug)]
 pub struct DevTokenSource {
-    server: Arc<RedisServer>,
+    /// Where each generation's identity is registered and, at expiry, deleted: one server, or
+    /// every node of a cluster (AMR accepts a token on every node of a cache).
+    servers: Vec<Arc<RedisServer>>,
     lifetime: Duration,
     generation: AtomicU64,
     prefix: String,
@@ -35,8 +37,14 @@ pub struct DevTokenSource {
 impl DevTokenSource {
     /// Tokens named `<prefix>-<n>` living `lifetime` each.
     pub fn new(server: Arc<RedisServer>, lifetime: Duration, prefix: &str) -> Self {
+        Self::for_servers(vec![server], lifetime, prefix)
+    }
+
+    /// Like [`DevTokenSource::new`], registering and deleting each identity on every server
+    /// (e.g. `RedisCluster::nodes`), in order.
+    pub fn for_servers(servers: Vec<Arc<RedisServer>>, lifetime: Duration, prefix: &str) -> Self {
         DevTokenSource {
-            server,
+            servers,
             lifetime,
             generation: AtomicU64::new(0),
             prefix: prefix.to_owned(),
@@ -81,10 +89,12 @@ impl TokenSource for DevTokenSource {
                     username: None,
                 });
             }
-            self.server
-                .acl_setuser(&oid, &token)
-                .await
-                .map_err(|e| CredentialError::Source(format!("registering {oid}: {e}")))?;
+            for server in &self.servers {
+                server
+                    .acl_setuser(&oid, &token)
+                    .await
+                    .map_err(|e| CredentialError::Source(format!("registering {oid}: {e}")))?;
+            }
             if !self.expire_users {
                 return Ok(Token {
                     token: Secret::new(token),
@@ -93,12 +103,14 @@ impl TokenSource for DevTokenSource {
                 });
             }
             // At expiry, the identity goes away and Redis closes its connections, as AMR does.
-            let server = self.server.clone();
+            let servers = self.servers.clone();
             let lifetime = self.lifetime;
             tokio::spawn(async move {
                 tokio::time::sleep(lifetime).await;
-                if let Err(e) = server.acl_deluser(&oid).await {
-                    tracing::debug!(%oid, error = %e, "expiring dev identity failed");
+                for server in servers {
+                    if let Err(e) = server.acl_deluser(&oid).await {
+                        tracing::debug!(%oid, error = %e, "expiring dev identity failed");
+                    }
                 }
             });
             Ok(Token {

@@ -1,6 +1,7 @@
 //! The built-in local setup: a TLS `redis-server` on 127.0.0.1 standing in for Azure Managed
-//! Redis, with certificates generated at run time and unsigned JWTs for the mock token issuer.
-//! Used by the `dev` subcommand and by the integration tests.
+//! Redis, with certificates generated at run time and unsigned JWTs for the mock token issuer;
+//! and a cluster of such servers standing in for AMR's OSS cluster policy. Used by the `dev`
+//! subcommand and by the integration tests.
 //!
 //! # Layout
 //! - `devenv/certs.rs`: `DevCerts`, a fresh CA and server certificate (rcgen).
@@ -8,6 +9,10 @@
 //!   directory, readiness, kill and restart; `devenv/server/ops.rs`: its admin connection,
 //!   ACL users and `CLIENT LIST`.
 //! - `devenv/workdir.rs`: the server's private temporary directory, config file and logs.
+//! - `devenv/cluster.rs`: `RedisCluster`, N TLS cluster nodes (each a `RedisServer`) formed
+//!   into one Redis Cluster standing in for AMR's OSS cluster policy;
+//!   `devenv/cluster/state.rs`: reading CLUSTER INFO/SLOTS/NODES; `devenv/cluster/reshard.rs`:
+//!   moving slots with `redis-cli --cluster reshard`; `devenv/cluster/keyslot.rs`: `key_slot`.
 //! - `devenv/admin.rs`: `RespConn` and `Reply`, the small RESP2 client the fixture uses.
 //! - `devenv/token.rs`: `mint_token`, unsigned JWTs with the claims the proxy reads.
 //!
@@ -20,6 +25,7 @@
 
 mod admin;
 mod certs;
+mod cluster;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -28,6 +34,7 @@ mod workdir;
 
 pub use admin::{client_tls_config, encode, parse, Io, Reply, RespConn};
 pub use certs::DevCerts;
+pub use cluster::{key_slot, ClusterOptions, RedisCluster, CLUSTER_SLOTS};
 pub use server::{RedisOptions, RedisServer};
 pub use token::mint_token;
 
@@ -72,6 +79,10 @@ pub enum DevError {
     /// An admin command did not finish within its bound.
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// A cluster did not form or settle in time, its nodes disagree, a reshard failed, or a
+    /// node index is out of range. The text quotes redis-cli's output with passwords redacted.
+    #[error("redis cluster: {0}")]
+    Cluster(String),
     /// An admin operation between `kill` and `restart`.
     #[error("redis-server is not running (killed and not restarted)")]
     NotRunning,

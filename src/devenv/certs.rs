@@ -33,6 +33,29 @@ impl DevCerts {
     /// A fresh CA and a server cert signed by it, valid for exactly the given DNS names and IP
     /// addresses.
     pub fn generate(dns_names: &[&str], ips: &[IpAddr]) -> Result<DevCerts, DevError> {
+        Self::build(dns_names, ips, &[ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
+    /// Like [`DevCerts::generate`], but the certificate is also valid as a TLS client
+    /// certificate: cluster nodes present it to each other on the cluster bus, where Redis
+    /// always asks the dialling node for a certificate (whatever `tls-auth-clients` says) and
+    /// OpenSSL rejects one without the clientAuth purpose.
+    pub fn generate_for_cluster(dns_names: &[&str], ips: &[IpAddr]) -> Result<DevCerts, DevError> {
+        Self::build(
+            dns_names,
+            ips,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn build(
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        purposes: &[ExtendedKeyUsagePurpose],
+    ) -> Result<DevCerts, DevError> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -57,7 +80,7 @@ impl DevCerts {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = purposes.to_vec();
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &ca, &ca_key)?;
         Ok(DevCerts {

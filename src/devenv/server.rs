@@ -48,6 +48,17 @@ pub struct RedisOptions {
     pub extra_args: Vec<String>,
     /// Password of the `admin` user this module administers the server with.
     pub admin_password: String,
+    /// Certificates to serve instead of a fresh CA and certificate for `dns_names` (which is
+    /// then unused): lets the nodes of a cluster share one CA and one certificate. Without an
+    /// IP SAN for 127.0.0.1, set `tls_server_name` too.
+    pub certs: Option<DevCerts>,
+    /// The name the fixture's own connections verify the certificate as and send as SNI;
+    /// `None` means 127.0.0.1, the IP SAN every certificate generated here carries.
+    pub tls_server_name: Option<String>,
+    /// Run as a cluster node: `cluster-enabled yes`, `nodes.conf` in the private directory,
+    /// announcing 127.0.0.1, and the cluster bus on a second free port (TLS when `tls`).
+    /// Forming a cluster out of nodes is `RedisCluster`'s job.
+    pub cluster: bool,
 }
 
 impl Default for RedisOptions {
@@ -57,6 +68,9 @@ impl Default for RedisOptions {
             dns_names: vec!["localhost".to_owned()],
             extra_args: Vec::new(),
             admin_password: random_hex(16),
+            certs: None,
+            tls_server_name: None,
+            cluster: false,
         }
     }
 }
@@ -68,6 +82,9 @@ impl std::fmt::Debug for RedisOptions {
             .field("dns_names", &self.dns_names)
             .field("extra_args", &self.extra_args)
             .field("admin_password", &"<redacted>")
+            .field("certs", &self.certs)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -83,11 +100,17 @@ pub struct RedisServer {
     /// `child` so the process is killed before its directory goes.
     workdir: Workdir,
     port: u16,
+    /// The cluster bus port of a cluster node (`None` otherwise); kept across `restart`.
+    cluster_port: Option<u16>,
     certs: Option<DevCerts>,
     ca_file: Option<PathBuf>,
-    /// Verifies the server as 127.0.0.1, an IP SAN every generated certificate carries, so the
-    /// admin connection works whatever DNS names the caller chose.
+    /// Trusts only the dev CA; used with `server_name`.
     tls_config: Option<Arc<rustls::ClientConfig>>,
+    /// What the fixture's connections verify the certificate as: 127.0.0.1 by default, an IP
+    /// SAN every generated certificate carries, so the admin connection works whatever DNS
+    /// names the caller chose; `RedisOptions::tls_server_name` when the caller's certificate
+    /// has no IP SAN.
+    server_name: String,
     extra_args: Vec<String>,
     admin_password: String,
     /// Cached admin connection; `None` until first use and after any failure on it.
@@ -120,15 +143,17 @@ impl RedisServer {
                 path: program.display().to_string(),
             });
         }
-        let certs = match opts.tls {
-            true => {
+        let certs = match (opts.tls, opts.certs) {
+            (true, Some(certs)) => Some(certs),
+            (true, None) => {
                 let names: Vec<&str> = opts.dns_names.iter().map(String::as_str).collect();
-                Some(DevCerts::generate(
-                    &names,
-                    &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-                )?)
+                let ips = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
+                Some(match opts.cluster {
+                    true => DevCerts::generate_for_cluster(&names, &ips)?,
+                    false => DevCerts::generate(&names, &ips)?,
+                })
             }
-            false => None,
+            (false, _) => None,
         };
         let tls_config = match &certs {
             Some(certs) => Some(client_tls_config(&certs.ca_pem)?),
@@ -136,15 +161,24 @@ impl RedisServer {
         };
         // From here on the directory belongs to `server`, which removes it on any error.
         let workdir = Workdir::create()?;
-        workdir.write_config(ADMIN_USER, &opts.admin_password, certs.as_ref())?;
+        workdir.write_config(
+            ADMIN_USER,
+            &opts.admin_password,
+            certs.as_ref(),
+            opts.cluster,
+        )?;
         let mut server = RedisServer {
             program,
             child: None,
             workdir,
             port: 0,
+            cluster_port: None,
             ca_file: None,
             certs,
             tls_config,
+            server_name: opts
+                .tls_server_name
+                .unwrap_or_else(|| Ipv4Addr::LOCALHOST.to_string()),
             extra_args: opts.extra_args,
             admin_password: opts.admin_password,
             admin: tokio::sync::Mutex::new(None),
@@ -157,7 +191,13 @@ impl RedisServer {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            server.port = free_port()?;
+            let ports = free_ports(if opts.cluster { 2 } else { 1 })?;
+            server.port = ports[0];
+            server.cluster_port = ports.get(1).copied();
+            if attempt > 1 {
+                // A failed attempt may have written nodes.conf naming its ports; start afresh.
+                server.workdir.remove_nodes_conf()?;
+            }
             server.spawn()?;
             match server.wait_ready().await {
                 Ok(()) => return Ok(server),
@@ -170,6 +210,10 @@ impl RedisServer {
     /// The port clients connect to (the TLS port when TLS is on).
     pub fn port(&self) -> u16 {
         self.port
+    }
+    /// The cluster bus port of a cluster node (`None` unless `RedisOptions::cluster`).
+    pub fn cluster_port(&self) -> Option<u16> {
+        self.cluster_port
     }
     /// `127.0.0.1:port`.
     pub fn addr(&self) -> SocketAddr {
@@ -191,6 +235,10 @@ impl RedisServer {
     pub fn certs(&self) -> Option<&DevCerts> {
         self.certs.as_ref()
     }
+    /// The name the fixture's connections verify the certificate as and send as SNI.
+    pub fn tls_server_name(&self) -> &str {
+        &self.server_name
+    }
     /// Client TLS configuration trusting only the dev CA (`None` without TLS).
     pub fn tls_config(&self) -> Option<Arc<rustls::ClientConfig>> {
         self.tls_config.clone()
@@ -208,10 +256,13 @@ impl RedisServer {
         &self.admin_password
     }
 
-    /// A new, unauthenticated client connection (TLS verified as 127.0.0.1 when TLS is on).
+    /// A new, unauthenticated client connection (TLS verified as `tls_server_name` when TLS
+    /// is on).
     pub async fn connect(&self) -> Result<RespConn, DevError> {
         match &self.tls_config {
-            Some(config) => RespConn::connect_tls(self.addr(), config.clone(), "127.0.0.1").await,
+            Some(config) => {
+                RespConn::connect_tls(self.addr(), config.clone(), &self.server_name).await
+            }
             None => RespConn::connect_plain(self.addr()).await,
         }
     }
@@ -257,6 +308,9 @@ impl RedisServer {
             cmd.args(["--port", "0", "--tls-port", &port]);
         } else {
             cmd.args(["--port", &port]);
+        }
+        if let Some(cluster_port) = self.cluster_port {
+            cmd.args(["--cluster-port", &cluster_port.to_string()]);
         }
         cmd.args(&self.extra_args)
             .current_dir(self.workdir.path())
@@ -328,11 +382,17 @@ impl Drop for RedisServer {
     }
 }
 
-/// A port the kernel just handed out on 127.0.0.1. Another process may take it before
+/// `count` distinct ports the kernel just handed out on 127.0.0.1 (all listeners are held
+/// until the last is bound, so they differ). Another process may take one before
 /// redis-server binds; callers retry on "Address already in use".
-fn free_port() -> Result<u16, DevError> {
-    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+fn free_ports(count: usize) -> Result<Vec<u16>, DevError> {
+    let listeners = (0..count)
+        .map(|_| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<Result<Vec<_>, _>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 fn is_addr_in_use(err: &DevError) -> bool {

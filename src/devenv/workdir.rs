@@ -40,6 +40,11 @@ impl Workdir {
     pub(super) fn ca(&self) -> PathBuf {
         self.path.join("ca.pem")
     }
+    /// A cluster node's own record of the cluster (its id, epochs, peers), kept across
+    /// restarts so a restarted node rejoins as itself.
+    fn nodes_conf(&self) -> PathBuf {
+        self.path.join("nodes.conf")
+    }
     fn log(&self) -> PathBuf {
         self.path.join("redis.log")
     }
@@ -50,13 +55,15 @@ impl Workdir {
     }
 
     /// Writes `redis.conf` (and the certificate files when `certs` is given). Everything but
-    /// the port goes in the file, so a retry on another port or a restart reuses it; the
-    /// passwords stay off the command line, where `ps` would show them.
+    /// the ports goes in the file, so a retry on other ports or a restart reuses it; the
+    /// passwords stay off the command line, where `ps` would show them. `cluster` adds what
+    /// makes a cluster node that announces 127.0.0.1 only (TLS on the bus too with `certs`).
     pub(super) fn write_config(
         &self,
         admin_user: &str,
         admin_password: &str,
         certs: Option<&DevCerts>,
+        cluster: bool,
     ) -> Result<(), DevError> {
         let mut conf = format!(
             "bind 127.0.0.1\ndaemonize no\nsave \"\"\nappendonly no\ndir {}\nlogfile {}\n\
@@ -78,8 +85,25 @@ impl Workdir {
                 quote(&self.ca()),
             ));
         }
+        if cluster {
+            conf.push_str(&format!(
+                "cluster-enabled yes\ncluster-config-file {}\ncluster-announce-ip 127.0.0.1\n",
+                quote(&self.nodes_conf()),
+            ));
+            if certs.is_some() {
+                conf.push_str("tls-cluster yes\n");
+            }
+        }
         std::fs::write(self.conf(), conf)?;
         Ok(())
+    }
+
+    /// Forgets the node's cluster identity (before a start attempt on new ports).
+    pub(super) fn remove_nodes_conf(&self) -> Result<(), DevError> {
+        match std::fs::remove_file(self.nodes_conf()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     /// Fresh log files for a new run, so a failure report shows that run only. Returns the

@@ -44,6 +44,13 @@ pub struct ProxyOptions {
     pub partial_request_timeout: Option<Duration>,
     /// `--warm-connections`.
     pub warm_connections: Option<usize>,
+    /// `--upstream-server-name` (default `localhost`, a name of the stand-in's certificate).
+    pub server_name: Option<String>,
+    /// `--cluster-mode`, `--cluster-ports` (default `0`: any free port) and
+    /// `--cluster-refresh-interval`.
+    pub cluster_mode: Option<redis_entra_proxy::cluster::ClusterMode>,
+    pub cluster_ports: Option<String>,
+    pub cluster_refresh_interval: Option<Duration>,
     /// Serve the admin endpoint on a free port.
     pub admin: bool,
     /// Return without waiting for a PING to succeed (for proxies that cannot be ready).
@@ -65,6 +72,10 @@ impl Default for ProxyOptions {
             client_idle_timeout: None,
             partial_request_timeout: None,
             warm_connections: None,
+            server_name: None,
+            cluster_mode: None,
+            cluster_ports: None,
+            cluster_refresh_interval: None,
             admin: false,
             no_ready_wait: false,
         }
@@ -115,7 +126,11 @@ impl Proxy {
             upstream: Some(upstream),
             upstream_tls: Some(tls),
             upstream_ca_file: ca,
-            upstream_server_name: Some("localhost".into()),
+            upstream_server_name: Some(
+                opts.server_name
+                    .clone()
+                    .unwrap_or_else(|| "localhost".into()),
+            ),
             local_password: opts
                 .local_password
                 .clone()
@@ -127,6 +142,9 @@ impl Proxy {
             client_idle_timeout: opts.client_idle_timeout,
             partial_request_timeout: opts.partial_request_timeout,
             warm_connections: opts.warm_connections,
+            cluster_mode: opts.cluster_mode,
+            cluster_ports: Some(opts.cluster_ports.clone().unwrap_or_else(|| "0".into())),
+            cluster_refresh_interval: opts.cluster_refresh_interval,
             admin_listen: Some(if opts.admin { "127.0.0.1:0" } else { "none" }.into()),
             ..Options::default()
         };

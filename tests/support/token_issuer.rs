@@ -162,11 +162,17 @@ impl Pinger {
 
     /// Connects and completes a first round before returning.
     pub async fn start(addr: SocketAddr) -> Pinger {
+        Self::start_keyed(addr, "pinger").await
+    }
+
+    /// Like [`Pinger::start`], counting in `key` (in a cluster: a key the node owns).
+    pub async fn start_keyed(addr: SocketAddr, key: &str) -> Pinger {
+        let key = key.to_owned();
         let mut conn = RespConn::connect_plain(addr)
             .await
             .expect("connect to the proxy");
         let state = Arc::new(Mutex::new(PingState::default()));
-        if let Err(end) = round(&mut conn, &state).await {
+        if let Err(end) = round(&mut conn, &state, &key).await {
             panic!("the first round through the proxy failed: {end:?}");
         }
         let stop = CancellationToken::new();
@@ -178,7 +184,7 @@ impl Pinger {
                         _ = tokio::time::sleep(Self::PERIOD) => {}
                         _ = stop.cancelled() => return,
                     }
-                    if let Err(end) = round(&mut conn, &state).await {
+                    if let Err(end) = round(&mut conn, &state, &key).await {
                         lock(&state).end = Some(end);
                         return;
                     }
@@ -244,13 +250,13 @@ fn lock(state: &Mutex<PingState>) -> std::sync::MutexGuard<'_, PingState> {
 
 /// `ACL WHOAMI` and `INCR pinger`; the counter must go up by exactly one per round, or a
 /// command was lost or replayed.
-async fn round(conn: &mut RespConn, state: &Mutex<PingState>) -> Result<(), PingEnd> {
+async fn round(conn: &mut RespConn, state: &Mutex<PingState>, key: &str) -> Result<(), PingEnd> {
     let who = ask(conn, &[b"ACL", b"WHOAMI"]).await?;
     let Reply::Bulk(Some(user)) = who else {
         return Err(PingEnd::Failed(format!("ACL WHOAMI answered {who:?}")));
     };
     let user = String::from_utf8_lossy(&user).into_owned();
-    let n = ask(conn, &[b"INCR", b"pinger"]).await?;
+    let n = ask(conn, &[b"INCR", key.as_bytes()]).await?;
     let mut s = lock(state);
     if n != Reply::Integer(s.rounds as i64 + 1) {
         return Err(PingEnd::Failed(format!(

@@ -1,0 +1,458 @@
+//! Cluster mode against a real TLS Redis Cluster of 3 primaries on 127.0.0.1
+//! (`devenv::RedisCluster`), standing in for Azure Managed Redis with the OSS clustering
+//! policy: every node speaks TLS only, its certificate names `cache.redis.test` and not its
+//! address, and its own address is what CLUSTER SLOTS/SHARDS/NODES and MOVED/ASK tell
+//! clients. Those addresses count as internal here: a client behind the proxy must never see
+//! one, and real cluster clients (`redis-cli -c`, `redis-benchmark --cluster`, redis-py's
+//! `RedisCluster`) must work through the proxy unmodified, through a resharding and token
+//! rotations.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_entra_proxy::cluster::ClusterMode;
+use redis_entra_proxy::dev::DevTokenSource;
+use redis_entra_proxy::devenv::{key_slot, ClusterOptions, RedisCluster, RespConn};
+use support::token_issuer::Pinger;
+use support::{http_get, run_tool, Proxy, ProxyOptions, Reply, STEP};
+
+struct Setup {
+    cluster: Arc<RedisCluster>,
+    proxy: Proxy,
+}
+
+impl Setup {
+    async fn start(token_lifetime: Duration, refresh_ratio: f64) -> Setup {
+        let cluster = Arc::new(
+            RedisCluster::start(ClusterOptions::default())
+                .await
+                .expect("the cluster forms"),
+        );
+        let seed = cluster.nodes()[0].clone();
+        let source = Arc::new(DevTokenSource::for_servers(
+            cluster.nodes().to_vec(),
+            token_lifetime,
+            "oid",
+        ));
+        let proxy = Proxy::start_on(
+            seed.clone(),
+            ProxyOptions {
+                upstream: Some((
+                    seed.addr().to_string(),
+                    true,
+                    Some(cluster.ca_file().to_path_buf()),
+                )),
+                server_name: Some(cluster.server_name().to_owned()),
+                source: Some(source),
+                refresh_ratio,
+                cluster_mode: Some(ClusterMode::On),
+                cluster_refresh_interval: Some(Duration::from_secs(2)),
+                admin: true,
+                ..ProxyOptions::default()
+            },
+        )
+        .await;
+        Setup { cluster, proxy }
+    }
+
+    /// The nodes' own addresses, which clients must never see.
+    fn internal(&self) -> Vec<String> {
+        self.cluster.addrs().iter().map(|a| a.to_string()).collect()
+    }
+
+    /// Node id → local address, from CLUSTER SLOTS through the proxy.
+    async fn locals(&self) -> BTreeMap<String, SocketAddr> {
+        let mut c = self.proxy.client().await;
+        let Reply::Array(Some(ranges)) = c.command(&[b"CLUSTER", b"SLOTS"]).await.unwrap() else {
+            panic!("CLUSTER SLOTS is an array");
+        };
+        let mut locals = BTreeMap::new();
+        for range in ranges {
+            let Reply::Array(Some(items)) = range else {
+                panic!("a slot range is an array")
+            };
+            for node in &items[2..] {
+                let Reply::Array(Some(node)) = node else {
+                    panic!("a node is an array")
+                };
+                let (Reply::Bulk(Some(host)), Reply::Integer(port), Reply::Bulk(Some(id))) =
+                    (&node[0], &node[1], &node[2])
+                else {
+                    panic!("a node is [host, port, id, …]: {node:?}");
+                };
+                let host = String::from_utf8_lossy(host);
+                let addr: SocketAddr = format!("{host}:{port}").parse().unwrap();
+                locals.insert(String::from_utf8_lossy(id).into_owned(), addr);
+            }
+        }
+        locals
+    }
+
+    /// Asserts `text` names no internal address (host:port or a bare node port).
+    fn assert_no_internal(&self, what: &str, text: &str) {
+        for addr in self.internal() {
+            assert!(!text.contains(&addr), "{what} names {addr}: {text}");
+        }
+    }
+
+    async fn metric(&self, name: &str, label: &str) -> f64 {
+        let (_, body) = http_get(self.proxy.admin_addr.unwrap(), "/metrics").await;
+        body.lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn text(reply: &Reply) -> String {
+    match reply {
+        Reply::Simple(s) | Reply::Error(s) => s.clone(),
+        Reply::Integer(n) => n.to_string(),
+        Reply::Bulk(Some(b)) => String::from_utf8_lossy(b).into_owned(),
+        Reply::Bulk(None) | Reply::Array(None) => "(nil)".into(),
+        Reply::Array(Some(items)) => items.iter().map(text).collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// A key owned by node `i`.
+async fn key_on(cluster: &RedisCluster, i: usize, prefix: &str) -> String {
+    for n in 0..1000 {
+        let key = format!("{prefix}:{n}");
+        if cluster.key_owner(key.as_bytes()).await.unwrap() == i {
+            return key;
+        }
+    }
+    panic!("no key for node {i}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_replies_name_local_listeners_that_reach_the_right_node() {
+    let s = Setup::start(Duration::from_secs(3600), 0.75).await;
+    let locals = s.locals().await;
+    assert_eq!(locals.len(), 3, "three primaries: {locals:?}");
+    let ids: HashSet<&String> = s.cluster.node_ids().iter().collect();
+    for (id, addr) in &locals {
+        assert!(ids.contains(id), "{id} is a node of the cluster");
+        assert_eq!(addr.ip().to_string(), "127.0.0.1");
+        assert!(
+            !s.cluster.addrs().iter().any(|a| a.port() == addr.port()),
+            "{addr} is a node's own port"
+        );
+        // The listener leads to that very node, over TLS verified as the cache's name.
+        let mut c = RespConn::connect_plain(*addr).await.unwrap();
+        let myid = c.command(&[b"CLUSTER", b"MYID"]).await.unwrap();
+        assert_eq!(&text(&myid), id, "{addr} leads to node {id}");
+    }
+
+    let mut c = s.proxy.client().await;
+    let nodes = text(&c.command(&[b"CLUSTER", b"NODES"]).await.unwrap());
+    s.assert_no_internal("CLUSTER NODES", &nodes);
+    for (id, addr) in &locals {
+        let line = nodes.lines().find(|l| l.starts_with(id.as_str())).unwrap();
+        assert!(line.contains(&format!(" {addr}@")), "{line} names {addr}");
+    }
+
+    let shards = c.command(&[b"CLUSTER", b"SHARDS"]).await.unwrap();
+    let flat = format!("{shards:?}");
+    assert!(!flat.contains("tls-port"), "no TLS port is offered: {flat}");
+    for addr in s.cluster.addrs() {
+        assert!(
+            !flat.contains(&format!("Integer({})", addr.port())),
+            "CLUSTER SHARDS names port {}: {flat}",
+            addr.port()
+        );
+    }
+    for addr in locals.values() {
+        assert!(
+            flat.contains(&format!("Integer({})", addr.port())),
+            "CLUSTER SHARDS names {addr}"
+        );
+    }
+    let slots = text(&c.command(&[b"CLUSTER", b"SLOTS"]).await.unwrap());
+    s.assert_no_internal("CLUSTER SLOTS", &slots);
+    assert_eq!(
+        s.metric("redis_entra_proxy_cluster_nodes", "").await,
+        3.0,
+        "one listener per node"
+    );
+    s.proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_and_ask_send_clients_to_local_listeners() {
+    let s = Setup::start(Duration::from_secs(3600), 0.75).await;
+    let locals = s.locals().await;
+    let local_of = |i: usize| locals[&s.cluster.node_ids()[i]];
+
+    // MOVED: a key of node 1 asked on the main listener (node 0).
+    let key = key_on(&s.cluster, 1, "moved").await;
+    let mut main = s.proxy.client().await;
+    let moved = main.command(&[b"SET", key.as_bytes(), b"v"]).await.unwrap();
+    let slot = key_slot(key.as_bytes());
+    assert_eq!(moved, Reply::Error(format!("MOVED {slot} {}", local_of(1))));
+    let mut one = RespConn::connect_plain(local_of(1)).await.unwrap();
+    assert_eq!(
+        one.command(&[b"SET", key.as_bytes(), b"v"]).await.unwrap(),
+        Reply::Simple("OK".into())
+    );
+
+    // ASK: a slot of node 0 migrating to node 2; a key not on node 0 any more is asked there.
+    let key = key_on(&s.cluster, 0, "ask").await;
+    let slot = key_slot(key.as_bytes()).to_string();
+    let (id0, id2) = (
+        s.cluster.node_ids()[0].clone(),
+        s.cluster.node_ids()[2].clone(),
+    );
+    let r = s
+        .cluster
+        .command(
+            2,
+            &[
+                b"CLUSTER",
+                b"SETSLOT",
+                slot.as_bytes(),
+                b"IMPORTING",
+                id0.as_bytes(),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, Reply::Simple("OK".into()));
+    let r = s
+        .cluster
+        .command(
+            0,
+            &[
+                b"CLUSTER",
+                b"SETSLOT",
+                slot.as_bytes(),
+                b"MIGRATING",
+                id2.as_bytes(),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, Reply::Simple("OK".into()));
+    let ask = main.command(&[b"GET", key.as_bytes()]).await.unwrap();
+    assert_eq!(ask, Reply::Error(format!("ASK {slot} {}", local_of(2))));
+    let mut two = RespConn::connect_plain(local_of(2)).await.unwrap();
+    assert_eq!(
+        two.command(&[b"ASKING"]).await.unwrap(),
+        Reply::Simple("OK".into())
+    );
+    assert_eq!(
+        two.command(&[b"SET", key.as_bytes(), b"asked"])
+            .await
+            .unwrap(),
+        Reply::Simple("OK".into())
+    );
+    assert!(
+        s.metric("redis_entra_proxy_cluster_redirects_total", "ask")
+            .await
+            >= 1.0
+    );
+    assert!(
+        s.metric("redis_entra_proxy_cluster_redirects_total", "moved")
+            .await
+            >= 1.0
+    );
+    s.proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_and_redis_benchmark_in_cluster_mode() {
+    let s = Setup::start(Duration::from_secs(3600), 0.75).await;
+    let port = s.proxy.addr.port().to_string();
+    // 60 keys over the whole slot space, written and read back by redis-cli following
+    // redirections on its own.
+    let mut script = String::new();
+    for i in 0..60 {
+        script.push_str(&format!("SET cli:{i} value-{i}\n"));
+    }
+    for i in 0..60 {
+        script.push_str(&format!("GET cli:{i}\n"));
+    }
+    let (ok, out, err) = run_tool(
+        "redis-cli",
+        &["-c", "-h", "127.0.0.1", "-p", &port],
+        Some(script.as_bytes()),
+    )
+    .await;
+    assert!(ok, "redis-cli -c failed: {err}");
+    // redis-cli reports each redirection it followed ("-> Redirected to slot [n] located at
+    // 127.0.0.1:port"), then the reply.
+    let (redirects, lines): (Vec<&str>, Vec<&str>) =
+        out.lines().partition(|l| l.starts_with("-> Redirected"));
+    assert!(!redirects.is_empty(), "redis-cli was redirected: {out}");
+    assert_eq!(lines.len(), 120, "{out}");
+    assert!(lines[..60].iter().all(|l| *l == "OK"), "{out}");
+    for (i, l) in lines[60..].iter().enumerate() {
+        assert_eq!(*l, format!("value-{i}"));
+    }
+    s.assert_no_internal("redis-cli output", &out);
+    let mut owners = HashSet::new();
+    for i in 0..60 {
+        owners.insert(
+            s.cluster
+                .key_owner(format!("cli:{i}").as_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(owners.len(), 3, "the keys spread over every node");
+
+    let (ok, out, err) = run_tool(
+        "redis-benchmark",
+        &[
+            "--cluster",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "-n",
+            "5000",
+            "-c",
+            "10",
+            "-t",
+            "set,get",
+            "-r",
+            "100000",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "redis-benchmark --cluster failed: {out}\n{err}");
+    assert!(
+        out.contains("SET:") && out.contains("GET:"),
+        "redis-benchmark ran both tests: {out}"
+    );
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    s.assert_no_internal("redis-benchmark output", &format!("{out}{err}"));
+    // Its keys landed on every node.
+    for i in 0..3 {
+        let n = s.cluster.command(i, &[b"DBSIZE"]).await.unwrap();
+        assert!(
+            matches!(n, Reply::Integer(n) if n > 20),
+            "node {i} holds keys: {n:?}"
+        );
+    }
+    s.proxy.stop().await;
+}
+
+/// The interpreter with redis-py (scripts/test installs it and names it).
+fn python() -> String {
+    std::env::var("REDIS_PY_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs tests/clients/cluster_client.py; returns (ops, errors, nodes).
+async fn redis_py(port: u16, keys: usize, seconds: f64) -> (u64, Vec<String>, Vec<String>) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/cluster_client.py"
+    );
+    let (ok, out, err) = run_tool(
+        &python(),
+        &[
+            script,
+            &port.to_string(),
+            &keys.to_string(),
+            &seconds.to_string(),
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        ok,
+        "redis-py's RedisCluster could not run ({}; scripts/test installs redis-py): {err}",
+        python()
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    let strings = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_owned())
+            .collect()
+    };
+    (
+        v["ops"].as_u64().unwrap(),
+        strings("errors"),
+        strings("nodes"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_cluster_client_through_the_proxy() {
+    let s = Setup::start(Duration::from_secs(3600), 0.75).await;
+    let (ops, errors, nodes) = redis_py(s.proxy.addr.port(), 300, 1.0).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(ops >= 300, "{ops} operations");
+    let locals: Vec<String> = s.locals().await.values().map(|a| a.to_string()).collect();
+    let mut nodes = nodes;
+    nodes.retain(|n| n != &s.proxy.addr.to_string());
+    let mut want = locals.clone();
+    want.sort();
+    nodes.sort();
+    assert_eq!(nodes, want, "the client learnt the local listeners only");
+    for i in 0..3 {
+        let n = s.cluster.command(i, &[b"DBSIZE"]).await.unwrap();
+        assert!(matches!(n, Reply::Integer(n) if n > 50), "node {i}: {n:?}");
+    }
+    s.proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_load_costs_the_client_nothing() {
+    let s = Setup::start(Duration::from_secs(3600), 0.75).await;
+    let port = s.proxy.addr.port();
+    let load = tokio::spawn(redis_py(port, 3000, 8.0));
+    // Let the client write its keys and start its read/write rounds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = s.cluster.slot_owners().await.unwrap();
+    s.cluster.reshard(0, 1, 1500).await.expect("reshard 0 → 1");
+    s.cluster.reshard(2, 0, 1000).await.expect("reshard 2 → 0");
+    let after = s.cluster.slot_owners().await.unwrap();
+    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    assert_eq!(moved, 2500, "slots changed owner");
+    let (ops, errors, _) = tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .expect("the load ends")
+        .unwrap();
+    assert!(errors.is_empty(), "the client saw errors: {errors:?}");
+    assert!(ops > 3000, "{ops} operations");
+    // The client was really sent around by the cluster, through the proxy.
+    let redirects = s
+        .metric("redis_entra_proxy_cluster_redirects_total", "moved")
+        .await;
+    assert!(redirects >= 1.0, "{redirects} MOVED relayed");
+    s.proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_connection_is_reauthenticated_at_rotations() {
+    // A token every 2 s, each deleted from every node when it expires 2 s later: a node
+    // connection that missed a re-AUTH is closed by the server.
+    let s = Setup::start(Duration::from_secs(4), 0.5).await;
+    let locals = s.locals().await;
+    let mut pingers = Vec::new();
+    for (i, id) in s.cluster.node_ids().iter().enumerate() {
+        let key = key_on(&s.cluster, i, "pinger").await;
+        pingers.push(Pinger::start_keyed(locals[id], &key).await);
+    }
+    let first = pingers[0].user();
+    let n: u64 = first.trim_start_matches("oid-").parse().unwrap();
+    let target = format!("oid-{}", n + 3);
+    for p in &pingers {
+        p.wait_user(&target, STEP * 2).await;
+    }
+    for p in pingers {
+        let state = p.stop().await;
+        assert!(state.users.len() >= 4, "{:?}", state.users);
+    }
+    s.proxy.stop().await;
+}
