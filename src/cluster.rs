@@ -308,7 +308,12 @@ impl Remap for Cluster {
             port: local_port,
         };
         let target = Arc::new(Target {
-            connector: self.connector.with_addr(addr.clone()),
+            // Redis writes IPv6 addresses without brackets; a socket address needs them.
+            connector: self.connector.with_addr(if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                addr.clone()
+            }),
             pool: None,
             // The sessions of a node map addresses through this registry too.
             rewriter: Some(Rewriter {

@@ -49,6 +49,10 @@ async fn a_new_node_gets_a_listener_once() {
     let b = cluster.local("10.0.0.2", 8500).unwrap();
     assert_ne!(a.port, b.port);
     assert_eq!(cluster.len(), 2);
+    // Redis writes IPv6 node addresses without brackets.
+    cluster.local("fd00::5", 8500).unwrap();
+    let v6 = std::iter::from_fn(|| rx.try_recv().ok()).last().unwrap();
+    assert_eq!(v6.target.connector.addr(), "[fd00::5]:8500");
 }
 
 #[tokio::test]
