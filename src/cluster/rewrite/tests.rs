@@ -15,9 +15,10 @@ impl Remap for Fake {
         if self.full {
             return None;
         }
+        let n: u16 = host.rsplit('.').next()?.parse().ok()?;
         Some(Local {
             host: "127.0.0.1".into(),
-            port: port - 8500 + 7000 + 10 * host.rsplit('.').next()?.parse::<u16>().ok()?,
+            port: (7000 + port % 100).checked_add(n.checked_mul(10)?)?,
         })
     }
 }
@@ -239,4 +240,51 @@ fn subcommands() {
     );
     assert_eq!(Topology::of_subcommand(b"info"), None);
     assert_eq!(Topology::of_subcommand(b"countkeysinslot"), None);
+}
+
+mod arbitrary {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Frames made of RESP-looking pieces, so that most of them decode and reach the
+    /// rewriting, not only the decoder's refusals.
+    fn frame() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(b"*2\r\n".to_vec()),
+            Just(b"*4\r\n".to_vec()),
+            Just(b"%2\r\n".to_vec()),
+            Just(b":8500\r\n".to_vec()),
+            Just(b":0\r\n".to_vec()),
+            Just(b"$8\r\n10.0.0.1\r\n".to_vec()),
+            Just(b"$0\r\n\r\n".to_vec()),
+            Just(b"$4\r\nport\r\n".to_vec()),
+            Just(b"$8\r\ntls-port\r\n".to_vec()),
+            Just(b"$5\r\nnodes\r\n".to_vec()),
+            Just(b"$2\r\nip\r\n".to_vec()),
+            Just(b"$1\r\n?\r\n".to_vec()),
+            Just(b"$-1\r\n".to_vec()),
+            Just(b"_\r\n".to_vec()),
+            Just(b"$19\r\na 10.0.0.1:1@2 x y\n\r\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..8),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn rewriting_never_panics(frame in frame(), line in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let (r, _) = rewriter(Fake::default());
+            for kind in [Topology::Slots, Topology::Shards, Topology::Nodes, Topology::Replicas] {
+                if let Ok(out) = r.topology(kind, &frame) {
+                    // What is rewritten is one whole frame again.
+                    let (_, used) = Value::decode(&out).expect("a frame");
+                    prop_assert_eq!(used, out.len());
+                }
+            }
+            let mut error = b"-MOVED ".to_vec();
+            error.extend_from_slice(&line);
+            error.extend_from_slice(b"\r\n");
+            let _ = r.redirect(&error);
+        }
+    }
 }
