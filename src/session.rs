@@ -287,6 +287,7 @@ where
         partial_since: None,
         shrunk: false,
         upstream_unflushed: false,
+        track_idle: shared.client_idle_timeout.is_some(),
     };
     let mut creds = shared.credentials.clone();
     // The core started with the credentials current when the client connected; catch up with
@@ -469,6 +470,10 @@ struct Timers {
 
 /// The byte-moving half of a session: buffers and the poll loop.
 struct Io {
+    /// Whether `Timers::idle` matters (`--client-idle-timeout` is set). It flips twice per
+    /// request, and every flip costs a turn of the driver's loop (its futures and timer set up
+    /// again), so it is left out when nothing waits on it.
+    track_idle: bool,
     cin: BytesMut,
     uin: BytesMut,
     /// False once the client half-closed or the proxy is draining.
@@ -498,7 +503,8 @@ impl Io {
         Timers {
             reauth_failed: core.reauth_failed(),
             close_deadline: core.close_deadline(),
-            idle: core.idle()
+            idle: self.track_idle
+                && core.idle()
                 && core.to_client.is_empty()
                 && self.cin.is_empty()
                 && !core.streaming()
