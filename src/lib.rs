@@ -20,7 +20,10 @@
 //! - [`session`]: the per-connection driver; `session/core.rs` the sans-IO core,
 //!   `session/commands.rs` client command handling, `session/ledger.rs` the reply FIFO,
 //!   `session/state.rs` the tracked connection state.
-//! - [`resp`]: request parser (RESP + inline), reply scanner (RESP2/RESP3), encoders.
+//! - [`resp`]: request parser (RESP + inline), reply scanner (RESP2/RESP3), encoders, and
+//!   reply trees for the few replies the proxy edits.
+//! - [`cluster`]: OSS cluster mode: a local listener per node, node addresses in topology
+//!   replies and redirections rewritten to them, the topology refresh.
 //! - [`upstream`], [`tls`]: TCP/TLS connections to the server.
 //! - [`credentials`]: `Credentials`, the `TokenSource` trait, the refresher; one file per
 //!   source (`azure.rs` is the only one touching `azure_identity`), `source.rs` chooses.
