@@ -282,6 +282,12 @@ pub struct Options {
     #[serde(default, deserialize_with = "de_duration")]
     pub cluster_refresh_interval: Option<Duration>,
 
+    /// Threads serving connections [default: the number of CPUs the process may use]. On a
+    /// machine shared with busy neighbours (the application, Redis itself), fewer threads
+    /// than CPUs cost less CPU per request.
+    #[arg(long, env = "REDIS_ENTRA_PROXY_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
+
     /// Most client connections served at once [default: 10000].
     #[arg(long, env = "REDIS_ENTRA_PROXY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -327,7 +333,7 @@ impl Options {
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
             client_idle_timeout, partial_request_timeout, warm_connections, cluster_mode, cluster_ports,
-            cluster_refresh_interval, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
+            cluster_refresh_interval, worker_threads, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }
 

@@ -122,6 +122,8 @@ pub struct Config {
     pub partial_request_timeout: Option<Duration>,
     pub warm_connections: usize,
     pub cluster: ClusterConfig,
+    /// `None`: one per CPU.
+    pub worker_threads: Option<usize>,
     pub max_connections: usize,
     pub refresh_ratio: f64,
     pub reauth_window: Duration,
@@ -265,6 +267,9 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         return Err(invalid("max-connections", "must be at least 1"));
     }
     let cluster = cluster_config(&o, listen)?;
+    if o.worker_threads == Some(0) {
+        return Err(invalid("worker-threads", "must be at least 1"));
+    }
     let log_level = o
         .log_level
         .clone()
@@ -298,6 +303,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         .filter(|d| !d.is_zero()),
         warm_connections: o.warm_connections.unwrap_or(0),
         cluster,
+        worker_threads: o.worker_threads,
         max_connections,
         refresh_ratio,
         reauth_window: o.reauth_window.unwrap_or(DEFAULT_REAUTH_WINDOW),
@@ -500,6 +506,11 @@ pub fn render(o: &Options, token_set: bool) -> String {
     line(
         "cluster-refresh-interval",
         d(o.cluster_refresh_interval, DEFAULT_CLUSTER_REFRESH_INTERVAL),
+    );
+    line(
+        "worker-threads",
+        o.worker_threads
+            .map_or("# (one per CPU)".into(), |n| n.to_string()),
     );
     line(
         "max-connections",

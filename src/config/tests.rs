@@ -297,6 +297,40 @@ fn validate_cases() {
         ),
         ("max-connections 1", |o| o.max_connections = Some(1), Ok(())),
         (
+            "worker-threads 0",
+            |o| o.worker_threads = Some(0),
+            Err("--worker-threads"),
+        ),
+        ("worker-threads 1", |o| o.worker_threads = Some(1), Ok(())),
+        (
+            "cluster-ports backwards",
+            |o| o.cluster_ports = Some("7000-6000".into()),
+            Err("--cluster-ports"),
+        ),
+        (
+            "cluster-mode on, unix socket only",
+            |o| {
+                o.listen = Some("none".into());
+                o.unix_socket = Some("/tmp/x.sock".into());
+                o.cluster_mode = Some(crate::cluster::ClusterMode::On);
+            },
+            Err("--cluster-mode"),
+        ),
+        (
+            "cluster-mode on, wildcard listen",
+            |o| {
+                o.listen = Some("0.0.0.0:6379".into());
+                o.allow_unauthenticated_remote = Some(true);
+                o.cluster_mode = Some(crate::cluster::ClusterMode::On);
+            },
+            Err("--cluster-mode"),
+        ),
+        (
+            "cluster-refresh-interval too short",
+            |o| o.cluster_refresh_interval = Some(std::time::Duration::from_millis(100)),
+            Err("--cluster-refresh-interval"),
+        ),
+        (
             "bad log filter",
             |o| o.log_level = Some("=foo=bar".into()),
             Err("--log-level"),
@@ -579,4 +613,34 @@ fn render_redacts_and_round_trips_defaults() {
             "{key} missing in:\n{out}"
         );
     }
+}
+
+#[test]
+fn cluster_defaults_follow_the_listen_address() {
+    use crate::cluster::{ClusterMode, Ports};
+    let c = validate(base(), None).unwrap();
+    assert_eq!(c.cluster.mode, ClusterMode::Auto);
+    assert_eq!(c.cluster.ports, Ports::Range(6380, 6479));
+    assert!(!c.cluster.auto_disabled);
+    let mut o = base();
+    o.listen = Some("127.0.0.1:7000".into());
+    assert_eq!(
+        validate(o, None).unwrap().cluster.ports,
+        Ports::Range(7001, 7100)
+    );
+    // A wildcard address cannot be announced: `auto` turns itself off, and says so.
+    let mut o = base();
+    o.listen = Some("0.0.0.0:6379".into());
+    o.allow_unauthenticated_remote = Some(true);
+    let c = validate(o, None).unwrap();
+    assert_eq!(c.cluster.mode, ClusterMode::Off);
+    assert!(c.cluster.auto_disabled);
+    let mut o = base();
+    o.cluster_mode = Some(ClusterMode::Off);
+    o.cluster_ports = Some("0".into());
+    let c = validate(o, None).unwrap();
+    assert_eq!(
+        (c.cluster.mode, c.cluster.ports),
+        (ClusterMode::Off, Ports::Any)
+    );
 }
