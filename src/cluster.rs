@@ -222,7 +222,7 @@ impl Cluster {
     /// have gone (a node listed again is kept).
     pub fn update(&self, present: &[(String, u16)]) {
         for (host, port) in present {
-            if self.local(host, *port).is_none() {
+            if self.register(host, *port, false).is_none() {
                 tracing::error!(node = %rewrite::join(host, *port), ports = %self.ports, "no local port free for a cluster node; clients sent to it will get an error");
             }
         }
@@ -284,7 +284,17 @@ impl Cluster {
 }
 
 impl Remap for Cluster {
+    /// A reply names the node: a node not seen before means the topology changed, so it is
+    /// read again soon.
     fn local(&self, host: &str, port: u16) -> Option<Local> {
+        self.register(host, port, true)
+    }
+}
+
+impl Cluster {
+    /// The local address of a node, opening a listener for it if it has none; `reread`: ask
+    /// the refresh task for the whole topology when the node is new.
+    fn register(&self, host: &str, port: u16, reread: bool) -> Option<Local> {
         let addr = rewrite::join(host, port);
         let mut reg = self.lock();
         if let Some(node) = reg.nodes.get_mut(&addr) {
@@ -344,8 +354,9 @@ impl Remap for Cluster {
             },
         );
         metrics::gauge!(crate::metrics::CLUSTER_NODES).set(reg.nodes.len() as f64);
-        // A node nobody listed yet: the topology changed; read it again soon.
-        self.refresh_now.notify_one();
+        if reread {
+            self.refresh_now.notify_one();
+        }
         Some(local)
     }
 }

@@ -15,15 +15,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DevArgs, Options};
 use crate::credentials::{CredentialError, Token, TokenFuture, TokenSource};
-use crate::devenv::{mint_token, RedisOptions, RedisServer};
+use crate::devenv::{mint_token, DevError, RedisCluster, RedisOptions, RedisServer};
 use crate::secret::Secret;
 
 /// Issues tokens for the local stand-in server, or for every node of a stand-in cluster.
 #[derive(Debug)]
 pub struct DevTokenSource {
-    /// Where each generation's identity is registered and, at expiry, deleted: one server, or
-    /// every node of a cluster (AMR accepts a token on every node of a cache).
-    servers: Vec<Arc<RedisServer>>,
+    /// Where each generation's identity is registered and, at expiry, deleted (AMR accepts a
+    /// token on every node of a cache).
+    registry: Arc<Registry>,
     lifetime: Duration,
     generation: AtomicU64,
     prefix: String,
@@ -34,17 +34,69 @@ pub struct DevTokenSource {
     expire_users: bool,
 }
 
+/// Where a [`DevTokenSource`] registers identities.
+#[derive(Debug)]
+enum Registry {
+    /// These servers, in order.
+    Servers(Vec<Arc<RedisServer>>),
+    /// Whatever nodes the cluster has at the time, nodes added later included: the cluster
+    /// remembers its users and gives them to a node that joins.
+    Cluster(Arc<RedisCluster>),
+}
+
+impl Registry {
+    async fn setuser(&self, name: &str, password: &str) -> Result<(), DevError> {
+        match self {
+            Registry::Servers(servers) => {
+                for server in servers {
+                    server.acl_setuser(name, password).await?;
+                }
+                Ok(())
+            }
+            Registry::Cluster(cluster) => cluster.acl_setuser(name, password).await,
+        }
+    }
+
+    /// Deletes `name` everywhere, logging (not stopping at) a server that fails.
+    async fn deluser(&self, name: &str) {
+        let outcome = match self {
+            Registry::Servers(servers) => {
+                for server in servers {
+                    if let Err(e) = server.acl_deluser(name).await {
+                        tracing::debug!(oid = %name, error = %e, "expiring dev identity failed");
+                    }
+                }
+                Ok(())
+            }
+            Registry::Cluster(cluster) => cluster.acl_deluser(name).await,
+        };
+        if let Err(e) = outcome {
+            tracing::debug!(oid = %name, error = %e, "expiring dev identity failed");
+        }
+    }
+}
+
 impl DevTokenSource {
     /// Tokens named `<prefix>-<n>` living `lifetime` each.
     pub fn new(server: Arc<RedisServer>, lifetime: Duration, prefix: &str) -> Self {
         Self::for_servers(vec![server], lifetime, prefix)
     }
 
-    /// Like [`DevTokenSource::new`], registering and deleting each identity on every server
-    /// (e.g. `RedisCluster::nodes`), in order.
+    /// Like [`DevTokenSource::new`], registering and deleting each identity on every server,
+    /// in order.
     pub fn for_servers(servers: Vec<Arc<RedisServer>>, lifetime: Duration, prefix: &str) -> Self {
+        Self::with_registry(Registry::Servers(servers), lifetime, prefix)
+    }
+
+    /// Like [`DevTokenSource::new`], registering and deleting each identity on every node the
+    /// cluster has, nodes added later by `RedisCluster::add_primary` included.
+    pub fn for_cluster(cluster: Arc<RedisCluster>, lifetime: Duration, prefix: &str) -> Self {
+        Self::with_registry(Registry::Cluster(cluster), lifetime, prefix)
+    }
+
+    fn with_registry(registry: Registry, lifetime: Duration, prefix: &str) -> Self {
         DevTokenSource {
-            servers,
+            registry: Arc::new(registry),
             lifetime,
             generation: AtomicU64::new(0),
             prefix: prefix.to_owned(),
@@ -89,12 +141,10 @@ impl TokenSource for DevTokenSource {
                     username: None,
                 });
             }
-            for server in &self.servers {
-                server
-                    .acl_setuser(&oid, &token)
-                    .await
-                    .map_err(|e| CredentialError::Source(format!("registering {oid}: {e}")))?;
-            }
+            self.registry
+                .setuser(&oid, &token)
+                .await
+                .map_err(|e| CredentialError::Source(format!("registering {oid}: {e}")))?;
             if !self.expire_users {
                 return Ok(Token {
                     token: Secret::new(token),
@@ -103,15 +153,11 @@ impl TokenSource for DevTokenSource {
                 });
             }
             // At expiry, the identity goes away and Redis closes its connections, as AMR does.
-            let servers = self.servers.clone();
+            let registry = self.registry.clone();
             let lifetime = self.lifetime;
             tokio::spawn(async move {
                 tokio::time::sleep(lifetime).await;
-                for server in servers {
-                    if let Err(e) = server.acl_deluser(&oid).await {
-                        tracing::debug!(%oid, error = %e, "expiring dev identity failed");
-                    }
-                }
+                registry.deluser(&oid).await;
             });
             Ok(Token {
                 token: Secret::new(token),

@@ -12,7 +12,8 @@
 //! - `devenv/cluster.rs`: `RedisCluster`, N TLS cluster nodes (each a `RedisServer`) formed
 //!   into one Redis Cluster standing in for AMR's OSS cluster policy;
 //!   `devenv/cluster/state.rs`: reading CLUSTER INFO/SLOTS/NODES; `devenv/cluster/reshard.rs`:
-//!   moving slots with `redis-cli --cluster reshard`; `devenv/cluster/keyslot.rs`: `key_slot`.
+//!   moving slots with `redis-cli --cluster reshard`; `devenv/cluster/membership.rs`: primaries
+//!   joining and leaving a running cluster; `devenv/cluster/keyslot.rs`: `key_slot`.
 //! - `devenv/admin.rs`: `RespConn` and `Reply`, the small RESP2 client the fixture uses.
 //! - `devenv/token.rs`: `mint_token`, unsigned JWTs with the claims the proxy reads.
 //!

@@ -232,6 +232,13 @@ struct ProbeStats {
 fn spawn_probe(addr: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<ProbeStats> {
     tokio::spawn(async move {
         let mut c = RespConn::connect_plain(addr).await.expect("probe connects");
+        // The upstream connection (TLS handshake, AUTH) is set up before the first reply; what
+        // is timed below is round trips, not connection setup on a loaded machine.
+        let pong = timeout(STEP, c.command(&[b"PING"]))
+            .await
+            .expect("probe's first PING answered")
+            .expect("probe PING");
+        assert_eq!(pong, Reply::Simple("PONG".into()));
         let mut stats = ProbeStats::default();
         // Bounded in count as well as by `stop`: PHASE worth of probes at most, per phase.
         for i in 0..(4 * PHASE.as_millis() as u64 / PROBE_PACE.as_millis() as u64) {

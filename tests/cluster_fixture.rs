@@ -58,7 +58,8 @@ fn keys_for_slots(slots: &HashSet<u16>) -> BTreeMap<u16, String> {
 async fn three_primaries_cover_all_slots_on_loopback_with_a_hostname_only_certificate() {
     let cluster = start().await;
     assert_eq!(cluster.nodes().len(), 3);
-    let ids: HashSet<&String> = cluster.node_ids().iter().collect();
+    let node_ids = cluster.node_ids();
+    let ids: HashSet<&String> = node_ids.iter().collect();
     assert_eq!(ids.len(), 3, "distinct node ids");
     assert!(cluster.node_ids().iter().all(|id| id.len() == 40));
     let addrs = cluster.addrs();
@@ -202,7 +203,7 @@ async fn dev_token_source_registers_on_every_node_and_expiry_closes_everywhere()
     let cluster = start().await;
     let lifetime = Duration::from_millis(500);
     let source = Arc::new(DevTokenSource::for_servers(
-        cluster.nodes().to_vec(),
+        cluster.nodes(),
         lifetime,
         "oid",
     ));
@@ -248,4 +249,113 @@ async fn a_cluster_node_restarts_as_itself_on_the_same_ports() {
     assert_eq!((node.port(), node.cluster_port()), (port, Some(bus)));
     let again = node.command(&[b"CLUSTER", b"MYID"]).await.expect("MYID");
     assert_eq!(again, id, "nodes.conf kept the node's identity");
+}
+
+/// `AUTH name password` on a fresh connection to `node`.
+async fn auth(cluster: &RedisCluster, node: usize, name: &str, password: &str) -> Reply {
+    let mut c = cluster.connect(node).await.expect("connect");
+    c.command(&[b"AUTH", name.as_bytes(), password.as_bytes()])
+        .await
+        .expect("AUTH")
+}
+
+fn wrongpass(reply: &Reply) -> bool {
+    matches!(reply, Reply::Error(e) if e.starts_with("WRONGPASS"))
+}
+
+#[tokio::test]
+async fn a_primary_joins_with_the_users_and_leaves_once_it_serves_no_slots() {
+    let cluster = Arc::new(start().await);
+    let source = DevTokenSource::for_cluster(cluster.clone(), Duration::from_secs(3600), "oid");
+    let early = source.fetch().await.expect("a token before the join");
+    cluster
+        .acl_setuser("gone", "pw-gone")
+        .await
+        .expect("setuser");
+    cluster.acl_deluser("gone").await.expect("deluser");
+
+    let began = Instant::now();
+    let new = cluster.add_primary().await.expect("a primary joins");
+    eprintln!("a primary joined in {:?}", began.elapsed());
+    assert_eq!(new, 3);
+    assert_eq!(cluster.nodes().len(), 4);
+    let ids = cluster.node_ids();
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 4, "{ids:?}");
+    // Every node knows it, and it serves nothing yet.
+    for node in 0..4 {
+        let Reply::Bulk(Some(nodes)) = run(&cluster, node, &[b"CLUSTER", b"NODES"]).await else {
+            panic!("CLUSTER NODES is a bulk string");
+        };
+        let nodes = String::from_utf8_lossy(&nodes);
+        let line = nodes
+            .lines()
+            .find(|l| l.starts_with(ids[new].as_str()))
+            .unwrap_or_else(|| panic!("node {node} knows the new node: {nodes}"));
+        assert!(line.contains(" connected"), "{line}");
+        assert!(line.trim_end().ends_with("connected"), "no slots: {line}");
+    }
+    let owners = cluster.slot_owners().await.expect("slot owners");
+    assert!(!owners.contains(&new));
+
+    // Users created before are there (those deleted are not), and later changes reach it.
+    let token = early.token.expose().to_owned();
+    assert_eq!(
+        auth(&cluster, new, "oid-1", &token).await,
+        Reply::Simple("OK".into())
+    );
+    assert!(wrongpass(&auth(&cluster, new, "gone", "pw-gone").await));
+    let later = source.fetch().await.expect("a token after the join");
+    assert_eq!(
+        auth(&cluster, new, "oid-2", later.token.expose()).await,
+        Reply::Simple("OK".into())
+    );
+    cluster.acl_deluser("oid-1").await.expect("deluser");
+    assert!(wrongpass(&auth(&cluster, new, "oid-1", &token).await));
+
+    // It takes slots, and cannot leave while it serves them.
+    cluster.reshard(0, new, 10).await.expect("reshard 0 → new");
+    let refused = cluster.remove_primary(new).await;
+    assert!(
+        matches!(&refused, Err(DevError::Cluster(e)) if e.contains("serves 10 slots")),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        cluster.remove_primary(0).await,
+        Err(DevError::Cluster(_))
+    ));
+    assert!(matches!(
+        cluster.remove_primary(9).await,
+        Err(DevError::Cluster(_))
+    ));
+    // A handle held elsewhere keeps it, unchanged.
+    cluster.reshard(new, 0, 10).await.expect("reshard new → 0");
+    let held = cluster.node(new).expect("node");
+    let refused = cluster.remove_primary(new).await;
+    assert!(
+        matches!(&refused, Err(DevError::Cluster(e)) if e.contains("in use")),
+        "{refused:?}"
+    );
+    assert_eq!(cluster.node_ids(), ids, "nothing changed");
+    let port = held.port();
+    drop(held);
+
+    let began = Instant::now();
+    cluster
+        .remove_primary(new)
+        .await
+        .expect("the primary leaves");
+    eprintln!("a primary left in {:?}", began.elapsed());
+    assert_eq!(cluster.node_ids(), ids[..3]);
+    for node in 0..3 {
+        let Reply::Bulk(Some(nodes)) = run(&cluster, node, &[b"CLUSTER", b"NODES"]).await else {
+            panic!("CLUSTER NODES is a bulk string");
+        };
+        let nodes = String::from_utf8_lossy(&nodes);
+        assert_eq!(nodes.lines().count(), 3, "node {node}: {nodes}");
+        assert!(!nodes.contains(ids[new].as_str()), "node {node}: {nodes}");
+    }
+    let owners = cluster.slot_owners().await.expect("slot owners");
+    assert_eq!(owners.len(), usize::from(CLUSTER_SLOTS));
+    let gone = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+    assert!(gone.is_err(), "its process is gone: {gone:?}");
 }

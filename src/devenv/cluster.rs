@@ -9,16 +9,19 @@
 //!
 //! Owns: starting the nodes (each a `RedisServer`, which owns its process and directory),
 //! forming the cluster without redis-cli (slots, epochs, `CLUSTER MEET`), waiting until every
-//! node agrees, cluster-wide ACL users and slot lookups. `cluster/state.rs` reads the nodes'
-//! replies, `cluster/reshard.rs` moves slots with redis-cli, `cluster/keyslot.rs` hashes keys.
+//! node agrees, cluster-wide ACL users (remembered, so a node joining later gets them) and slot
+//! lookups. `cluster/state.rs` reads the nodes' replies, `cluster/reshard.rs` moves slots with
+//! redis-cli, `cluster/membership.rs` adds and removes primaries while the cluster runs,
+//! `cluster/keyslot.rs` hashes keys.
 
 mod keyslot;
+mod membership;
 mod reshard;
 mod state;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 pub use keyslot::key_slot;
@@ -89,14 +92,47 @@ impl std::fmt::Debug for ClusterOptions {
     }
 }
 
+/// One member of the cluster.
+#[derive(Clone)]
+struct Member {
+    server: Arc<RedisServer>,
+    /// Its `CLUSTER MYID`.
+    id: String,
+}
+
 /// A formed Redis Cluster of TLS primaries on 127.0.0.1. Dropping it kills every node.
-#[derive(Debug)]
+///
+/// Membership can change while it runs (`add_primary`, `remove_primary`), as when Azure scales
+/// a cache: every API taking `&self` reads the members as they are at that moment.
 pub struct RedisCluster {
-    /// Node `i` of every API; shared so a `DevTokenSource` can register users on all of them.
-    nodes: Vec<Arc<RedisServer>>,
-    /// `CLUSTER MYID` of each node, in node order.
-    ids: Vec<String>,
+    /// The members, in the order every index of this API refers to. Changed only under
+    /// `membership`; read as clones, so no lock on it is ever held across an await.
+    members: RwLock<Vec<Member>>,
+    /// Node 0, never removed: the cluster was formed around it, and its directory holds the CA
+    /// file handed to clients (`ca_file`), which must outlive any other node.
+    seed: Arc<RedisServer>,
+    /// How every node is started, so a node added later has the same CA, certificate, admin
+    /// password and command line as the first ones.
+    node_options: RedisOptions,
     server_name: String,
+    /// Held for the whole of a membership change, so two changes never interleave.
+    membership: tokio::sync::Mutex<()>,
+    /// `(name, password)` of the users `acl_setuser` created and `acl_deluser` has not deleted,
+    /// in order: what a node joining later is given. Held while a change is applied to the
+    /// nodes, and while a joining node is given the users and becomes a member, so a user
+    /// change and a join never interleave and every member ends up with every user.
+    users: tokio::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl std::fmt::Debug for RedisCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Addresses and ids only: the users' passwords are tokens.
+        f.debug_struct("RedisCluster")
+            .field("addrs", &self.addrs())
+            .field("ids", &self.node_ids())
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisCluster {
@@ -119,36 +155,37 @@ impl RedisCluster {
             "no".to_owned(),
         ];
         extra_args.extend(opts.extra_args);
-        let mut nodes = Vec::with_capacity(opts.primaries);
+        let node_options = RedisOptions {
+            tls: true,
+            dns_names: vec![opts.server_name.clone()],
+            extra_args,
+            admin_password: opts.admin_password,
+            certs: Some(certs),
+            tls_server_name: Some(opts.server_name.clone()),
+            cluster: true,
+        };
+        let mut members = Vec::with_capacity(opts.primaries);
         for _ in 0..opts.primaries {
-            let node = RedisServer::start(RedisOptions {
-                tls: true,
-                dns_names: vec![opts.server_name.clone()],
-                extra_args: extra_args.clone(),
-                admin_password: opts.admin_password.clone(),
-                certs: Some(certs.clone()),
-                tls_server_name: Some(opts.server_name.clone()),
-                cluster: true,
-            })
-            .await?;
-            nodes.push(Arc::new(node));
-        }
-        let mut ids = Vec::with_capacity(nodes.len());
-        for node in &nodes {
-            ids.push(bulk_text(node.command(&[b"CLUSTER", b"MYID"]).await?)?);
+            let server = Arc::new(RedisServer::start(node_options.clone()).await?);
+            let id = bulk_text(server.command(&[b"CLUSTER", b"MYID"]).await?)?;
+            members.push(Member { server, id });
         }
         let cluster = RedisCluster {
-            nodes,
-            ids,
+            seed: members[0].server.clone(),
+            members: RwLock::new(members),
+            node_options,
             server_name: opts.server_name,
+            membership: tokio::sync::Mutex::new(()),
+            users: tokio::sync::Mutex::new(Vec::new()),
         };
         cluster.form().await?;
         Ok(cluster)
     }
 
     async fn form(&self) -> Result<(), DevError> {
-        let count = self.nodes.len();
-        for (i, node) in self.nodes.iter().enumerate() {
+        let nodes = self.nodes();
+        let count = nodes.len();
+        for (i, node) in nodes.iter().enumerate() {
             // Distinct epochs from the start: nodes that all claim epoch 0 would settle the
             // collision one gossip round at a time.
             let epoch = (i + 1).to_string();
@@ -166,20 +203,8 @@ impl RedisCluster {
             ];
             expect_ok(node.command(&args).await?)?;
         }
-        for node in &self.nodes[1..] {
-            let port = node.port().to_string();
-            let bus = node
-                .cluster_port()
-                .expect("cluster nodes have a bus port")
-                .to_string();
-            let args: [&[u8]; 5] = [
-                b"CLUSTER",
-                b"MEET",
-                b"127.0.0.1",
-                port.as_bytes(),
-                bus.as_bytes(),
-            ];
-            expect_ok(self.nodes[0].command(&args).await?)?;
+        for node in &nodes[1..] {
+            meet(&self.seed, node).await?;
         }
         self.wait_settled("forming").await
     }
@@ -187,85 +212,64 @@ impl RedisCluster {
     /// Polls every node until all report a healthy cluster with all slots served, no slot in
     /// migration, and the same slot map (bounded by `SETTLE_TIMEOUT` and `MAX_POLLS`).
     async fn wait_settled(&self, phase: &str) -> Result<(), DevError> {
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        let mut last = String::new();
-        for _ in 0..MAX_POLLS {
-            match self.unsettled().await {
-                Ok(None) => return Ok(()),
-                Ok(Some(why)) => last = why,
-                Err(e) => last = e.to_string(),
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-        Err(DevError::Cluster(format!(
-            "{phase}: not settled within {SETTLE_TIMEOUT:?}; last check: {last}"
-        )))
+        let nodes = self.nodes();
+        poll_settled(phase, || unsettled_among(&nodes)).await
     }
 
-    /// Why the cluster is not settled yet, or `None` once it is.
-    async fn unsettled(&self) -> Result<Option<String>, DevError> {
-        let count = self.nodes.len();
-        let mut first_map: Option<Vec<SlotRange>> = None;
-        for (i, node) in self.nodes.iter().enumerate() {
-            let info = bulk_text(node.command(&[b"CLUSTER", b"INFO"]).await?)?;
-            if let Some(why) = info_unsettled(&parse_info(&info), count) {
-                return Ok(Some(format!("node {i}: {why}")));
-            }
-            let nodes = bulk_text(node.command(&[b"CLUSTER", b"NODES"]).await?)?;
-            if let Some(why) = nodes_unsettled(&nodes, count) {
-                return Ok(Some(format!("node {i}: {why}")));
-            }
-            let map = parse_slots(node.command(&[b"CLUSTER", b"SLOTS"]).await?)?;
-            match &first_map {
-                None => first_map = Some(map),
-                Some(first) if *first != map => {
-                    return Ok(Some(format!("node {i} disagrees with node 0 on the slots")))
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(None)
+    fn read_members(&self) -> std::sync::RwLockReadGuard<'_, Vec<Member>> {
+        // Every change is one push or remove: a panic elsewhere leaves the list consistent.
+        self.members.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The nodes, in the order every index in this API refers to.
-    pub fn nodes(&self) -> &[Arc<RedisServer>] {
-        &self.nodes
+    fn write_members(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Member>> {
+        self.members.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn member(&self, index: usize) -> Result<Member, DevError> {
+        let members = self.read_members();
+        members.get(index).cloned().ok_or_else(|| {
+            DevError::Cluster(format!("no node {index} in a cluster of {}", members.len()))
+        })
+    }
+
+    /// The nodes now, in the order every index in this API refers to (a snapshot: a node
+    /// added or removed afterwards changes the next call's answer, not this one).
+    pub fn nodes(&self) -> Vec<Arc<RedisServer>> {
+        self.read_members()
+            .iter()
+            .map(|m| m.server.clone())
+            .collect()
     }
     /// Node `index`, or an error naming the bad index.
-    pub fn node(&self, index: usize) -> Result<&Arc<RedisServer>, DevError> {
-        self.nodes.get(index).ok_or_else(|| {
-            DevError::Cluster(format!(
-                "no node {index} in a cluster of {}",
-                self.nodes.len()
-            ))
-        })
+    pub fn node(&self, index: usize) -> Result<Arc<RedisServer>, DevError> {
+        self.member(index).map(|m| m.server)
     }
     /// The nodes' TLS addresses: the internal addresses a client of the proxy must never see.
     pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.nodes.iter().map(|n| n.addr()).collect()
+        self.read_members()
+            .iter()
+            .map(|m| m.server.addr())
+            .collect()
     }
     /// The nodes' cluster ids (`CLUSTER MYID`), in node order.
-    pub fn node_ids(&self) -> &[String] {
-        &self.ids
+    pub fn node_ids(&self) -> Vec<String> {
+        self.read_members().iter().map(|m| m.id.clone()).collect()
+    }
+    /// Node `index`'s cluster id, or an error naming the bad index.
+    pub fn node_id(&self, index: usize) -> Result<String, DevError> {
+        self.member(index).map(|m| m.id)
     }
     /// PEM file of the CA that signed the shared node certificate.
     pub fn ca_file(&self) -> &Path {
-        self.nodes[0]
-            .ca_file()
-            .expect("cluster nodes always run TLS")
+        self.seed.ca_file().expect("cluster nodes always run TLS")
     }
     /// PEM of the CA that signed the shared node certificate.
     pub fn ca_pem(&self) -> &str {
-        self.nodes[0]
-            .ca_pem()
-            .expect("cluster nodes always run TLS")
+        self.seed.ca_pem().expect("cluster nodes always run TLS")
     }
     /// Client TLS configuration trusting only the dev CA; verify as `server_name`.
     pub fn tls_config(&self) -> Arc<rustls::ClientConfig> {
-        self.nodes[0]
+        self.seed
             .tls_config()
             .expect("cluster nodes always run TLS")
     }
@@ -276,7 +280,7 @@ impl RedisCluster {
     /// The admin user's password on every node. A secret: for tests that must authenticate
     /// as admin.
     pub fn admin_password(&self) -> &str {
-        self.nodes[0].admin_password()
+        self.seed.admin_password()
     }
 
     /// A new, unauthenticated TLS connection to node `index`, verified as `server_name`.
@@ -290,27 +294,38 @@ impl RedisCluster {
         self.node(index)?.command(args).await
     }
 
-    /// `ACL SETUSER` on every node (see `RedisServer::acl_setuser`), in node order.
+    /// `ACL SETUSER` on every node (see `RedisServer::acl_setuser`), in node order; remembered,
+    /// so a node added later by `add_primary` gets the user too.
     pub async fn acl_setuser(&self, name: &str, password: &str) -> Result<(), DevError> {
-        for node in &self.nodes {
+        let mut users = self.users.lock().await;
+        for node in self.nodes() {
             node.acl_setuser(name, password).await?;
         }
+        users.push((name.to_owned(), password.to_owned()));
         Ok(())
     }
 
-    /// `ACL DELUSER` on every node: each closes the connections authenticated as `name`.
+    /// `ACL DELUSER` on every node: each closes the connections authenticated as `name`. Tries
+    /// every node even if one fails (a user left behind would keep connections open), then
+    /// reports the first failure.
     pub async fn acl_deluser(&self, name: &str) -> Result<(), DevError> {
-        for node in &self.nodes {
-            node.acl_deluser(name).await?;
+        let mut users = self.users.lock().await;
+        users.retain(|(user, _)| user != name);
+        let mut failed = None;
+        for node in self.nodes() {
+            if let Err(e) = node.acl_deluser(name).await {
+                failed.get_or_insert(e);
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// The index of the node serving each slot (16384 entries), as every node's
     /// `CLUSTER SLOTS` says; an error if the nodes disagree or a slot is unserved.
     pub async fn slot_owners(&self) -> Result<Vec<usize>, DevError> {
+        let nodes = self.nodes();
         let mut agreed: Option<Vec<SlotRange>> = None;
-        for (i, node) in self.nodes.iter().enumerate() {
+        for (i, node) in nodes.iter().enumerate() {
             let map = parse_slots(node.command(&[b"CLUSTER", b"SLOTS"]).await?)?;
             match &agreed {
                 Some(first) if *first != map => {
@@ -324,7 +339,12 @@ impl RedisCluster {
         }
         let mut owners = vec![None; usize::from(CLUSTER_SLOTS)];
         for range in agreed.unwrap_or_default() {
-            let owner = self.index_of_port(range.port)?;
+            let owner = nodes
+                .iter()
+                .position(|n| n.port() == range.port)
+                .ok_or_else(|| {
+                    DevError::Cluster(format!("CLUSTER SLOTS names unknown port {}", range.port))
+                })?;
             for slot in range.start..=range.end {
                 owners[usize::from(slot)] = Some(owner);
             }
@@ -351,13 +371,74 @@ impl RedisCluster {
     pub async fn key_owner(&self, key: &[u8]) -> Result<usize, DevError> {
         self.slot_owner(key_slot(key)).await
     }
+}
 
-    fn index_of_port(&self, port: u16) -> Result<usize, DevError> {
-        self.nodes
-            .iter()
-            .position(|n| n.port() == port)
-            .ok_or_else(|| DevError::Cluster(format!("CLUSTER SLOTS names unknown port {port}")))
+/// `CLUSTER MEET` on `seed` for `node`'s client and bus ports.
+async fn meet(seed: &RedisServer, node: &RedisServer) -> Result<(), DevError> {
+    let port = node.port().to_string();
+    let bus = node
+        .cluster_port()
+        .expect("cluster nodes have a bus port")
+        .to_string();
+    let args: [&[u8]; 5] = [
+        b"CLUSTER",
+        b"MEET",
+        b"127.0.0.1",
+        port.as_bytes(),
+        bus.as_bytes(),
+    ];
+    expect_ok(seed.command(&args).await?)
+}
+
+/// Polls `check` until it finds nothing unsettled (bounded by `SETTLE_TIMEOUT` and
+/// `MAX_POLLS`); the error quotes the last reason.
+async fn poll_settled<F, Fut>(phase: &str, mut check: F) -> Result<(), DevError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>, DevError>>,
+{
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut last = String::new();
+    for _ in 0..MAX_POLLS {
+        match check().await {
+            Ok(None) => return Ok(()),
+            Ok(Some(why)) => last = why,
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
+    Err(DevError::Cluster(format!(
+        "{phase}: not settled within {SETTLE_TIMEOUT:?}; last check: {last}"
+    )))
+}
+
+/// Why `nodes` are not settled yet as a cluster of exactly those nodes, or `None` once they
+/// are.
+async fn unsettled_among(nodes: &[Arc<RedisServer>]) -> Result<Option<String>, DevError> {
+    let count = nodes.len();
+    let mut first_map: Option<Vec<SlotRange>> = None;
+    for (i, node) in nodes.iter().enumerate() {
+        let info = bulk_text(node.command(&[b"CLUSTER", b"INFO"]).await?)?;
+        if let Some(why) = info_unsettled(&parse_info(&info), count) {
+            return Ok(Some(format!("node {i}: {why}")));
+        }
+        let text = bulk_text(node.command(&[b"CLUSTER", b"NODES"]).await?)?;
+        if let Some(why) = nodes_unsettled(&text, count) {
+            return Ok(Some(format!("node {i}: {why}")));
+        }
+        let map = parse_slots(node.command(&[b"CLUSTER", b"SLOTS"]).await?)?;
+        match &first_map {
+            None => first_map = Some(map),
+            Some(first) if *first != map => {
+                return Ok(Some(format!("node {i} disagrees with node 0 on the slots")))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(None)
 }
 
 fn bulk_text(reply: Reply) -> Result<String, DevError> {

@@ -347,6 +347,7 @@ pub async fn run_tool(
     )
 }
 
+pub mod cluster;
 pub mod mock_identity;
 pub mod proxy_process;
 pub mod token_issuer;

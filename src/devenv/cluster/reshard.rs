@@ -32,8 +32,8 @@ impl RedisCluster {
     /// node agrees on the new slot map. redis-cli picks which of `from`'s slots move (with
     /// 7.0, its lowest-numbered ones); compare `slot_owners` before and after to see which.
     pub async fn reshard(&self, from: usize, to: usize, slots: usize) -> Result<(), DevError> {
-        let (from_node, from_id) = (self.node(from)?, &self.node_ids()[from]);
-        let to_id = self.node(to).map(|_| &self.node_ids()[to])?;
+        let (from_node, from_id) = (self.node(from)?, self.node_id(from)?);
+        let to_id = self.node_id(to)?;
         if from == to || slots == 0 || slots > usize::from(super::CLUSTER_SLOTS) {
             // redis-cli would prompt (slots 0) or refuse; say why here instead.
             return Err(DevError::Cluster(format!(
@@ -48,7 +48,7 @@ impl RedisCluster {
         let slots = slots.to_string();
         let mut cmd = Command::new(&program);
         cmd.args(["--cluster", "reshard", &entry])
-            .args(["--cluster-from", from_id, "--cluster-to", to_id])
+            .args(["--cluster-from", &from_id, "--cluster-to", &to_id])
             .args(["--cluster-slots", &slots, "--cluster-yes"])
             .args(["--tls", "--cacert", &ca, "--sni", self.server_name()])
             .args(["--user", super::ADMIN_USER])
