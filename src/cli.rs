@@ -46,6 +46,11 @@ pub struct DevArgs {
     /// the stand-in server then drops connections still using it, as Azure does).
     #[arg(long, default_value = "20s", value_parser = parse_duration, env = "REDIS_ENTRA_PROXY_DEV_ROTATE_EVERY")]
     pub rotate_every: Duration,
+    /// Stand in for Azure Managed Redis with the OSS clustering policy: a Redis Cluster of 3
+    /// TLS primaries, whose node addresses the proxy rewrites to local listeners (connect
+    /// with `redis-cli -c`).
+    #[arg(long, env = "REDIS_ENTRA_PROXY_DEV_CLUSTER")]
+    pub cluster: bool,
     /// The proxy's own options (listen address, local password, logging…); the upstream and
     /// credential options are set by the dev setup.
     #[command(flatten)]

@@ -168,10 +168,26 @@ impl TokenSource for DevTokenSource {
     }
 }
 
+/// The stand-in the proxy talks to: one server, or a cluster (`dev --cluster`). Held for the
+/// life of the setup; dropping it stops the processes.
+enum StandIn {
+    Server(Arc<RedisServer>),
+    Cluster(Arc<RedisCluster>),
+}
+
 /// Runs the local setup until Ctrl-C.
 pub async fn run(args: DevArgs, options: Options) -> ExitCode {
-    let server = match RedisServer::start(RedisOptions::default()).await {
-        Ok(s) => Arc::new(s),
+    let started = if args.cluster {
+        RedisCluster::start(crate::devenv::ClusterOptions::default())
+            .await
+            .map(|c| StandIn::Cluster(Arc::new(c)))
+    } else {
+        RedisServer::start(RedisOptions::default())
+            .await
+            .map(|s| StandIn::Server(Arc::new(s)))
+    };
+    let stand_in = match started {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("redis-entra-proxy dev: cannot start the local redis-server: {e}");
             return ExitCode::from(1);
@@ -184,10 +200,40 @@ pub async fn run(args: DevArgs, options: Options) -> ExitCode {
     // `rotate_every`.
     let lifetime = args.rotate_every.div_f64(ratio);
     let mut opts = options;
-    opts.upstream = Some(server.addr().to_string());
     opts.upstream_tls = Some(true);
-    opts.upstream_ca_file = server.ca_file().map(|p| p.to_path_buf());
-    opts.upstream_server_name = Some("localhost".into());
+    let (source, description) = match &stand_in {
+        StandIn::Server(server) => {
+            opts.upstream = Some(server.addr().to_string());
+            opts.upstream_ca_file = server.ca_file().map(|p| p.to_path_buf());
+            opts.upstream_server_name = Some("localhost".into());
+            (
+                DevTokenSource::new(server.clone(), lifetime, "dev-identity"),
+                format!(
+                    "TLS redis-server on {} (pid {:?}, ACL user per token)",
+                    server.addr(),
+                    server.pid()
+                ),
+            )
+        }
+        StandIn::Cluster(cluster) => {
+            let addrs = cluster.addrs();
+            opts.upstream = Some(addrs[0].to_string());
+            opts.upstream_ca_file = Some(cluster.ca_file().to_path_buf());
+            opts.upstream_server_name = Some(cluster.server_name().to_owned());
+            opts.cluster_mode = opts.cluster_mode.or(Some(crate::cluster::ClusterMode::On));
+            let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+            (
+                DevTokenSource::for_cluster(cluster.clone(), lifetime, "dev-identity"),
+                format!(
+                    "a Redis Cluster of {} TLS primaries on {} (their certificate names only \
+                     {}; ACL user per token on every node)",
+                    addrs.len(),
+                    list.join(", "),
+                    cluster.server_name()
+                ),
+            )
+        }
+    };
     let config = match crate::config::validate(opts, None) {
         Ok(c) => c,
         Err(e) => {
@@ -204,27 +250,23 @@ pub async fn run(args: DevArgs, options: Options) -> ExitCode {
     };
     let listen = config.listen.map(|a| a.to_string()).unwrap_or_default();
     let (host, port) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "6379"));
+    let cluster_flag = if args.cluster { " -c" } else { "" };
     eprintln!(
         "\nredis-entra-proxy dev is running.\n\
-         \x20 stand-in for Azure Managed Redis: TLS redis-server on {} (pid {:?}, ACL user per token)\n\
+         \x20 stand-in for Azure Managed Redis: {description}\n\
          \x20 tokens rotate every {:?}; each expires {:?} after issue and the server then drops\n\
          \x20 connections still using it, as Azure does. The proxy re-authenticates them live.\n\n\
-         Connect with:   redis-cli -h {host} -p {port}\n\
+         Connect with:   redis-cli{cluster_flag} -h {host} -p {port}\n\
          Watch it work:  redis-cli -h {host} -p {port} CLIENT LIST   (user=dev-identity-N changes)\n\
-         Benchmark:      redis-benchmark -h {host} -p {port} -q -n 100000\n\
+         Benchmark:      redis-benchmark{} -h {host} -p {port} -q -n 100000\n\
          Stop with Ctrl-C.\n",
-        server.addr(),
-        server.pid(),
         args.rotate_every,
         lifetime,
+        if args.cluster { " --cluster" } else { "" },
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::signals(shutdown.clone()));
-    let source = Arc::new(DevTokenSource::new(
-        server.clone(),
-        lifetime,
-        "dev-identity",
-    ));
+    let source = Arc::new(source);
     match crate::run_with_source(config, listeners, source, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

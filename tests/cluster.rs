@@ -10,6 +10,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use redis_entra_proxy::devenv::{key_slot, RespConn};
@@ -341,4 +342,75 @@ async fn every_node_connection_is_reauthenticated_at_rotations() {
         assert!(state.users.len() >= 4, "{:?}", state.users);
     }
     s.proxy.stop().await;
+}
+
+/// `redis-entra-proxy dev --cluster`, the built-in cluster setup, through the real binary:
+/// `redis-cli -c` writes and reads keys on every node across token rotations, and SIGTERM
+/// stops the proxy and its cluster cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_cluster_setup_through_the_binary() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .args(["dev", "--cluster", "--rotate-every", "2s"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--cluster-ports", "0", "--admin-listen", "none"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary runs");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + STEP * 2;
+    loop {
+        if let Ok(mut c) = RespConn::connect_plain(addr).await {
+            if let Ok(Reply::Simple(s)) = c.command(&[b"PING"]).await {
+                if s == "PONG" {
+                    break;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dev --cluster did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let port = port.to_string();
+    for round in 0..3 {
+        let mut script = String::new();
+        for i in 0..30 {
+            script.push_str(&format!("SET dev:{i} r{round}\nGET dev:{i}\n"));
+        }
+        let (ok, out, err) = run_tool(
+            "redis-cli",
+            &["-c", "-h", "127.0.0.1", "-p", &port],
+            Some(script.as_bytes()),
+        )
+        .await;
+        assert!(ok, "redis-cli -c: {err}");
+        let replies: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.starts_with("-> Redirected"))
+            .collect();
+        assert_eq!(replies.len(), 60, "{out}");
+        for pair in replies.chunks(2) {
+            assert_eq!(pair, ["OK", &format!("r{round}")], "{out}");
+        }
+        // Across a token rotation (every 2 s) before the next round.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let pid = child.id().expect("pid").to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let status = tokio::time::timeout(STEP * 3, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "exit {status}");
 }
