@@ -18,6 +18,7 @@
 # Prints one markdown report: medians, and ratios to direct TLS and to the peers.
 #
 # Usage: benches/compare.sh            (about 10 minutes on a 2-core machine)
+#        PROXY_ARGS="--worker-threads 1" benches/compare.sh   (more options for the proxy)
 #        ROUNDS=1 QUICK=1 benches/compare.sh   (a smoke run: one round, a tenth of the requests)
 # Needs root or the packages already installed (redis-server, redis-tools, stunnel4, haproxy,
 # openssl, python3: installed with apt-get when missing). Uses only 127.0.0.1, ports chosen by
@@ -148,7 +149,7 @@ PIDS+=("$PID_REDIS")
 REDIS_ENTRA_PROXY_TOKEN="$TOKEN" "$BIN" --listen "127.0.0.1:$P_PROXY" \
     --upstream "127.0.0.1:$P_REDIS" --upstream-ca-file "$WORK/ca.pem" \
     --upstream-server-name localhost --admin-listen none \
-    --warm-connections "${WARM_CONNECTIONS:-32}" >"$WORK/proxy.log" 2>&1 &
+    --warm-connections "${WARM_CONNECTIONS:-32}" ${PROXY_ARGS:-} >"$WORK/proxy.log" 2>&1 &
 PID_PROXY=$!
 PIDS+=("$PID_PROXY")
 
