@@ -281,6 +281,16 @@ pub struct Options {
     #[arg(long, env = "REDIS_ENTRA_PROXY_CLUSTER_PORTS", value_name = "RANGE")]
     pub cluster_ports: Option<String>,
 
+    /// The host (IP address or DNS name) rewritten replies send cluster clients to
+    /// [default: the --listen IP]. Needed when --listen is a wildcard address such as 0.0.0.0:
+    /// the address other hosts reach this proxy at.
+    #[arg(
+        long,
+        env = "REDIS_ENTRA_PROXY_CLUSTER_ANNOUNCE_HOST",
+        value_name = "HOST"
+    )]
+    pub cluster_announce_host: Option<String>,
+
     /// How often the cluster topology is read again (also soon after a redirection names a
     /// node not seen before) [default: 30s].
     #[arg(long, env = "REDIS_ENTRA_PROXY_CLUSTER_REFRESH_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
@@ -338,7 +348,7 @@ impl Options {
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
             client_idle_timeout, partial_request_timeout, warm_connections, cluster_mode, cluster_ports,
-            cluster_refresh_interval, worker_threads, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
+            cluster_announce_host, cluster_refresh_interval, worker_threads, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }
 

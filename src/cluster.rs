@@ -115,7 +115,8 @@ struct Registry {
 pub struct Cluster {
     mode: ClusterMode,
     listen_ip: IpAddr,
-    /// The host written into rewritten replies (the listen address).
+    /// The host written into rewritten replies (`--cluster-announce-host`, else the listen
+    /// address).
     announce: Arc<str>,
     ports: Ports,
     /// For node connections: the main connector with another address.
@@ -144,14 +145,16 @@ impl Cluster {
     pub fn new(
         mode: ClusterMode,
         listen_ip: IpAddr,
+        announce: Option<&str>,
         ports: Ports,
         connector: Connector,
         tls: bool,
         listeners: mpsc::UnboundedSender<NodeListener>,
     ) -> Arc<Cluster> {
-        let announce: Arc<str> = match listen_ip {
-            ip if ip.is_unspecified() => "127.0.0.1".into(),
-            ip => ip.to_string().into(),
+        let announce: Arc<str> = match (announce, listen_ip) {
+            (Some(host), _) => host.into(),
+            (None, ip) if ip.is_unspecified() => "127.0.0.1".into(),
+            (None, ip) => ip.to_string().into(),
         };
         let cursor = match ports {
             Ports::Range(first, _) => first,

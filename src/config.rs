@@ -78,6 +78,8 @@ pub struct ClusterConfig {
     /// listen address).
     pub mode: ClusterMode,
     pub ports: Ports,
+    /// The host written into rewritten replies.
+    pub announce: Option<String>,
     pub refresh_interval: Duration,
     /// `auto` was turned off because the listen address cannot be announced to clients.
     pub auto_disabled: bool,
@@ -325,15 +327,29 @@ fn cluster_config(o: &Options, listen: Option<SocketAddr>) -> Result<ClusterConf
     if refresh_interval < Duration::from_secs(1) {
         return Err(invalid("cluster-refresh-interval", "must be at least 1s"));
     }
-    // Rewritten replies send clients to the listen address: it must be one they can reach.
-    let usable = listen.is_some_and(|a| !a.ip().is_unspecified());
+    let announce = o.cluster_announce_host.clone();
+    if let Some(host) = &announce {
+        if host.is_empty()
+            || host
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(invalid(
+                "cluster-announce-host",
+                format!("{host:?} is not a host name or IP address"),
+            ));
+        }
+    }
+    // Rewritten replies send clients to the announced host, by default the listen address:
+    // it must be one they can reach, and node listeners need a TCP listen address.
+    let usable = listen.is_some_and(|a| announce.is_some() || !a.ip().is_unspecified());
     if !usable {
         match mode {
             ClusterMode::On => {
                 return Err(invalid(
                     "cluster-mode",
                     "`on` needs --listen with a specific IP address (clients are sent to it \
-                     for every cluster node), not a wildcard or a unix socket only",
+                     for every cluster node) or --cluster-announce-host, and a TCP listener",
                 ))
             }
             ClusterMode::Auto => mode = ClusterMode::Off,
@@ -344,6 +360,7 @@ fn cluster_config(o: &Options, listen: Option<SocketAddr>) -> Result<ClusterConf
         auto_disabled: !usable && o.cluster_mode.unwrap_or(ClusterMode::Auto) == ClusterMode::Auto,
         mode,
         ports,
+        announce,
         refresh_interval,
     })
 }
@@ -502,6 +519,12 @@ pub fn render(o: &Options, token_set: bool) -> String {
         o.cluster_ports
             .as_deref()
             .map_or("# (the 100 ports after the listen port)".into(), q),
+    );
+    line(
+        "cluster-announce-host",
+        o.cluster_announce_host
+            .as_deref()
+            .map_or("# (the listen IP)".into(), q),
     );
     line(
         "cluster-refresh-interval",

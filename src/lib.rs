@@ -180,7 +180,7 @@ pub async fn run_with_source(
         tokio::spawn(pool::run(pool.clone(), shared.clone()));
     }
     if config.cluster.auto_disabled {
-        tracing::warn!("cluster support is off: --listen is not a specific IP address that cluster clients could be sent to");
+        tracing::warn!("cluster support is off: --listen is not a specific IP address that cluster clients could be sent to (set --cluster-announce-host)");
     }
     let (cluster, nodes) = match (config.cluster.mode, config.listen) {
         (cluster::ClusterMode::Off, _) | (_, None) => (None, None),
@@ -189,6 +189,7 @@ pub async fn run_with_source(
             let cluster = cluster::Cluster::new(
                 mode,
                 listen.ip(),
+                config.cluster.announce.as_deref(),
                 config.cluster.ports,
                 connector.clone(),
                 config.upstream.tls,

@@ -9,6 +9,7 @@ fn registry(ports: Ports) -> (Arc<Cluster>, mpsc::UnboundedReceiver<NodeListener
     let cluster = Cluster::new(
         ClusterMode::On,
         Ipv4Addr::LOCALHOST.into(),
+        None,
         ports,
         connector,
         true,
@@ -116,4 +117,21 @@ fn port_ranges() {
     assert_eq!(Ports::after(0), Ports::Any);
     assert_eq!(Ports::after(65535), Ports::Range(65535, 65535));
     assert_eq!(Ports::Range(1, 2).to_string(), "1-2");
+}
+
+#[tokio::test]
+async fn the_announced_host_is_what_clients_are_told() {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let connector = Connector::new("127.0.0.1:1".into(), None, Duration::from_secs(1));
+    let cluster = Cluster::new(
+        ClusterMode::On,
+        Ipv4Addr::UNSPECIFIED.into(),
+        Some("proxy.internal.example"),
+        Ports::Any,
+        connector,
+        true,
+        tx,
+    );
+    let local = cluster.local("10.0.0.1", 8500).unwrap();
+    assert_eq!(&*local.host, "proxy.internal.example");
 }

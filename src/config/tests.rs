@@ -635,6 +635,20 @@ fn cluster_defaults_follow_the_listen_address() {
     let c = validate(o, None).unwrap();
     assert_eq!(c.cluster.mode, ClusterMode::Off);
     assert!(c.cluster.auto_disabled);
+    // … unless an address to announce is given.
+    let mut o = base();
+    o.listen = Some("0.0.0.0:6379".into());
+    o.allow_unauthenticated_remote = Some(true);
+    o.cluster_announce_host = Some("10.1.2.3".into());
+    let c = validate(o, None).unwrap();
+    assert_eq!(c.cluster.mode, ClusterMode::Auto);
+    assert_eq!(c.cluster.announce.as_deref(), Some("10.1.2.3"));
+    let mut o = base();
+    o.cluster_announce_host = Some("bad host".into());
+    assert!(validate(o, None)
+        .unwrap_err()
+        .to_string()
+        .contains("--cluster-announce-host"));
     let mut o = base();
     o.cluster_mode = Some(ClusterMode::Off);
     o.cluster_ports = Some("0".into());
