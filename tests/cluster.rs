@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use redis_entra_proxy::devenv::{key_slot, RespConn};
 use support::cluster::{key_on, text, Setup};
-use support::token_issuer::Pinger;
 use support::{run_tool, Reply, STEP};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,41 +88,10 @@ async fn moved_and_ask_send_clients_to_local_listeners() {
 
     // ASK: a slot of node 0 migrating to node 2; a key not on node 0 any more is asked there.
     let key = key_on(&s.cluster, 0, "ask").await;
-    let slot = key_slot(key.as_bytes()).to_string();
-    let (id0, id2) = (
-        s.cluster.node_ids()[0].clone(),
-        s.cluster.node_ids()[2].clone(),
-    );
-    let r = s
-        .cluster
-        .command(
-            2,
-            &[
-                b"CLUSTER",
-                b"SETSLOT",
-                slot.as_bytes(),
-                b"IMPORTING",
-                id0.as_bytes(),
-            ],
-        )
-        .await
-        .unwrap();
-    assert_eq!(r, Reply::Simple("OK".into()));
-    let r = s
-        .cluster
-        .command(
-            0,
-            &[
-                b"CLUSTER",
-                b"SETSLOT",
-                slot.as_bytes(),
-                b"MIGRATING",
-                id2.as_bytes(),
-            ],
-        )
-        .await
-        .unwrap();
-    assert_eq!(r, Reply::Simple("OK".into()));
+    let slot = key_slot(key.as_bytes());
+    let ids = s.cluster.node_ids();
+    s.setslot(2, slot, "IMPORTING", &ids[0]).await;
+    s.setslot(0, slot, "MIGRATING", &ids[2]).await;
     let ask = main.command(&[b"GET", key.as_bytes()]).await.unwrap();
     assert_eq!(ask, Reply::Error(format!("ASK {slot} {}", local_of(2))));
     let mut two = RespConn::connect_plain(local_of(2)).await.unwrap();
@@ -325,22 +293,7 @@ async fn every_node_connection_is_reauthenticated_at_rotations() {
     // A token every 2 s, each deleted from every node when it expires 2 s later: a node
     // connection that missed a re-AUTH is closed by the server.
     let s = Setup::start(Duration::from_secs(4), 0.5).await;
-    let locals = s.locals().await;
-    let mut pingers = Vec::new();
-    for (i, id) in s.cluster.node_ids().iter().enumerate() {
-        let key = key_on(&s.cluster, i, "pinger").await;
-        pingers.push(Pinger::start_keyed(locals[id], &key).await);
-    }
-    let first = pingers[0].user();
-    let n: u64 = first.trim_start_matches("oid-").parse().unwrap();
-    let target = format!("oid-{}", n + 3);
-    for p in &pingers {
-        p.wait_user(&target, STEP * 2).await;
-    }
-    for p in pingers {
-        let state = p.stop().await;
-        assert!(state.users.len() >= 4, "{:?}", state.users);
-    }
+    s.ping_through_rotations(&[0, 1, 2], 3).await;
     s.proxy.stop().await;
 }
 

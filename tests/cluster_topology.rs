@@ -17,8 +17,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use redis_entra_proxy::devenv::{key_slot, RespConn};
-use support::cluster::{key_in, key_on, sum_metric, text, Setup, SetupOptions};
-use support::token_issuer::Pinger;
+use support::cluster::{key_in, sum_metric, text, Setup, SetupOptions};
 use support::{Reply, STEP};
 use tokio::sync::MutexGuard;
 
@@ -246,8 +245,7 @@ async fn a_moved_naming_an_unknown_node_opens_its_listener_at_once() {
     })
     .await;
     let before: Vec<SocketAddr> = s.locals().await.into_values().collect();
-    // A read that found nodes asks for another read a second later (see the report of
-    // `Remap::local`'s early-refresh request); let the proxy settle into its minute's sleep.
+    // Let the proxy settle into its minute's sleep after its first read.
     let reads = wait_quiet(&s).await;
 
     let new = s.cluster.add_primary().await.expect("a primary joins");
@@ -392,27 +390,11 @@ async fn token_rotations_reach_a_node_added_later() {
     })
     .await;
     let new = s.cluster.add_primary().await.expect("a primary joins");
-    let new_id = s.cluster.node_id(new).unwrap();
     s.cluster
         .reshard(0, new, 100)
         .await
         .expect("reshard 0 → new");
-    let locals = s.locals().await;
-    let mut pingers = Vec::new();
-    for (node, id) in [(new, &new_id), (1, &s.cluster.node_id(1).unwrap())] {
-        let key = key_on(&s.cluster, node, "pinger").await;
-        pingers.push(Pinger::start_keyed(locals[id], &key).await);
-    }
-    let first = pingers[0].user();
-    let n: u64 = first.trim_start_matches("oid-").parse().unwrap();
-    let target = format!("oid-{}", n + 3);
-    for p in &pingers {
-        p.wait_user(&target, STEP * 2).await;
-    }
-    for p in pingers {
-        let state = p.stop().await;
-        assert!(state.users.len() >= 4, "{:?}", state.users);
-    }
+    s.ping_through_rotations(&[new, 1], 3).await;
     s.proxy.stop().await;
     eprintln!("test took {:?}", began.elapsed());
 }

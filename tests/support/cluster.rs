@@ -12,7 +12,8 @@ use redis_entra_proxy::cluster::ClusterMode;
 use redis_entra_proxy::dev::DevTokenSource;
 use redis_entra_proxy::devenv::{key_slot, ClusterOptions, RedisCluster};
 
-use super::{http_get, Proxy, ProxyOptions, Reply};
+use super::token_issuer::Pinger;
+use super::{http_get, Proxy, ProxyOptions, Reply, STEP};
 
 /// How to run the cluster and the proxy.
 pub struct SetupOptions {
@@ -145,6 +146,47 @@ impl Setup {
 
     /// The sum of the samples of `name` whose line contains `label`, from the admin endpoint.
     /// The recorder is process-wide: every proxy of the test binary adds to it.
+    /// Holds a connection on the local listener of each of `nodes` (counting in a key that
+    /// node owns) until every one of them was re-authenticated `rotations` times; none may
+    /// end on the way.
+    pub async fn ping_through_rotations(&self, nodes: &[usize], rotations: u64) {
+        let locals = self.locals().await;
+        let mut pingers = Vec::new();
+        for &i in nodes {
+            let id = self.cluster.node_id(i).expect("node id");
+            let key = key_on(&self.cluster, i, "pinger").await;
+            pingers.push(Pinger::start_keyed(locals[&id], &key).await);
+        }
+        let first = pingers[0].user();
+        let n: u64 = first.trim_start_matches("oid-").parse().expect("oid-N");
+        let target = format!("oid-{}", n + rotations);
+        for p in &pingers {
+            p.wait_user(&target, STEP * 2).await;
+        }
+        for p in pingers {
+            let state = p.stop().await;
+            assert!(state.users.len() as u64 > rotations, "{:?}", state.users);
+        }
+    }
+
+    /// `CLUSTER SETSLOT <slot> <state> <id>` on node `i`, which must accept it.
+    pub async fn setslot(&self, i: usize, slot: u16, state: &str, id: &str) {
+        let slot = slot.to_string();
+        let args: [&[u8]; 5] = [
+            b"CLUSTER",
+            b"SETSLOT",
+            slot.as_bytes(),
+            state.as_bytes(),
+            id.as_bytes(),
+        ];
+        let r = self.cluster.command(i, &args).await.expect("SETSLOT");
+        assert_eq!(
+            r,
+            Reply::Simple("OK".into()),
+            "SETSLOT {slot} {state} on node {i}"
+        );
+    }
+
     pub async fn metric(&self, name: &str, label: &str) -> f64 {
         let (_, body) = http_get(self.proxy.admin_addr.unwrap(), "/metrics").await;
         sum_metric(&body, name, label)
