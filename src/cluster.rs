@@ -121,6 +121,9 @@ pub struct Cluster {
     ports: Ports,
     /// For node connections: the main connector with another address.
     connector: Connector,
+    /// The host of the configured upstream: the origin of its connections' replies and of
+    /// the topology reads.
+    seed: Arc<str>,
     tls: bool,
     registry: Mutex<Registry>,
     listeners: mpsc::UnboundedSender<NodeListener>,
@@ -160,7 +163,12 @@ impl Cluster {
             Ports::Range(first, _) => first,
             Ports::Any => 0,
         };
+        let seed: Arc<str> = match crate::config::split_host_port(connector.addr()) {
+            Ok((host, _)) => host.into(),
+            Err(_) => connector.addr().into(),
+        };
         Arc::new_cyclic(|me| Cluster {
+            seed,
             me: me.clone(),
             mode,
             listen_ip,
@@ -181,13 +189,19 @@ impl Cluster {
         self.mode
     }
 
-    /// The rewriter for connections to the node at `host`.
-    pub fn rewriter(self: &Arc<Self>, origin_host: &str) -> Rewriter {
-        Rewriter {
-            map: self.clone(),
+    /// The host of the configured upstream.
+    pub fn seed_host(&self) -> &str {
+        &self.seed
+    }
+
+    /// The rewriter for connections to the node at `origin_host`; it maps addresses through
+    /// this registry.
+    pub fn rewriter(&self, origin_host: &str) -> Option<Rewriter> {
+        Some(Rewriter {
+            map: self.me.upgrade()?,
             origin: origin_host.into(),
             tls: self.tls,
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -203,21 +217,6 @@ impl Cluster {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The local address of every known node, by upstream address.
-    pub fn locals(&self) -> Vec<(String, SocketAddr)> {
-        let reg = self.lock();
-        let mut v: Vec<_> = reg
-            .nodes
-            .iter()
-            .filter_map(|(addr, n)| {
-                let ip = n.local.host.parse().ok()?;
-                Some((addr.clone(), SocketAddr::new(ip, n.local.port)))
-            })
-            .collect();
-        v.sort();
-        v
     }
 
     /// The topology now holds exactly `present` (upstream `host:port`s): listeners are
@@ -328,12 +327,7 @@ impl Cluster {
                 addr.clone()
             }),
             pool: None,
-            // The sessions of a node map addresses through this registry too.
-            rewriter: Some(Rewriter {
-                map: self.me.upgrade()?,
-                origin: host.into(),
-                tls: self.tls,
-            }),
+            rewriter: Some(self.rewriter(host)?),
             clients: AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();

@@ -203,11 +203,10 @@ pub async fn run_with_source(
             (Some(cluster), Some(rx))
         }
     };
-    let (seed_host, _) = config::split_host_port(&config.upstream.addr)?;
     let main = Arc::new(session::Target {
         connector: connector.clone(),
         pool,
-        rewriter: cluster.as_ref().map(|c| c.rewriter(&seed_host)),
+        rewriter: cluster.as_ref().and_then(|c| c.rewriter(c.seed_host())),
         clients: Default::default(),
     });
     // Histograms keep their samples until the exporter's upkeep folds them: without it, a

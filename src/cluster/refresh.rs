@@ -38,7 +38,7 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Shared>, interval: Duration)
             .filter(|c| !c.is_expired(SystemTime::now()));
         let wait = match current {
             None => None,
-            Some(c) => match read(&shared, c).await {
+            Some(c) => match read(&shared, c, cluster.seed_host()).await {
                 Ok(Found::Nodes(nodes)) => {
                     retry = RETRY_INITIAL;
                     metrics::counter!(crate::metrics::CLUSTER_REFRESH_TOTAL, "outcome" => "ok")
@@ -102,6 +102,7 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Shared>, interval: Duration)
 async fn read(
     shared: &Shared,
     creds: Arc<crate::credentials::Credentials>,
+    origin: &str,
 ) -> Result<Found, String> {
     let mut upstream = session::connect(&shared.connector)
         .await
@@ -113,9 +114,7 @@ async fn read(
     if let Some(reason) = core.close_reason() {
         return Err(reason.to_string());
     }
-    let (origin, _) =
-        crate::config::split_host_port(shared.connector.addr()).map_err(|e| e.to_string())?;
-    parse_reply(&core.to_client, &origin)
+    parse_reply(&core.to_client, origin)
 }
 
 /// The `CLUSTER NODES` reply, or the error a server without cluster support gives.
