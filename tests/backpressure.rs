@@ -107,12 +107,7 @@ impl ProxyBinary {
             + 24 * 3600;
         let token = mint_token(OID, exp);
         redis.acl_setuser(OID, &token).await.expect("ACL SETUSER");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr = free_addr();
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
@@ -166,18 +161,13 @@ impl ProxyBinary {
     }
 
     fn mem(&self) -> Mem {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .expect("proxy still running");
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("{name} in /proc/<pid>/status"))
+        let field = |name| {
+            proc_status_kib(self.pid, name)
+                .unwrap_or_else(|| panic!("{name} of the running proxy in /proc/<pid>/status"))
         };
         Mem {
-            rss: field("VmRSS:"),
-            hwm: field("VmHWM:"),
+            rss: field("VmRSS"),
+            hwm: field("VmHWM"),
         }
     }
 
@@ -290,12 +280,7 @@ fn spawn_sampler(pid: u32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if let Some(kib) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
+            if let Some(kib) = proc_status_kib(pid, "VmRSS") {
                 max = max.max(kib);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -10,12 +10,11 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use redis_entra_proxy::devenv::{key_slot, RespConn};
 use support::cluster::{key_on, text, Setup};
-use support::{run_tool, Reply, STEP};
+use support::{free_addr, run_tool, Reply, STEP};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_replies_name_local_listeners_that_reach_the_right_node() {
@@ -302,14 +301,10 @@ async fn every_node_connection_is_reauthenticated_at_rotations() {
 /// stops the proxy and its cluster cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_cluster_setup_through_the_binary() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let addr = free_addr();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
         .args(["dev", "--cluster", "--rotate-every", "2s"])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", &addr.to_string()])
         .args(["--cluster-ports", "0", "--admin-listen", "none"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -317,7 +312,6 @@ async fn dev_cluster_setup_through_the_binary() {
         .kill_on_drop(true)
         .spawn()
         .expect("binary runs");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = tokio::time::Instant::now() + STEP * 2;
     loop {
         if let Ok(mut c) = RespConn::connect_plain(addr).await {
@@ -333,7 +327,7 @@ async fn dev_cluster_setup_through_the_binary() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let port = port.to_string();
+    let port = addr.port().to_string();
     for round in 0..3 {
         let mut script = String::new();
         for i in 0..30 {

@@ -14,19 +14,9 @@ const PASSWORD: &str = "pw-0123456789-secret";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_secret_in_trace_logs() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let addr = free_addr();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
-        .args([
-            "dev",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--rotate-every",
-            "1s",
-        ])
+        .args(["dev", "--listen", &addr.to_string(), "--rotate-every", "1s"])
         .args(["--admin-listen", "none", "--log-level", "trace"])
         .env("REDIS_ENTRA_PROXY_LOCAL_PASSWORD", PASSWORD)
         .stdin(Stdio::null())
@@ -35,7 +25,6 @@ async fn nothing_secret_in_trace_logs() {
         .kill_on_drop(true)
         .spawn()
         .expect("binary runs");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // Bounded wait for the listener.
     let deadline = tokio::time::Instant::now() + STEP;
     let mut c = loop {

@@ -144,12 +144,6 @@ struct DevProxy {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-}
-
 impl DevProxy {
     async fn start(max_connections: u64) -> DevProxy {
         Self::start_with(max_connections, ROTATE_EVERY, REFRESH_RATIO, &[]).await
@@ -162,7 +156,7 @@ impl DevProxy {
         refresh_ratio: &str,
         extra: &[&str],
     ) -> DevProxy {
-        let (addr, admin) = (free_port(), free_port());
+        let (addr, admin) = (free_addr(), free_addr());
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"));
@@ -213,16 +207,11 @@ impl DevProxy {
 
     /// `VmRSS` in KiB, and `VmHWM` (peak RSS) in KiB.
     fn mem(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .expect("proxy still running");
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("{name} in /proc/<pid>/status"))
+        let field = |name| {
+            proc_status_kib(self.pid, name)
+                .unwrap_or_else(|| panic!("{name} of the running proxy in /proc/<pid>/status"))
         };
-        (field("VmRSS:"), field("VmHWM:"))
+        (field("VmRSS"), field("VmHWM"))
     }
 
     fn fds(&self) -> usize {

@@ -46,7 +46,7 @@ impl ProxyProcess {
     async fn try_start(redis: &RedisServer, args: &[&str], env: &[(&str, &str)]) -> Option<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("proxy.log");
-        let (addr, admin) = (free_port(), free_port());
+        let (addr, admin) = (super::free_addr(), super::free_addr());
         let ca = redis.ca_file().expect("the stand-in server uses TLS");
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"));
         cmd.env_clear()
@@ -162,12 +162,6 @@ impl Drop for ProxyProcess {
         // This process is the child started above, ended by its own handle.
         let _ = self.child.start_kill();
     }
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
 }
 
 /// A Prometheus text exposition.
