@@ -117,6 +117,24 @@ async fn moved_and_ask_send_clients_to_local_listeners() {
     s.proxy.stop().await;
 }
 
+/// Runs `script` through `redis-cli -c` against the proxy's `port`: the replies, the
+/// redirections it reported following ("-> Redirected to slot [n] located at host:port"), and
+/// its whole output.
+async fn redis_cli_cluster(port: &str, script: &str) -> (Vec<String>, Vec<String>, String) {
+    let (ok, out, err) = run_tool(
+        "redis-cli",
+        &["-c", "-h", "127.0.0.1", "-p", port],
+        Some(script.as_bytes()),
+    )
+    .await;
+    assert!(ok, "redis-cli -c failed: {err}");
+    let (redirects, replies): (Vec<String>, Vec<String>) = out
+        .lines()
+        .map(str::to_owned)
+        .partition(|l| l.starts_with("-> Redirected"));
+    (replies, redirects, out)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_and_redis_benchmark_in_cluster_mode() {
     let s = Setup::start(Duration::from_secs(3600), 0.75).await;
@@ -130,17 +148,7 @@ async fn redis_cli_and_redis_benchmark_in_cluster_mode() {
     for i in 0..60 {
         script.push_str(&format!("GET cli:{i}\n"));
     }
-    let (ok, out, err) = run_tool(
-        "redis-cli",
-        &["-c", "-h", "127.0.0.1", "-p", &port],
-        Some(script.as_bytes()),
-    )
-    .await;
-    assert!(ok, "redis-cli -c failed: {err}");
-    // redis-cli reports each redirection it followed ("-> Redirected to slot [n] located at
-    // 127.0.0.1:port"), then the reply.
-    let (redirects, lines): (Vec<&str>, Vec<&str>) =
-        out.lines().partition(|l| l.starts_with("-> Redirected"));
+    let (lines, redirects, out) = redis_cli_cluster(&port, &script).await;
     assert!(!redirects.is_empty(), "redis-cli was redirected: {out}");
     assert_eq!(lines.len(), 120, "{out}");
     assert!(lines[..60].iter().all(|l| *l == "OK"), "{out}");
@@ -333,17 +341,7 @@ async fn dev_cluster_setup_through_the_binary() {
         for i in 0..30 {
             script.push_str(&format!("SET dev:{i} r{round}\nGET dev:{i}\n"));
         }
-        let (ok, out, err) = run_tool(
-            "redis-cli",
-            &["-c", "-h", "127.0.0.1", "-p", &port],
-            Some(script.as_bytes()),
-        )
-        .await;
-        assert!(ok, "redis-cli -c: {err}");
-        let replies: Vec<&str> = out
-            .lines()
-            .filter(|l| !l.starts_with("-> Redirected"))
-            .collect();
+        let (replies, _, out) = redis_cli_cluster(&port, &script).await;
         assert_eq!(replies.len(), 60, "{out}");
         for pair in replies.chunks(2) {
             assert_eq!(pair, ["OK", &format!("r{round}")], "{out}");
