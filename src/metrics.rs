@@ -15,6 +15,7 @@ pub const CLIENT_CONNECTIONS_TOTAL: &str = "redis_entra_proxy_client_connections
 pub const UPSTREAM_CONNECTIONS_ACTIVE: &str = "redis_entra_proxy_upstream_connections_active";
 pub const UPSTREAM_CONNECT_SECONDS: &str = "redis_entra_proxy_upstream_connect_seconds";
 pub const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "redis_entra_proxy_upstream_connect_errors_total";
+pub const UPSTREAM_TLS_HANDSHAKES_TOTAL: &str = "redis_entra_proxy_upstream_tls_handshakes_total";
 pub const COMMANDS_TOTAL: &str = "redis_entra_proxy_commands_total";
 pub const BYTES_TOTAL: &str = "redis_entra_proxy_bytes_total";
 pub const UPSTREAM_AUTH_TOTAL: &str = "redis_entra_proxy_upstream_auth_total";
@@ -71,6 +72,10 @@ fn describe() {
     describe_counter!(
         UPSTREAM_CONNECT_ERRORS_TOTAL,
         "Failed upstream connection attempts, by kind (resolve, connect, timeout, tls)."
+    );
+    describe_counter!(
+        UPSTREAM_TLS_HANDSHAKES_TOTAL,
+        "Completed upstream TLS handshakes, by kind (full, resumed)."
     );
     describe_counter!(
         COMMANDS_TOTAL,
@@ -140,6 +145,8 @@ pub struct Handles {
     pub upstream_in: Counter,
     pub upstream_out: Counter,
     pub connect_seconds: Histogram,
+    /// `[full, resumed]` TLS handshakes.
+    pub tls_handshakes: [Counter; 2],
     pub auth_ok: [Counter; 2],
     pub auth_error: [Counter; 2],
     pub auth_seconds: [Histogram; 2],
@@ -169,6 +176,10 @@ pub fn handles() -> &'static Handles {
             upstream_in: bytes("upstream_in"),
             upstream_out: bytes("upstream_out"),
             connect_seconds: metrics::histogram!(UPSTREAM_CONNECT_SECONDS),
+            tls_handshakes: [
+                metrics::counter!(UPSTREAM_TLS_HANDSHAKES_TOTAL, "kind" => "full"),
+                metrics::counter!(UPSTREAM_TLS_HANDSHAKES_TOTAL, "kind" => "resumed"),
+            ],
             auth_ok: [auth("initial", "ok"), auth("reauth", "ok")],
             auth_error: [auth("initial", "error"), auth("reauth", "error")],
             auth_seconds: [

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use rustls::HandshakeKind;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -134,6 +135,8 @@ impl Connector {
                         addr: addr(),
                         source,
                     })?;
+                let resumed = tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+                crate::metrics::handles().tls_handshakes[usize::from(resumed)].increment(1);
                 Ok(Upstream::Tls(Box::new(tls)))
             }
         }

@@ -142,3 +142,48 @@ async fn readyz_is_unready_when_the_upstream_is_down() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// New upstream connections resume the TLS session of an earlier one (redis-server issues
+/// TLS 1.3 session tickets): one full handshake, then resumed ones. Counted per kind.
+#[tokio::test]
+async fn new_upstream_connections_resume_tls_sessions() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        admin: true,
+        ..Default::default()
+    })
+    .await;
+    let admin = proxy.admin_addr.expect("admin endpoint");
+    let resumed = |m: &str| {
+        sample(
+            m,
+            "redis_entra_proxy_upstream_tls_handshakes_total{kind=\"resumed\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = resumed(&http_get(admin, "/metrics").await.1);
+    // One after another, so that each connection has received its tickets (they arrive before
+    // the reply to its AUTH) before the next one is opened.
+    for _ in 0..5 {
+        let mut c = proxy.client().await;
+        assert_eq!(
+            c.command(&[b"PING"]).await.unwrap(),
+            Reply::Simple("PONG".into())
+        );
+    }
+    let (_, m) = http_get(admin, "/metrics").await;
+    // Metrics are process-wide: other tests may add handshakes of either kind, never remove.
+    assert!(
+        resumed(&m) - before >= 5.0,
+        "5 resumed handshakes expected:\n{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "redis_entra_proxy_upstream_tls_handshakes_total{kind=\"full\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "the first connection's handshake is full:\n{m}"
+    );
+    proxy.stop().await;
+}
