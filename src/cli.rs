@@ -297,9 +297,10 @@ pub struct Options {
     #[serde(default, deserialize_with = "de_duration")]
     pub cluster_refresh_interval: Option<Duration>,
 
-    /// Threads serving connections [default: the number of CPUs the process may use]. On a
-    /// machine shared with busy neighbours (the application, Redis itself), fewer threads
-    /// than CPUs cost less CPU per request.
+    /// Threads serving client connections, each with its own event loop; a connection stays
+    /// on one thread for its whole life [default: the number of CPUs the process may use].
+    /// On a machine shared with busy neighbours (the application, Redis itself), fewer
+    /// threads than CPUs cost less CPU per request.
     #[arg(long, env = "REDIS_ENTRA_PROXY_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
 

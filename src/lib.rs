@@ -17,6 +17,7 @@
 //! - `main.rs`: parse, load config, init logging, bind, run, exit codes.
 //! - [`cli`], [`config`]: options (flag > env > file > default) and their validation.
 //! - [`server`]: accept loops, connection limit, draining.
+//! - [`workers`]: session threads, one single-threaded runtime each; a connection stays on one.
 //! - [`session`]: the per-connection driver; `session/core.rs` the sans-IO core,
 //!   `session/commands.rs` client command handling, `session/ledger.rs` the reply FIFO,
 //!   `session/state.rs` the tracked connection state.
@@ -48,6 +49,7 @@ pub mod server;
 pub mod session;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use std::sync::Arc;
 
@@ -70,6 +72,8 @@ pub enum RunError {
         what: String,
         source: std::io::Error,
     },
+    #[error("starting session threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Binds the listeners the configuration asks for.
@@ -241,16 +245,23 @@ pub async fn run_with_source(
         cluster_mode = ?config.cluster.mode,
         "proxy started"
     );
+    let threads = config.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let workers = Arc::new(workers::Workers::start(threads).map_err(RunError::Threads)?);
     server::serve(
         listeners,
         shared,
         main,
         nodes,
+        workers.clone(),
         config.max_connections,
         config.drain_timeout,
     )
     .await;
     refresher.abort();
+    // Sessions still running past the drain timeout end with their threads.
+    workers.stop().await;
     Ok(())
 }
 

@@ -29,8 +29,7 @@ fn main() -> ExitCode {
             options.log_level.as_deref().unwrap_or("info"),
             options.log_format,
         );
-        return runtime(options.worker_threads)
-            .block_on(redis_entra_proxy::dev::run(args, options));
+        return runtime().block_on(redis_entra_proxy::dev::run(args, options));
     }
     let (config, merged) = match config::load(cli.options, token_env.clone()) {
         Ok(c) => c,
@@ -48,7 +47,7 @@ fn main() -> ExitCode {
     if let Some(path) = &merged.local_password_file {
         config::warn_if_readable_by_others(path);
     }
-    runtime(config.worker_threads).block_on(async move {
+    runtime().block_on(async move {
         let listeners = match redis_entra_proxy::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
@@ -75,15 +74,13 @@ fn main() -> ExitCode {
     })
 }
 
-fn runtime(worker_threads: Option<usize>) -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads.filter(|n| *n > 0) {
-        builder.worker_threads(n);
-    }
-    builder
+/// The main thread's runtime: accept loops, token refresh, admin endpoint, and one share of
+/// the sessions. The other session threads are started by the proxy itself (`workers`).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("the tokio runtime starts (it only fails when the OS refuses threads)")
+        .expect("the tokio runtime starts (it only fails when the OS refuses resources)")
 }
 
 fn init_logging(filter: &str, format: Option<LogFormat>) {

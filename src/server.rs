@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::cluster::NodeListener;
 use crate::session::{self, Outcome, Shared, Target};
+use crate::workers::{Portable, Workers};
 
 /// Redis's own reply when `maxclients` is reached, so clients recognise it.
 const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
@@ -40,16 +41,20 @@ struct Ctx {
     /// Each session holds a permit; dropping it at session end frees the slot.
     limit: Arc<Semaphore>,
     ids: Arc<AtomicU64>,
+    /// The session threads connections are spread over.
+    workers: Arc<Workers>,
 }
 
 /// Serves until `shared.shutdown` is cancelled, then drains for at most `drain_timeout`.
 /// Clients of the TCP and unix listeners go to `main`; in cluster mode, listeners for cluster
-/// nodes arrive on `nodes` as the topology is learnt, each with its own target.
+/// nodes arrive on `nodes` as the topology is learnt, each with its own target. Sessions run
+/// on `workers`.
 pub async fn serve(
     listeners: Listeners,
     shared: Arc<Shared>,
     main: Arc<Target>,
     nodes: Option<mpsc::UnboundedReceiver<NodeListener>>,
+    workers: Arc<Workers>,
     max_connections: usize,
     drain_timeout: Duration,
 ) {
@@ -58,6 +63,7 @@ pub async fn serve(
         tracker: TaskTracker::new(),
         limit: Arc::new(Semaphore::new(max_connections)),
         ids: Arc::new(AtomicU64::new(0)),
+        workers,
     };
     let shutdown = shared.shutdown.clone();
     let tcp = async {
@@ -150,7 +156,7 @@ impl Drop for Counted {
 
 fn spawn<S>(ctx: &Ctx, target: &Arc<Target>, mut stream: S, peer: String)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Portable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = ctx.ids.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", id, %peer);
@@ -167,26 +173,60 @@ where
         );
         return;
     };
+    let placement = ctx.workers.place();
+    let handoff = if placement.local {
+        Handoff::Here(stream)
+    } else {
+        match stream.into_std() {
+            Ok(std) => Handoff::Moved(std),
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "closed: cannot hand the connection to a session thread"));
+                return;
+            }
+        }
+    };
     let shared = ctx.shared.clone();
     target.clients.fetch_add(1, Ordering::Relaxed);
     let counted = Counted(target.clone());
-    ctx.tracker.spawn(
-        async move {
-            tracing::debug!("accepted");
-            let m = crate::metrics::handles();
-            metrics::counter!(crate::metrics::CLIENT_CONNECTIONS_TOTAL, "outcome" => "served")
-                .increment(1);
-            // A bug that panics in one session unwinds only that connection's task (tokio
-            // contains it; its sockets close): the guard keeps the gauge right and logs and
-            // counts that close too.
-            let _active = crate::metrics::Active::new(&m.client_active, true);
-            let outcome = session::serve(stream, &shared, &counted.0).await;
-            log_outcome(&outcome);
-            drop(permit);
-            drop(counted);
+    let session = async move {
+        let stream = match handoff.open() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "closed: cannot register the connection on its session thread");
+                return;
+            }
+        };
+        tracing::debug!("accepted");
+        let m = crate::metrics::handles();
+        metrics::counter!(crate::metrics::CLIENT_CONNECTIONS_TOTAL, "outcome" => "served")
+            .increment(1);
+        // A bug that panics in one session unwinds only that connection's task (tokio
+        // contains it; its sockets close): the guard keeps the gauge right and logs and
+        // counts that close too.
+        let _active = crate::metrics::Active::new(&m.client_active, true);
+        let outcome = session::serve(stream, &shared, &counted.0).await;
+        log_outcome(&outcome);
+        drop(permit);
+        drop(counted);
+    };
+    placement.spawn(ctx.tracker.track_future(session.instrument(span)));
+}
+
+/// A client socket on its way to the session thread that serves it.
+enum Handoff<S: Portable> {
+    /// Served on the accepting runtime.
+    Here(S),
+    /// Served on another thread: registered with that thread's runtime on arrival.
+    Moved(S::Std),
+}
+
+impl<S: Portable> Handoff<S> {
+    fn open(self) -> std::io::Result<S> {
+        match self {
+            Handoff::Here(stream) => Ok(stream),
+            Handoff::Moved(std) => S::from_std(std),
         }
-        .instrument(span),
-    );
+    }
 }
 
 fn log_outcome(outcome: &Outcome) {

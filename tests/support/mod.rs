@@ -146,6 +146,9 @@ impl Proxy {
             cluster_ports: Some(opts.cluster_ports.clone().unwrap_or_else(|| "0".into())),
             cluster_refresh_interval: opts.cluster_refresh_interval,
             admin_listen: Some(if opts.admin { "127.0.0.1:0" } else { "none" }.into()),
+            // Two session threads whatever the machine, so that every test also covers
+            // connections handed from the accepting runtime to another thread.
+            worker_threads: Some(2),
             ..Options::default()
         };
         let config = redis_entra_proxy::config::validate(options, None).expect("valid test config");
