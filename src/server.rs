@@ -188,7 +188,9 @@ where
     let shared = ctx.shared.clone();
     target.clients.fetch_add(1, Ordering::Relaxed);
     let counted = Counted(target.clone());
-    let session = async move {
+    let tracker = ctx.tracker.clone();
+    placement.spawn(move |live| tracker.track_future(async move {
+        let _live = live;
         let stream = match handoff.open() {
             Ok(stream) => stream,
             Err(e) => {
@@ -208,8 +210,7 @@ where
         log_outcome(&outcome);
         drop(permit);
         drop(counted);
-    };
-    placement.spawn(ctx.tracker.track_future(session.instrument(span)));
+    }.instrument(span)));
 }
 
 /// A client socket on its way to the session thread that serves it.

@@ -127,23 +127,21 @@ impl Workers {
 }
 
 impl Placement<'_> {
-    /// Runs `session` on the chosen worker, counted there while it lives.
-    pub fn spawn<F>(self, session: F)
+    /// Runs the session `make` builds on the chosen worker. The session holds the [`Live`]
+    /// guard it is given for as long as it runs (it is not wrapped in another future, which
+    /// would store it twice and make every idle connection larger).
+    pub fn spawn<F>(self, make: impl FnOnce(Live) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let live = self.worker.live.clone();
         live.fetch_add(1, Ordering::Relaxed);
-        let guard = Live(live);
-        self.worker.handle.spawn(async move {
-            let _guard = guard;
-            session.await
-        });
+        self.worker.handle.spawn(make(Live(live)));
     }
 }
 
 /// Holds a worker's live count one higher, unwinding included.
-struct Live(Arc<AtomicUsize>);
+pub struct Live(Arc<AtomicUsize>);
 
 impl Drop for Live {
     fn drop(&mut self) {
@@ -197,7 +195,8 @@ mod tests {
             let local = placement.local;
             let tx = tx.clone();
             let release = release.clone();
-            placement.spawn(async move {
+            placement.spawn(|live| async move {
+                let _live = live;
                 let on_main = std::thread::current().id() == main_thread;
                 tx.send((local, on_main)).unwrap();
                 release.cancelled().await;
