@@ -270,6 +270,15 @@ pub struct Options {
     #[arg(long, env = "REDIS_ENTRA_PROXY_WARM_CONNECTIONS", value_name = "N")]
     pub warm_connections: Option<usize>,
 
+    /// Send the plain commands of many clients (GET, SET, HGET, … : one reply, no connection
+    /// state, never blocking) over one shared upstream connection per thread, in batches. A
+    /// client gets a connection of its own at its first other command (SELECT, MULTI, HELLO,
+    /// CLIENT, a blocking command…) and keeps it. Fewer connections to the cache and less
+    /// work for it; a slow command delays the others sharing its connection [default: false].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_MULTIPLEX", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub multiplex: Option<bool>,
+
     /// OSS cluster support: `auto` turns it on when the upstream reports cluster support
     /// enabled; then each cluster node gets a local listener and node addresses in CLUSTER
     /// SLOTS/SHARDS/NODES replies and MOVED/ASK errors are rewritten to them [default: auto].
@@ -348,7 +357,7 @@ impl Options {
             client_secret_file, client_certificate_file, credential_file, credential_command,
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
-            client_idle_timeout, partial_request_timeout, warm_connections, cluster_mode, cluster_ports,
+            client_idle_timeout, partial_request_timeout, warm_connections, multiplex, cluster_mode, cluster_ports,
             cluster_announce_host, cluster_refresh_interval, worker_threads, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }

@@ -329,6 +329,8 @@ impl Cluster {
             pool: None,
             rewriter: Some(self.rewriter(host)?),
             clients: AtomicUsize::new(0),
+            // Node listeners serve every client on a connection of its own.
+            mux: None,
         });
         let stop = CancellationToken::new();
         let listener = NodeListener {

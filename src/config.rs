@@ -123,6 +123,8 @@ pub struct Config {
     /// `None`: never.
     pub partial_request_timeout: Option<Duration>,
     pub warm_connections: usize,
+    /// Plain commands of many clients share an upstream connection (`mux.rs`).
+    pub multiplex: bool,
     pub cluster: ClusterConfig,
     /// `None`: one per CPU.
     pub worker_threads: Option<usize>,
@@ -304,6 +306,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         )
         .filter(|d| !d.is_zero()),
         warm_connections: o.warm_connections.unwrap_or(0),
+        multiplex: o.multiplex.unwrap_or(false),
         cluster,
         worker_threads: o.worker_threads,
         max_connections,
@@ -510,6 +513,7 @@ pub fn render(o: &Options, token_set: bool) -> String {
         "warm-connections",
         o.warm_connections.unwrap_or(0).to_string(),
     );
+    line("multiplex", o.multiplex.unwrap_or(false).to_string());
     line(
         "cluster-mode",
         q(&format!("{:?}", o.cluster_mode.unwrap_or(ClusterMode::Auto)).to_lowercase()),

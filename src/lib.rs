@@ -18,6 +18,7 @@
 //! - [`cli`], [`config`]: options (flag > env > file > default) and their validation.
 //! - [`server`]: accept loops, connection limit, draining.
 //! - [`workers`]: session threads, one single-threaded runtime each; a connection stays on one.
+//! - [`mux`]: `--multiplex`: plain commands of many clients over one shared session per thread.
 //! - [`session`]: the per-connection driver; `session/core.rs` the sans-IO core,
 //!   `session/commands.rs` client command handling, `session/ledger.rs` the reply FIFO,
 //!   `session/state.rs` the tracked connection state.
@@ -42,6 +43,7 @@ pub mod credentials;
 pub mod dev;
 pub mod devenv;
 pub mod metrics;
+pub mod mux;
 pub mod pool;
 pub mod resp;
 pub mod secret;
@@ -212,6 +214,7 @@ pub async fn run_with_source(
         pool,
         rewriter: cluster.as_ref().and_then(|c| c.rewriter(c.seed_host())),
         clients: Default::default(),
+        mux: config.multiplex.then(mux::Routers::default),
     });
     // Histograms keep their samples until the exporter's upkeep folds them: without it, a
     // proxy nobody scrapes (or with no admin endpoint) grows with every connection and AUTH.

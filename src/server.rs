@@ -189,6 +189,7 @@ where
     target.clients.fetch_add(1, Ordering::Relaxed);
     let counted = Counted(target.clone());
     let tracker = ctx.tracker.clone();
+    let worker = placement.index;
     placement.spawn(move |live| tracker.track_future(async move {
         let _live = live;
         let stream = match handoff.open() {
@@ -206,7 +207,7 @@ where
         // contains it; its sockets close): the guard keeps the gauge right and logs and
         // counts that close too.
         let _active = crate::metrics::Active::new(&m.client_active, true);
-        let outcome = session::serve(stream, &shared, &counted.0).await;
+        let outcome = crate::mux::serve(stream, &shared, &counted.0, worker).await;
         log_outcome(&outcome);
         drop(permit);
         drop(counted);

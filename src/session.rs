@@ -83,6 +83,8 @@ pub struct Target {
     pub rewriter: Option<crate::cluster::Rewriter>,
     /// Sessions open now (a retired node's listener closes once none is left).
     pub clients: std::sync::atomic::AtomicUsize,
+    /// With `--multiplex`: the shared connections' routers, one per session thread.
+    pub mux: Option<crate::mux::Routers>,
 }
 
 /// How a session ended.

@@ -38,7 +38,9 @@ struct Worker {
 /// Where a connection was placed: run its session with [`Placement::spawn`].
 pub struct Placement<'a> {
     worker: &'a Worker,
-    /// Worker 0: the caller's own runtime, where the connection's socket is registered.
+    /// Which worker: 0 is the caller's own runtime, where the connection's socket is
+    /// registered.
+    pub index: usize,
     pub local: bool,
 }
 
@@ -111,6 +113,7 @@ impl Workers {
             .expect("there is always worker 0");
         Placement {
             worker,
+            index,
             local: index == 0,
         }
     }

@@ -108,6 +108,7 @@ fn a_session_task_stays_small() {
         pool: None,
         rewriter: None,
         clients: Default::default(),
+        mux: None,
     };
     let (client, _app) = tokio::io::duplex(64);
     let session = serve(client, &shared, &target);

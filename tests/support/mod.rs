@@ -44,6 +44,8 @@ pub struct ProxyOptions {
     pub partial_request_timeout: Option<Duration>,
     /// `--warm-connections`.
     pub warm_connections: Option<usize>,
+    /// `--multiplex`.
+    pub multiplex: bool,
     /// `--upstream-server-name` (default `localhost`, a name of the stand-in's certificate).
     pub server_name: Option<String>,
     /// `--cluster-mode`, `--cluster-ports` (default `0`: any free port) and
@@ -72,6 +74,7 @@ impl Default for ProxyOptions {
             client_idle_timeout: None,
             partial_request_timeout: None,
             warm_connections: None,
+            multiplex: false,
             server_name: None,
             cluster_mode: None,
             cluster_ports: None,
@@ -142,6 +145,7 @@ impl Proxy {
             client_idle_timeout: opts.client_idle_timeout,
             partial_request_timeout: opts.partial_request_timeout,
             warm_connections: opts.warm_connections,
+            multiplex: Some(opts.multiplex),
             cluster_mode: opts.cluster_mode,
             cluster_ports: Some(opts.cluster_ports.clone().unwrap_or_else(|| "0".into())),
             cluster_refresh_interval: opts.cluster_refresh_interval,

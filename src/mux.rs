@@ -1,0 +1,831 @@
+//! Multiplexing (`--multiplex`): plain commands of many clients share one upstream connection
+//! per session thread, so the server reads and answers them in batches.
+//!
+//! A client starts *shared*. Each complete request it sends is classified by its command name
+//! ([`shareable`]): commands that get exactly one reply, change no connection state and never
+//! block go to its thread's *router*, which writes them, in the order they arrived, to one
+//! shared upstream session and hands each reply frame back to the client that sent the
+//! request. The first other command (or a malformed request) *pins* the client: once every
+//! reply it is owed has been delivered, it gets an upstream connection of its own, exactly as
+//! without multiplexing, and keeps it. The unread bytes go to that session first, so nothing
+//! is lost or reordered, and the client's own connection state starts clean, as it was.
+//!
+//! The shared upstream session is an ordinary session ([`session::serve`]) whose client is an
+//! in-memory pipe held by the router: authentication, re-authentication at every rotation,
+//! expiry, metrics and draining are the same code as for every other connection.
+//!
+//! If the shared upstream connection fails, the clients with replies still owed are closed
+//! (their commands may or may not have run, as with a connection of their own); the others
+//! carry on, and the next request opens a new shared session.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::sync::mpsc;
+
+use crate::resp::reply::ReplyScanner;
+use crate::resp::request::{Frame, RequestParser};
+use crate::session::{self, CloseReason, Outcome, Shared, Target};
+
+/// In-memory pipe between a router and its shared session, each way.
+const PIPE: usize = 256 * 1024;
+/// A shared client stops reading requests while this many replies are owed to it, or while
+/// this many reply bytes wait for it to read them.
+const MAX_OWED: usize = 1024;
+const MAX_UNSENT: usize = 256 * 1024;
+/// Reads from a shared client start at this size and double while they fill, up to 16 KiB.
+const READ_START: usize = 2 * 1024;
+const READ_MAX: usize = 16 * 1024;
+
+/// Commands that may share a connection: one reply each, no connection state read or
+/// written, never blocking. Anything else (and any command not listed, modules' included)
+/// pins the client to a connection of its own.
+pub fn shareable(name: &[u8]) -> bool {
+    if name.len() > 16 {
+        return false;
+    }
+    let mut upper = [0u8; 16];
+    let upper = &mut upper[..name.len()];
+    upper.copy_from_slice(name);
+    upper.make_ascii_uppercase();
+    matches!(
+        &*upper,
+        b"GET"
+            | b"SET"
+            | b"SETNX"
+            | b"SETEX"
+            | b"PSETEX"
+            | b"GETSET"
+            | b"GETDEL"
+            | b"GETEX"
+            | b"GETRANGE"
+            | b"SETRANGE"
+            | b"APPEND"
+            | b"STRLEN"
+            | b"INCR"
+            | b"DECR"
+            | b"INCRBY"
+            | b"DECRBY"
+            | b"INCRBYFLOAT"
+            | b"MGET"
+            | b"MSET"
+            | b"MSETNX"
+            | b"DEL"
+            | b"UNLINK"
+            | b"EXISTS"
+            | b"EXPIRE"
+            | b"PEXPIRE"
+            | b"EXPIREAT"
+            | b"PEXPIREAT"
+            | b"EXPIRETIME"
+            | b"PEXPIRETIME"
+            | b"TTL"
+            | b"PTTL"
+            | b"PERSIST"
+            | b"TYPE"
+            | b"TOUCH"
+            | b"HGET"
+            | b"HSET"
+            | b"HSETNX"
+            | b"HMSET"
+            | b"HMGET"
+            | b"HDEL"
+            | b"HEXISTS"
+            | b"HLEN"
+            | b"HGETALL"
+            | b"HKEYS"
+            | b"HVALS"
+            | b"HINCRBY"
+            | b"HINCRBYFLOAT"
+            | b"HSTRLEN"
+            | b"HRANDFIELD"
+            | b"LPUSH"
+            | b"RPUSH"
+            | b"LPUSHX"
+            | b"RPUSHX"
+            | b"LPOP"
+            | b"RPOP"
+            | b"LLEN"
+            | b"LRANGE"
+            | b"LINDEX"
+            | b"LSET"
+            | b"LREM"
+            | b"LTRIM"
+            | b"LINSERT"
+            | b"LPOS"
+            | b"LMOVE"
+            | b"RPOPLPUSH"
+            | b"SADD"
+            | b"SREM"
+            | b"SMEMBERS"
+            | b"SISMEMBER"
+            | b"SMISMEMBER"
+            | b"SCARD"
+            | b"SPOP"
+            | b"SRANDMEMBER"
+            | b"SINTER"
+            | b"SUNION"
+            | b"SDIFF"
+            | b"SMOVE"
+            | b"ZADD"
+            | b"ZREM"
+            | b"ZSCORE"
+            | b"ZMSCORE"
+            | b"ZINCRBY"
+            | b"ZCARD"
+            | b"ZCOUNT"
+            | b"ZRANGE"
+            | b"ZREVRANGE"
+            | b"ZRANGEBYSCORE"
+            | b"ZREVRANGEBYSCORE"
+            | b"ZRANK"
+            | b"ZREVRANK"
+            | b"ZPOPMIN"
+            | b"ZPOPMAX"
+            | b"ZLEXCOUNT"
+            | b"ZRANGEBYLEX"
+            | b"XADD"
+            | b"XLEN"
+            | b"XRANGE"
+            | b"XREVRANGE"
+            | b"XDEL"
+            | b"XTRIM"
+            | b"PFADD"
+            | b"PFCOUNT"
+            | b"SETBIT"
+            | b"GETBIT"
+            | b"BITCOUNT"
+            | b"BITPOS"
+            | b"GEOADD"
+            | b"GEODIST"
+            | b"GEOPOS"
+            | b"GEOHASH"
+            | b"PING"
+            | b"ECHO"
+    )
+}
+
+/// The routers of one target, one per session thread, started on first use.
+#[derive(Default)]
+pub struct Routers {
+    by_worker: Mutex<HashMap<usize, mpsc::UnboundedSender<Submit>>>,
+}
+
+impl Routers {
+    /// The router of session thread `worker` (the caller runs on it), started if there is
+    /// none (or it ended).
+    fn get(
+        &self,
+        worker: usize,
+        shared: &Arc<Shared>,
+        target: &Arc<Target>,
+    ) -> mpsc::UnboundedSender<Submit> {
+        let mut map = self.by_worker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(&worker).filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(route(rx, shared.clone(), target.clone()));
+        map.insert(worker, tx.clone());
+        tx
+    }
+}
+
+/// Requests of one client for the shared connection, with where their replies go.
+struct Submit {
+    frames: Bytes,
+    replies: usize,
+    to: mpsc::UnboundedSender<Delivery>,
+}
+
+enum Delivery {
+    /// Whole reply frames, this many.
+    Replies(Bytes, usize),
+    /// The shared connection ended before these replies came: the client must close.
+    Lost,
+}
+
+/// How a shared client's first phase ended.
+enum Phase {
+    Done(Outcome),
+    /// Serve the rest on a connection of its own, these bytes first.
+    Pin(BytesMut),
+}
+
+/// Serves a client with multiplexing: shared while it sends only [`shareable`] commands,
+/// pinned to a session of its own from its first other command on. `worker`: the session
+/// thread this runs on (`workers.rs`), whose shared connection it uses.
+pub async fn serve<C>(
+    mut client: C,
+    shared: &Arc<Shared>,
+    target: &Arc<Target>,
+    worker: usize,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let routers = match &target.mux {
+        // A local password: its AUTH and NOAUTH rules are the pinned session's.
+        Some(routers) if shared.local_password.is_none() => routers,
+        _ => return session::serve(client, shared, target).await,
+    };
+    let router = routers.get(worker, shared, target);
+    match shared_phase(&mut client, shared, router).await {
+        Phase::Done(outcome) => outcome,
+        Phase::Pin(rest) => {
+            tracing::debug!(
+                buffered = rest.len(),
+                "pinned: a connection of its own from now on"
+            );
+            session::serve(
+                Prefixed {
+                    first: rest,
+                    inner: client,
+                },
+                shared,
+                target,
+            )
+            .await
+        }
+    }
+}
+
+/// The shared phase of one client.
+async fn shared_phase<C>(
+    client: &mut C,
+    shared: &Shared,
+    router: mpsc::UnboundedSender<Submit>,
+) -> Phase
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (to_me, mut replies) = mpsc::unbounded_channel();
+    let mut c = SharedClient {
+        cin: BytesMut::new(),
+        chunk: READ_START,
+        parser: RequestParser::new(),
+        owed: 0,
+        out: VecDeque::new(),
+        unsent: 0,
+        pin: false,
+        reading: true,
+        router,
+        to_me,
+    };
+    let idle = shared.client_idle_timeout;
+    let partial = shared.partial_request_timeout;
+    let mut last_input = tokio::time::Instant::now();
+    loop {
+        let draining = shared.shutdown.is_cancelled();
+        if draining {
+            c.reading = false;
+        }
+        // Redis's `timeout`, and the limit on one incomplete request, both while nothing is
+        // owed to the client (the wait is then the client's).
+        let owed_nothing = c.owed == 0 && c.out.is_empty();
+        let deadline = match (owed_nothing, c.cin.is_empty()) {
+            (false, _) => None,
+            (true, true) => idle.map(|t| (t, CloseReason::ClientIdle(t))),
+            (true, false) => partial.map(|t| (t, CloseReason::PartialRequest(t))),
+        };
+        let step = tokio::select! {
+            step = poll_fn(|cx| c.poll(cx, client, &mut replies)) => step,
+            _ = shared.shutdown.cancelled(), if !draining => continue,
+            _ = sleep_until(deadline.as_ref().map(|(t, _)| last_input + *t)) => {
+                // Nothing is owed (a partial request gets no reply), as in the session's close.
+                if let Some((_, reason)) = deadline {
+                    return Phase::Done(Outcome::Closed(reason));
+                }
+                continue;
+            }
+        };
+        match step {
+            Step::Moved { input: true } => last_input = tokio::time::Instant::now(),
+            Step::Moved { input: false } => {}
+            Step::Done(outcome) => return Phase::Done(outcome),
+        }
+        if c.owed == 0 && c.out.is_empty() {
+            if c.pin {
+                return Phase::Pin(std::mem::take(&mut c.cin));
+            }
+            if !c.reading {
+                return Phase::Done(if draining {
+                    Outcome::Drained
+                } else {
+                    Outcome::ClientClosed
+                });
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+enum Step {
+    /// Bytes moved; `input`: some came from the client (the timers restart).
+    Moved {
+        input: bool,
+    },
+    Done(Outcome),
+}
+
+struct SharedClient {
+    cin: BytesMut,
+    chunk: usize,
+    parser: RequestParser,
+    /// Replies submitted for and not yet received.
+    owed: usize,
+    /// Replies received, not yet written to the client (the front one perhaps in part).
+    out: VecDeque<Bytes>,
+    unsent: usize,
+    /// A command that cannot share was read: submit nothing more.
+    pin: bool,
+    /// Still reading the client (not closed by it, not draining).
+    reading: bool,
+    router: mpsc::UnboundedSender<Submit>,
+    to_me: mpsc::UnboundedSender<Delivery>,
+}
+
+impl SharedClient {
+    fn has_room(&self) -> bool {
+        self.owed < MAX_OWED && self.unsent < MAX_UNSENT
+    }
+
+    /// Moves bytes until nothing more can move now (`Pending`), or something the loop must see
+    /// happened.
+    fn poll<C>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        replies: &mut mpsc::UnboundedReceiver<Delivery>,
+    ) -> Poll<Step>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut input = false;
+        let mut moved = false;
+        loop {
+            let mut progress = false;
+            while let Poll::Ready(d) = replies.poll_recv(cx) {
+                match d {
+                    Some(Delivery::Replies(frames, n)) => {
+                        self.owed -= n;
+                        self.unsent += frames.len();
+                        self.out.push_back(frames);
+                        progress = true;
+                    }
+                    Some(Delivery::Lost) | None => {
+                        return Poll::Ready(Step::Done(Outcome::UpstreamClosed));
+                    }
+                }
+            }
+            while !self.out.is_empty() {
+                // Every reply waiting, in one write.
+                let mut slices = [io::IoSlice::new(&[]); 64];
+                let mut count = 0;
+                for (slot, chunk) in slices.iter_mut().zip(self.out.iter()) {
+                    *slot = io::IoSlice::new(chunk);
+                    count += 1;
+                }
+                match Pin::new(&mut *client).poll_write_vectored(cx, &slices[..count]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Step::Done(Outcome::ClientError(
+                            io::ErrorKind::WriteZero.into(),
+                        )))
+                    }
+                    Poll::Ready(Ok(mut n)) => {
+                        progress = true;
+                        self.unsent -= n;
+                        crate::metrics::handles().client_out.increment(n as u64);
+                        while n > 0 {
+                            let front = self.out.front_mut().expect("written bytes were queued");
+                            let take = n.min(front.len());
+                            front.advance(take);
+                            n -= take;
+                            if front.is_empty() {
+                                self.out.pop_front();
+                            }
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Step::Done(Outcome::ClientError(e))),
+                    Poll::Pending => break,
+                }
+            }
+            if self.reading && !self.pin && self.has_room() {
+                self.cin.reserve(self.chunk);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
+                    Poll::Ready(Ok(0)) => {
+                        self.reading = false;
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        crate::metrics::handles().client_in.increment(n as u64);
+                        if n >= self.chunk {
+                            self.chunk = (self.chunk * 2).min(READ_MAX);
+                        }
+                        self.submit();
+                        input = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Step::Done(Outcome::ClientError(e))),
+                    Poll::Pending => {}
+                }
+            }
+            moved |= progress;
+            if !progress {
+                // Whatever moved, the loop looks again: timers, pinning, the end.
+                return if moved {
+                    Poll::Ready(Step::Moved { input })
+                } else {
+                    Poll::Pending
+                };
+            }
+        }
+    }
+
+    /// Sends the complete shareable requests at the front of `cin` to the router, in one
+    /// submission; stops at the first request that is not shareable (or malformed: the pinned
+    /// session gives Redis's own error for it).
+    fn submit(&mut self) {
+        let mut end = 0;
+        let mut replies = 0;
+        while !self.pin {
+            match self.parser.parse(&self.cin[end..]) {
+                Ok(Some(frame)) => {
+                    // Replies the request gets through the shared session, or `None`: pin.
+                    let answered = match &frame {
+                        // Nothing is answered for an empty request: it goes along, ignored.
+                        Frame::Empty { .. } => Some(0),
+                        _ => match self.parser.command(&self.cin[end..], &frame).arg(0) {
+                            Some(name) if shareable(name) => Some(1),
+                            _ => None,
+                        },
+                    };
+                    match answered {
+                        Some(n) => {
+                            end += frame.len();
+                            replies += n;
+                        }
+                        None => self.pin = true,
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => self.pin = true,
+            }
+        }
+        if end > 0 {
+            let frames = self.cin.split_to(end).freeze();
+            if replies > 0 {
+                self.owed += replies;
+                let sent = self.router.send(Submit {
+                    frames,
+                    replies,
+                    to: self.to_me.clone(),
+                });
+                if sent.is_err() {
+                    // The router is gone (shutdown): the replies will not come.
+                    let _ = self.to_me.send(Delivery::Lost);
+                }
+            }
+        }
+        if self.pin {
+            // The parser may hold state for a request it has not finished: the pinned
+            // session parses the bytes again from the start.
+            self.parser = RequestParser::new();
+        }
+    }
+}
+
+/// One thread's router: writes the requests of its shared clients to the shared session,
+/// in order, and hands each reply frame to the client whose request it answers.
+async fn route(mut rx: mpsc::UnboundedReceiver<Submit>, shared: Arc<Shared>, target: Arc<Target>) {
+    let mut r = Router {
+        pipe: None,
+        out: VecDeque::new(),
+        routes: VecDeque::new(),
+        rin: BytesMut::new(),
+        scanned: 0,
+        scanner: ReplyScanner::new(),
+    };
+    loop {
+        let open = poll_fn(|cx| r.poll(cx, &mut rx, &shared, &target)).await;
+        if !open {
+            return;
+        }
+    }
+}
+
+struct Route {
+    to: mpsc::UnboundedSender<Delivery>,
+    replies: usize,
+}
+
+struct Router {
+    /// The shared session's client end, while one runs.
+    pipe: Option<DuplexStream>,
+    /// Submitted requests not yet written to the pipe.
+    out: VecDeque<Bytes>,
+    /// Who is owed the next replies, in order.
+    routes: VecDeque<Route>,
+    rin: BytesMut,
+    /// Bytes at the front of `rin` scanned as part of a reply frame not yet complete.
+    scanned: usize,
+    scanner: ReplyScanner,
+}
+
+impl Router {
+    /// Returns `Ready(false)` once the router can end: no client can submit any more and
+    /// nothing is owed.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        rx: &mut mpsc::UnboundedReceiver<Submit>,
+        shared: &Arc<Shared>,
+        target: &Arc<Target>,
+    ) -> Poll<bool> {
+        loop {
+            let mut progress = false;
+            let mut closed = false;
+            loop {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(s)) => {
+                        self.out.push_back(s.frames);
+                        self.routes.push_back(Route {
+                            to: s.to,
+                            replies: s.replies,
+                        });
+                        progress = true;
+                    }
+                    Poll::Ready(None) => {
+                        closed = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if self.pipe.is_none() && !self.out.is_empty() {
+                self.pipe = Some(start_session(shared, target));
+                self.rin.clear();
+                self.scanned = 0;
+                self.scanner = ReplyScanner::new();
+            }
+            if let Some(pipe) = self.pipe.as_mut() {
+                while let Some(front) = self.out.front_mut() {
+                    match Pin::new(&mut *pipe).poll_write(cx, front) {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            front.advance(n);
+                            if front.is_empty() {
+                                self.out.pop_front();
+                            }
+                            progress = true;
+                        }
+                        Poll::Ready(_) => {
+                            self.lost();
+                            progress = true;
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+            }
+            if let Some(pipe) = self.pipe.as_mut() {
+                self.rin.reserve(READ_MAX);
+                match tokio_util::io::poll_read_buf(Pin::new(pipe), cx, &mut self.rin) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.deliver();
+                        progress = true;
+                    }
+                    Poll::Ready(_) => {
+                        self.lost();
+                        progress = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if closed && self.routes.is_empty() && self.out.is_empty() {
+                return Poll::Ready(false);
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Hands every whole reply frame read so far to its client: consecutive replies for the
+    /// same client go together.
+    fn deliver(&mut self) {
+        // Bytes at the front of `rin` holding whole replies for the front route, and how many.
+        let mut run = 0;
+        let mut replies = 0;
+        while self.scanned < self.rin.len() {
+            let Ok(scan) = self.scanner.scan(&self.rin[self.scanned..]) else {
+                // The session checks every reply it relays; a frame it let through that does
+                // not scan here is a bug: end this shared session rather than misroute.
+                self.lost();
+                return;
+            };
+            self.scanned += scan.consumed;
+            if !scan.complete {
+                break;
+            }
+            run = self.scanned;
+            replies += 1;
+            let Some(route) = self.routes.front_mut() else {
+                // A reply nobody asked for: the shared session is out of step.
+                self.lost();
+                return;
+            };
+            if replies == route.replies {
+                let frames = self.rin.split_to(run).freeze();
+                let _ = route.to.send(Delivery::Replies(frames, replies));
+                self.routes.pop_front();
+                self.scanned = 0;
+                run = 0;
+                replies = 0;
+            }
+        }
+        if replies > 0 {
+            let route = self.routes.front_mut().expect("checked above");
+            let frames = self.rin.split_to(run).freeze();
+            let _ = route.to.send(Delivery::Replies(frames, replies));
+            route.replies -= replies;
+            self.scanned -= run;
+        }
+    }
+
+    /// The shared session ended: every client still owed a reply is closed; the next
+    /// submission starts a new session.
+    fn lost(&mut self) {
+        self.pipe = None;
+        self.out.clear();
+        for route in self.routes.drain(..) {
+            let _ = route.to.send(Delivery::Lost);
+        }
+    }
+}
+
+/// Starts a shared session on this thread, returning its client end.
+fn start_session(shared: &Arc<Shared>, target: &Arc<Target>) -> DuplexStream {
+    let (mine, theirs) = tokio::io::duplex(PIPE);
+    let shared = shared.clone();
+    let target = target.clone();
+    tokio::spawn(async move {
+        let outcome = session::serve(theirs, &shared, &target).await;
+        tracing::debug!(outcome = %outcome, "shared upstream session ended");
+    });
+    mine
+}
+
+/// A client stream with bytes already read from it put back in front.
+struct Prefixed<C> {
+    first: BytesMut,
+    inner: C,
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for Prefixed<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            buf.put_slice(&self.first[..n]);
+            self.first.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for Prefixed<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_commands_share() {
+        for name in [
+            "GET", "get", "Set", "MGET", "HGETALL", "INCR", "PING", "LRANGE",
+        ] {
+            assert!(shareable(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "SELECT",
+            "MULTI",
+            "EXEC",
+            "WATCH",
+            "HELLO",
+            "AUTH",
+            "CLIENT",
+            "SUBSCRIBE",
+            "SSUBSCRIBE",
+            "MONITOR",
+            "BLPOP",
+            "BRPOP",
+            "BLMOVE",
+            "BZPOPMIN",
+            "XREAD",
+            "WAIT",
+            "EVAL",
+            "READONLY",
+            "ASKING",
+            "RESET",
+            "QUIT",
+            "CLUSTER",
+            "CONFIG",
+            "SCAN",
+            "OBJECT",
+            "",
+            "GETGETGETGETGETGETGET",
+        ] {
+            assert!(!shareable(name.as_bytes()), "{name}");
+        }
+    }
+
+    /// Replies arriving in any pieces reach the right clients whole, consecutive ones for
+    /// one client together.
+    #[test]
+    fn replies_are_routed_whole_whatever_the_pieces() {
+        let stream: &[u8] = b"+OK\r\n$5\r\nhello\r\n*2\r\n:1\r\n$-1\r\n-ERR no\r\n:42\r\n";
+        // Client a owes 2 replies, b 1, a again 2.
+        let expect_a = b"+OK\r\n$5\r\nhello\r\n-ERR no\r\n:42\r\n".to_vec();
+        let expect_b = b"*2\r\n:1\r\n$-1\r\n".to_vec();
+        for split in 0..=stream.len() {
+            let (a_tx, mut a_rx) = mpsc::unbounded_channel();
+            let (b_tx, mut b_rx) = mpsc::unbounded_channel();
+            let mut r = Router {
+                pipe: None,
+                out: VecDeque::new(),
+                routes: VecDeque::from([
+                    Route {
+                        to: a_tx.clone(),
+                        replies: 2,
+                    },
+                    Route {
+                        to: b_tx,
+                        replies: 1,
+                    },
+                    Route {
+                        to: a_tx,
+                        replies: 2,
+                    },
+                ]),
+                rin: BytesMut::new(),
+                scanned: 0,
+                scanner: ReplyScanner::new(),
+            };
+            for piece in [&stream[..split], &stream[split..]] {
+                r.rin.extend_from_slice(piece);
+                r.deliver();
+            }
+            assert!(r.routes.is_empty() && r.rin.is_empty(), "split {split}");
+            let collect = |rx: &mut mpsc::UnboundedReceiver<Delivery>| {
+                let (mut bytes, mut n) = (Vec::new(), 0);
+                while let Ok(Delivery::Replies(b, k)) = rx.try_recv() {
+                    bytes.extend_from_slice(&b);
+                    n += k;
+                }
+                (bytes, n)
+            };
+            assert_eq!(collect(&mut a_rx), (expect_a.clone(), 4), "split {split}");
+            assert_eq!(collect(&mut b_rx), (expect_b.clone(), 1), "split {split}");
+        }
+    }
+}

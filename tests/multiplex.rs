@@ -1,0 +1,327 @@
+//! `--multiplex`: plain commands of many clients share one upstream connection per session
+//! thread; a client gets a connection of its own at its first other command. Against the real
+//! TLS redis-server stand-in, with real clients (`redis-benchmark`).
+mod support;
+
+use std::time::Duration;
+
+use redis_entra_proxy::devenv::RespConn;
+use support::*;
+
+async fn multiplexed(opts: ProxyOptions) -> Proxy {
+    Proxy::start_with(ProxyOptions {
+        multiplex: true,
+        ..opts
+    })
+    .await
+}
+
+/// The server's connections from the proxy (authenticated as a token's user, `oid-N`).
+async fn proxy_conns(proxy: &Proxy) -> Vec<std::collections::HashMap<String, String>> {
+    proxy
+        .redis
+        .client_list()
+        .await
+        .expect("CLIENT LIST")
+        .into_iter()
+        .filter(|c| c.get("user").is_some_and(|u| u.starts_with("oid-")))
+        .collect()
+}
+
+fn bulk(s: &str) -> Reply {
+    Reply::Bulk(Some(s.as_bytes().to_vec()))
+}
+
+/// 40 clients pipeline batches of different sizes at once; each gets exactly its own replies,
+/// in order, while the server sees no more connections than the proxy has session threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_connections_and_each_gets_its_own_replies() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let addr = proxy.addr;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<RespConn>(40);
+    let mut tasks = Vec::new();
+    for c in 0..40u32 {
+        let done = done_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = RespConn::connect_plain(addr).await.expect("connect");
+            let mut i = 0u32;
+            for round in 0..30u32 {
+                // 1 to 20 requests per write, different for every client and round.
+                let batch = 1 + (c * 7 + round * 13) % 20;
+                let mut expected = Vec::new();
+                let mut bytes = Vec::new();
+                for _ in 0..batch {
+                    let key = format!("mux:{c}:{i}");
+                    let value = format!("v{c}-{i}");
+                    bytes.extend(redis_entra_proxy::devenv::encode(&[
+                        b"SET",
+                        key.as_bytes(),
+                        value.as_bytes(),
+                    ]));
+                    bytes.extend(redis_entra_proxy::devenv::encode(&[b"GET", key.as_bytes()]));
+                    bytes.extend(redis_entra_proxy::devenv::encode(&[
+                        b"INCR",
+                        format!("mux:count:{c}").as_bytes(),
+                    ]));
+                    expected.push(Reply::Simple("OK".into()));
+                    expected.push(bulk(&value));
+                    expected.push(Reply::Integer(i64::from(i) + 1));
+                    i += 1;
+                }
+                conn.write_raw(&bytes).await.expect("write");
+                for want in expected {
+                    let got = tokio::time::timeout(STEP, conn.read_reply())
+                        .await
+                        .expect("reply in time")
+                        .expect("reply");
+                    assert_eq!(got, want, "client {c}, round {round}");
+                }
+            }
+            done.send(conn).await.expect("collect");
+        }));
+    }
+    drop(done_tx);
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    // Every client still connected: the server sees the shared connections only.
+    let mut open = Vec::new();
+    while let Some(conn) = done_rx.recv().await {
+        open.push(conn);
+    }
+    assert_eq!(open.len(), 40);
+    let conns = proxy_conns(&proxy).await;
+    assert!(
+        (1..=2).contains(&conns.len()),
+        "40 clients over at most 2 shared connections (2 session threads): {conns:?}"
+    );
+    proxy.stop().await;
+}
+
+/// A command that cannot share pins the client: its shared replies come first, then its own
+/// connection serves it with a clean state, and keeps serving it.
+#[tokio::test]
+async fn a_stateful_command_pins_the_client_after_its_shared_replies() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let mut c = proxy.client().await;
+    // One write: shared SET, then SELECT (pins), reads in db 1 and back in db 0.
+    let mut bytes = Vec::new();
+    for args in [
+        &[&b"SET"[..], b"pin:k", b"v"][..],
+        &[b"SELECT", b"1"],
+        &[b"GET", b"pin:k"],
+        &[b"SELECT", b"0"],
+        &[b"GET", b"pin:k"],
+        &[b"CLIENT", b"ID"],
+    ] {
+        bytes.extend(redis_entra_proxy::devenv::encode(args));
+    }
+    c.write_raw(&bytes).await.unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..6 {
+        replies.push(c.read_reply().await.unwrap());
+    }
+    assert_eq!(replies[0], Reply::Simple("OK".into()));
+    assert_eq!(replies[1], Reply::Simple("OK".into()));
+    assert_eq!(replies[2], Reply::Bulk(None), "db 1 does not have the key");
+    assert_eq!(replies[3], Reply::Simple("OK".into()));
+    assert_eq!(replies[4], bulk("v"), "the write made while shared is seen");
+    let Reply::Integer(id) = replies[5] else {
+        panic!("CLIENT ID: {:?}", replies[5])
+    };
+    // Pinned for good: the same connection, even for commands that could share.
+    assert_eq!(c.command(&[b"GET", b"pin:k"]).await.unwrap(), bulk("v"));
+    assert_eq!(
+        c.command(&[b"CLIENT", b"ID"]).await.unwrap(),
+        Reply::Integer(id)
+    );
+    assert_eq!(
+        c.command(&[b"MULTI"]).await.unwrap(),
+        Reply::Simple("OK".into())
+    );
+    assert_eq!(
+        c.command(&[b"INCR", b"pin:n"]).await.unwrap(),
+        Reply::Simple("QUEUED".into())
+    );
+    assert_eq!(
+        c.command(&[b"EXEC"]).await.unwrap(),
+        Reply::Array(Some(vec![Reply::Integer(1)]))
+    );
+    // Another client still shares: its connection is not the pinned one.
+    let mut other = proxy.client().await;
+    assert_eq!(other.command(&[b"GET", b"pin:k"]).await.unwrap(), bulk("v"));
+    let conns = proxy_conns(&proxy).await;
+    assert!(
+        conns.iter().any(|c| c.get("id") == Some(&id.to_string())),
+        "the pinned connection is open: {conns:?}"
+    );
+    proxy.stop().await;
+}
+
+/// The shared connections are re-authenticated at every rotation like any other: with tokens
+/// deleted at expiry, clients keep working through several rotations, never closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_connections_reauthenticate_through_rotations() {
+    let proxy = multiplexed(ProxyOptions {
+        token_lifetime: Duration::from_millis(2667),
+        ..Default::default()
+    })
+    .await;
+    let addr = proxy.addr;
+    let until = tokio::time::Instant::now() + Duration::from_secs(7);
+    let mut tasks = Vec::new();
+    for c in 0..8u32 {
+        tasks.push(tokio::spawn(async move {
+            let mut conn = RespConn::connect_plain(addr).await.expect("connect");
+            let mut n = 0i64;
+            while tokio::time::Instant::now() < until {
+                n += 1;
+                let reply = tokio::time::timeout(
+                    STEP,
+                    conn.command(&[b"INCR", format!("rot:{c}").as_bytes()]),
+                )
+                .await
+                .expect("reply in time")
+                .unwrap_or_else(|e| panic!("client {c} lost its connection: {e}"));
+                assert_eq!(reply, Reply::Integer(n), "client {c}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            n
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.expect("client task") > 50);
+    }
+    // Three rotations or more happened, and the shared connections are on the newest token.
+    let gens: Vec<u64> = proxy_conns(&proxy)
+        .await
+        .iter()
+        .filter_map(|c| c.get("user")?.strip_prefix("oid-")?.parse().ok())
+        .collect();
+    assert!(
+        gens.iter().all(|&g| g >= 3),
+        "shared connections re-authenticated: {gens:?}"
+    );
+    proxy.stop().await;
+}
+
+/// When the shared connection dies, a client owed a reply is closed (its command may or may
+/// not have run); a client owed nothing carries on over a new shared connection.
+#[tokio::test]
+async fn losing_the_shared_connection_closes_only_clients_owed_replies() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let mut owed = proxy.client().await;
+    let mut idle = proxy.client().await;
+    assert_eq!(
+        idle.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
+    assert_eq!(
+        owed.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
+    // One shared connection per session thread the two clients were placed on.
+    let shared = proxy_conns(&proxy).await;
+    assert!((1..=2).contains(&shared.len()), "{shared:?}");
+    let user = shared[0]["user"].clone();
+    // Writes wait while the server is paused: `owed` sends one, then the shared connections
+    // (all of the token's user) are killed under it.
+    proxy
+        .redis
+        .command(&[b"CLIENT", b"PAUSE", b"5000", b"WRITE"])
+        .await
+        .unwrap();
+    owed.send(&[b"SET", b"lost:k", b"v"]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy
+        .redis
+        .command(&[b"CLIENT", b"KILL", b"USER", user.as_bytes()])
+        .await
+        .unwrap();
+    proxy.redis.command(&[b"CLIENT", b"UNPAUSE"]).await.unwrap();
+    let closed = tokio::time::timeout(STEP, owed.read_reply())
+        .await
+        .expect("owed client answered or closed in time");
+    assert!(closed.is_err(), "the owed client is closed: {closed:?}");
+    assert_eq!(
+        tokio::time::timeout(STEP, idle.command(&[b"GET", b"lost:other"]))
+            .await
+            .expect("in time")
+            .unwrap(),
+        Reply::Bulk(None),
+        "the other client goes on"
+    );
+    proxy.stop().await;
+}
+
+/// A malformed request gets Redis's own protocol error after the replies already owed, and
+/// the connection closes.
+#[tokio::test]
+async fn a_malformed_request_gets_redis_error_after_the_shared_replies() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let mut c = proxy.client().await;
+    c.write_raw(b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n+oops\r\n")
+        .await
+        .unwrap();
+    assert_eq!(c.read_reply().await.unwrap(), Reply::Simple("PONG".into()));
+    assert_eq!(
+        c.read_reply().await.unwrap(),
+        Reply::Error("ERR Protocol error: expected '$', got '+'".into())
+    );
+    assert!(c.read_reply().await.is_err(), "closed after the error");
+    proxy.stop().await;
+}
+
+/// `--client-idle-timeout` closes a shared client that sent nothing for that long.
+#[tokio::test]
+async fn the_idle_timeout_closes_a_shared_client() {
+    let proxy = multiplexed(ProxyOptions {
+        client_idle_timeout: Some(Duration::from_millis(500)),
+        ..Default::default()
+    })
+    .await;
+    let mut c = proxy.client().await;
+    assert_eq!(
+        c.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
+    let started = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(STEP, c.read_reply())
+        .await
+        .expect("closed in time");
+    assert!(closed.is_err(), "closed: {closed:?}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    proxy.stop().await;
+}
+
+/// `redis-benchmark`, pipelined, with its usual mix of commands (some share, some pin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_through_multiplexing() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let port = proxy.addr.port().to_string();
+    let (ok, out, err) = run_tool(
+        "redis-benchmark",
+        &[
+            "-p",
+            &port,
+            "-c",
+            "20",
+            "-n",
+            "20000",
+            "-P",
+            "8",
+            "-q",
+            "--csv",
+            "-t",
+            "ping,set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,lrange_100,mset",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "redis-benchmark failed: {out}\n{err}");
+    assert!(!err.contains("ERR") && !out.contains("ERR"), "{out}\n{err}");
+    for test in ["\"SET\"", "\"GET\"", "\"MSET (10 keys)\"", "\"LRANGE_100"] {
+        assert!(out.contains(test), "{test} ran: {out}");
+    }
+    proxy.stop().await;
+}
