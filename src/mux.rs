@@ -286,6 +286,18 @@ where
         if draining {
             c.reading = false;
         }
+        if c.owed == 0 && c.out.is_empty() {
+            if c.pin {
+                return Phase::Pin(std::mem::take(&mut c.cin));
+            }
+            if !c.reading {
+                return Phase::Done(if draining {
+                    Outcome::Drained
+                } else {
+                    Outcome::ClientClosed
+                });
+            }
+        }
         // Redis's `timeout`, and the limit on one incomplete request, both while nothing is
         // owed to the client (the wait is then the client's).
         let owed_nothing = c.owed == 0 && c.out.is_empty();
@@ -309,18 +321,6 @@ where
             Step::Moved { input: true } => last_input = tokio::time::Instant::now(),
             Step::Moved { input: false } => {}
             Step::Done(outcome) => return Phase::Done(outcome),
-        }
-        if c.owed == 0 && c.out.is_empty() {
-            if c.pin {
-                return Phase::Pin(std::mem::take(&mut c.cin));
-            }
-            if !c.reading {
-                return Phase::Done(if draining {
-                    Outcome::Drained
-                } else {
-                    Outcome::ClientClosed
-                });
-            }
         }
     }
 }
@@ -518,10 +518,14 @@ async fn route(mut rx: mpsc::UnboundedReceiver<Submit>, shared: Arc<Shared>, tar
         scanned: 0,
         scanner: ReplyScanner::new(),
     };
+    let mut stopping = false;
     loop {
-        let open = poll_fn(|cx| r.poll(cx, &mut rx, &shared, &target)).await;
-        if !open {
-            return;
+        tokio::select! {
+            open = poll_fn(|cx| r.poll(cx, &mut rx, &shared, &target)) => if !open {
+                return;
+            },
+            // Look again once the proxy stops: the router ends when nothing is owed.
+            _ = shared.shutdown.cancelled(), if !stopping => stopping = true,
         }
     }
 }
@@ -613,7 +617,11 @@ impl Router {
                     Poll::Pending => {}
                 }
             }
-            if closed && self.routes.is_empty() && self.out.is_empty() {
+            // Done once no client can submit any more (or the proxy is stopping: clients
+            // submit nothing new then) and nothing is owed. Ending drops the pipe: the shared
+            // session, if any, ends too.
+            let stopping = closed || shared.shutdown.is_cancelled();
+            if stopping && self.routes.is_empty() && self.out.is_empty() {
                 return Poll::Ready(false);
             }
             if !progress {

@@ -325,3 +325,48 @@ async fn redis_benchmark_through_multiplexing() {
     }
     proxy.stop().await;
 }
+
+/// Stopping the proxy ends shared clients (after what they are owed), the routers and the
+/// shared sessions: the stop completes and the client sees its connection close.
+#[tokio::test]
+async fn stopping_ends_shared_clients_and_shared_connections() {
+    let proxy = multiplexed(ProxyOptions {
+        drain_timeout: Some(Duration::from_secs(5)),
+        ..Default::default()
+    })
+    .await;
+    let mut c = proxy.client().await;
+    assert_eq!(
+        c.command(&[b"SET", b"stop:k", b"v"]).await.unwrap(),
+        Reply::Simple("OK".into())
+    );
+    let redis = proxy.redis.clone();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(STEP, proxy.stop())
+        .await
+        .expect("the proxy stops");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped before the drain timeout"
+    );
+    let closed = tokio::time::timeout(STEP, c.read_reply())
+        .await
+        .expect("closed in time");
+    assert!(closed.is_err(), "the shared client is closed: {closed:?}");
+    // The shared connection is gone from the server too.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let list = redis.client_list().await.expect("CLIENT LIST");
+        if !list
+            .iter()
+            .any(|c| c.get("user").is_some_and(|u| u.starts_with("oid-")))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shared connection still open: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
