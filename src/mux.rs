@@ -171,6 +171,33 @@ pub fn shareable(name: &[u8]) -> bool {
     )
 }
 
+/// What a shared client's request gets.
+enum Plan {
+    /// Goes over the shared connection, answered with this many replies.
+    Share(usize),
+    /// Answered by the proxy.
+    Local(&'static [u8]),
+    /// Needs a connection of its own.
+    Pin,
+}
+
+const OK: &[u8] = b"+OK\r\n";
+
+/// `CLIENT SETINFO LIB-NAME|LIB-VER <value>` with a value Redis accepts (no spaces, newlines
+/// or other characters outside `!`..`~`): the library names itself when it connects (recent
+/// redis-py, Jedis, Lettuce do). Answered `+OK` by the proxy so that the client can go on
+/// sharing; the names are not sent to the server (a shared connection serves many libraries).
+/// Anything else about `CLIENT` pins the client.
+fn client_setinfo(cmd: &crate::resp::request::Command<'_>) -> bool {
+    cmd.argc() == 4
+        && cmd.arg_is(0, "client")
+        && cmd.arg_is(1, "setinfo")
+        && (cmd.arg_is(2, "lib-name") || cmd.arg_is(2, "lib-ver"))
+        && cmd
+            .arg(3)
+            .is_some_and(|v| v.iter().all(|b| (b'!'..=b'~').contains(b)))
+}
+
 /// The routers of one target, one per session thread, started on first use.
 #[derive(Default)]
 pub struct Routers {
@@ -463,21 +490,32 @@ impl SharedClient {
         while !self.pin {
             match self.parser.parse(&self.cin[end..]) {
                 Ok(Some(frame)) => {
-                    // Replies the request gets through the shared session, or `None`: pin.
-                    let answered = match &frame {
+                    let plan = match &frame {
                         // Nothing is answered for an empty request: it goes along, ignored.
-                        Frame::Empty { .. } => Some(0),
-                        _ => match self.parser.command(&self.cin[end..], &frame).arg(0) {
-                            Some(name) if shareable(name) => Some(1),
-                            _ => None,
-                        },
+                        Frame::Empty { .. } => Plan::Share(0),
+                        _ => {
+                            let cmd = self.parser.command(&self.cin[end..], &frame);
+                            match cmd.arg(0) {
+                                Some(name) if shareable(name) => Plan::Share(1),
+                                // In order only with nothing owed before it.
+                                _ if end == 0 && self.owed == 0 && client_setinfo(&cmd) => {
+                                    Plan::Local(OK)
+                                }
+                                _ => Plan::Pin,
+                            }
+                        }
                     };
-                    match answered {
-                        Some(n) => {
+                    match plan {
+                        Plan::Share(n) => {
                             end += frame.len();
                             replies += n;
                         }
-                        None => self.pin = true,
+                        Plan::Local(reply) => {
+                            self.cin.advance(frame.len());
+                            self.unsent += reply.len();
+                            self.out.push_back(Bytes::from_static(reply));
+                        }
+                        Plan::Pin => self.pin = true,
                     }
                 }
                 Ok(None) => break,

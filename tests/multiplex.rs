@@ -370,3 +370,92 @@ async fn stopping_ends_shared_clients_and_shared_connections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A library naming itself when it connects (`CLIENT SETINFO`) is answered by the proxy and
+/// goes on sharing; a value Redis would refuse pins the client, and the server answers it.
+#[tokio::test]
+async fn client_setinfo_is_answered_and_the_client_keeps_sharing() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let mut c = proxy.client().await;
+    let mut bytes = Vec::new();
+    for args in [
+        &[&b"CLIENT"[..], b"SETINFO", b"LIB-NAME", b"my-lib"][..],
+        &[b"client", b"setinfo", b"lib-ver", b"1.2.3"],
+        &[b"GET", b"setinfo:k"],
+    ] {
+        bytes.extend(redis_entra_proxy::devenv::encode(args));
+    }
+    c.write_raw(&bytes).await.unwrap();
+    assert_eq!(c.read_reply().await.unwrap(), Reply::Simple("OK".into()));
+    assert_eq!(c.read_reply().await.unwrap(), Reply::Simple("OK".into()));
+    assert_eq!(c.read_reply().await.unwrap(), Reply::Bulk(None));
+    // Still shared: the server has only shared connections (one per session thread used so
+    // far), which ran the readiness PING and the GET, never the SETINFO.
+    let conns = proxy_conns(&proxy).await;
+    assert!(
+        conns
+            .iter()
+            .all(|c| c["cmd"] == "get" || c["cmd"] == "ping"),
+        "{conns:?}"
+    );
+    // A name with a space is Redis's to refuse: the client pins and gets the server's error.
+    let reply = c
+        .command(&[b"CLIENT", b"SETINFO", b"LIB-NAME", b"my lib"])
+        .await
+        .unwrap();
+    assert!(matches!(reply, Reply::Error(_)), "{reply:?}");
+    assert_eq!(
+        proxy_conns(&proxy).await.len(),
+        conns.len() + 1,
+        "pinned: a connection of its own"
+    );
+    proxy.stop().await;
+}
+
+fn python() -> String {
+    std::env::var("REDIS_PY_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// redis-py (which sends `CLIENT SETINFO` on every new connection) shares: 6 clients in
+/// threads run SET/GET for 2 s while the server sees at most one connection per session
+/// thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_clients_share_connections() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let script = format!(
+        r#"
+import threading, time, redis
+errors, ops = [], [0]
+def run(i):
+    r = redis.Redis(host="127.0.0.1", port={port}, single_connection_client=True)
+    n, end = 0, time.time() + 2.0
+    while time.time() < end:
+        key = f"py:{{i}}:{{n}}"
+        r.set(key, n)
+        if int(r.get(key)) != n:
+            errors.append(key)
+        n += 1
+    ops[0] += n
+threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(ops[0], len(errors))
+"#,
+        port = proxy.addr.port()
+    );
+    let run = tokio::spawn(async move { run_tool(&python(), &["-c", &script], None).await });
+    // Sample the server's connections while the clients run.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let conns = proxy_conns(&proxy).await;
+    let (ok, out, err) = run.await.expect("python");
+    assert!(ok, "redis-py script failed: {out}\n{err}");
+    let mut fields = out.split_whitespace();
+    let ops: u64 = fields.next().and_then(|s| s.parse().ok()).expect("ops");
+    assert_eq!(fields.next(), Some("0"), "no wrong value: {out}");
+    assert!(ops > 100, "{out}");
+    assert!(
+        (1..=2).contains(&conns.len()),
+        "6 redis-py clients over the shared connections: {conns:?}"
+    );
+    proxy.stop().await;
+}
