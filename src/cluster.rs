@@ -125,6 +125,8 @@ pub struct Cluster {
     /// the topology reads.
     seed: Arc<str>,
     tls: bool,
+    /// Node listeners multiplex their clients (`--multiplex`).
+    multiplex: bool,
     registry: Mutex<Registry>,
     listeners: mpsc::UnboundedSender<NodeListener>,
     /// Wakes the refresh task early (a redirection named a node not seen before).
@@ -143,6 +145,15 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// How node connections are made and served.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeOptions {
+    /// The upstream speaks TLS (nodes' `tls-port` is the one to use).
+    pub tls: bool,
+    /// `--multiplex`: node listeners share upstream connections like the main one.
+    pub multiplex: bool,
+}
+
 impl Cluster {
     /// A registry handing node listeners to `listeners`' receiver (the accept loops).
     pub fn new(
@@ -151,7 +162,7 @@ impl Cluster {
         announce: Option<&str>,
         ports: Ports,
         connector: Connector,
-        tls: bool,
+        nodes: NodeOptions,
         listeners: mpsc::UnboundedSender<NodeListener>,
     ) -> Arc<Cluster> {
         let announce: Arc<str> = match (announce, listen_ip) {
@@ -175,7 +186,8 @@ impl Cluster {
             announce,
             ports,
             connector,
-            tls,
+            tls: nodes.tls,
+            multiplex: nodes.multiplex,
             registry: Mutex::new(Registry {
                 nodes: HashMap::new(),
                 cursor,
@@ -329,8 +341,7 @@ impl Cluster {
             pool: None,
             rewriter: Some(self.rewriter(host)?),
             clients: AtomicUsize::new(0),
-            // Node listeners serve every client on a connection of its own.
-            mux: None,
+            mux: self.multiplex.then(crate::mux::Routers::default),
         });
         let stop = CancellationToken::new();
         let listener = NodeListener {

@@ -198,7 +198,10 @@ pub async fn run_with_source(
                 config.cluster.announce.as_deref(),
                 config.cluster.ports,
                 connector.clone(),
-                config.upstream.tls,
+                cluster::NodeOptions {
+                    tls: config.upstream.tls,
+                    multiplex: config.multiplex,
+                },
                 tx,
             );
             tokio::spawn(cluster::refresh::run(

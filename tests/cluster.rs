@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use redis_entra_proxy::devenv::{key_slot, RespConn};
-use support::cluster::{key_on, text, Setup};
+use support::cluster::{key_on, text, Setup, SetupOptions};
 use support::{free_addr, run_tool, Reply, STEP};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,4 +358,61 @@ async fn dev_cluster_setup_through_the_binary() {
         .expect("exits after SIGTERM")
         .expect("wait");
     assert!(status.success(), "exit {status}");
+}
+
+/// `--multiplex` in cluster mode: `redis-benchmark --cluster` (10 clients on every node
+/// listener) runs through shared connections. When it has finished, each node keeps only
+/// the shared connections of the node listeners (at most one per session thread); without
+/// multiplexing, every connection would have closed with its client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_listeners_multiplex_their_clients() {
+    let s = Setup::start_with(SetupOptions {
+        multiplex: true,
+        ..SetupOptions::default()
+    })
+    .await;
+    let port = s.proxy.addr.port().to_string();
+    let (ok, out, err) = run_tool(
+        "redis-benchmark",
+        &[
+            "--cluster",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "-n",
+            "5000",
+            "-c",
+            "10",
+            "-t",
+            "set,get",
+            "-r",
+            "100000",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "redis-benchmark --cluster failed: {out}\n{err}");
+    assert!(out.contains("SET:") && out.contains("GET:"), "{out}");
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    for i in 0..3 {
+        let Reply::Bulk(Some(list)) = s.cluster.command(i, &[b"CLIENT", b"LIST"]).await.unwrap()
+        else {
+            panic!("CLIENT LIST is a bulk string")
+        };
+        let list = String::from_utf8_lossy(&list).into_owned();
+        let proxy_conns: Vec<&str> = list.lines().filter(|l| l.contains(" user=oid-")).collect();
+        assert!(
+            (1..=2).contains(&proxy_conns.len()),
+            "node {i}: the shared connections remain: {list}"
+        );
+        assert!(
+            proxy_conns
+                .iter()
+                .all(|l| l.contains(" cmd=set ") || l.contains(" cmd=get ")),
+            "node {i}: they carried the benchmark: {list}"
+        );
+    }
+    s.proxy.stop().await;
 }

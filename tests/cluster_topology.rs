@@ -387,6 +387,7 @@ async fn token_rotations_reach_a_node_added_later() {
         token_lifetime: Duration::from_secs(4),
         refresh_ratio: 0.5,
         refresh_interval: Duration::from_secs(1),
+        ..SetupOptions::default()
     })
     .await;
     let new = s.cluster.add_primary().await.expect("a primary joins");

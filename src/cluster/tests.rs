@@ -12,7 +12,10 @@ fn registry(ports: Ports) -> (Arc<Cluster>, mpsc::UnboundedReceiver<NodeListener
         None,
         ports,
         connector,
-        true,
+        NodeOptions {
+            tls: true,
+            multiplex: false,
+        },
         tx,
     );
     (cluster, rx)
@@ -129,7 +132,10 @@ async fn the_announced_host_is_what_clients_are_told() {
         Some("proxy.internal.example"),
         Ports::Any,
         connector,
-        true,
+        NodeOptions {
+            tls: true,
+            multiplex: false,
+        },
         tx,
     );
     let local = cluster.local("10.0.0.1", 8500).unwrap();

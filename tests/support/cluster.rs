@@ -22,6 +22,8 @@ pub struct SetupOptions {
     pub refresh_ratio: f64,
     /// `--cluster-refresh-interval`.
     pub refresh_interval: Duration,
+    /// `--multiplex`.
+    pub multiplex: bool,
 }
 
 impl Default for SetupOptions {
@@ -30,6 +32,7 @@ impl Default for SetupOptions {
             token_lifetime: Duration::from_secs(3600),
             refresh_ratio: 0.75,
             refresh_interval: Duration::from_secs(2),
+            multiplex: false,
         }
     }
 }
@@ -75,6 +78,7 @@ impl Setup {
                 refresh_ratio: opts.refresh_ratio,
                 cluster_mode: Some(ClusterMode::On),
                 cluster_refresh_interval: Some(opts.refresh_interval),
+                multiplex: opts.multiplex,
                 admin: true,
                 ..ProxyOptions::default()
             },
