@@ -367,6 +367,9 @@ enum Step {
     Done(Outcome),
 }
 
+/// A client in its shared phase. Its bytes are counted in the metrics by the sessions that
+/// carry them: the shared session counts what goes through its pipe, a pinned session what it
+/// reads (the bytes handed over first included); only requests no session sees are counted here.
 struct SharedClient {
     cin: BytesMut,
     chunk: usize,
@@ -434,7 +437,6 @@ impl SharedClient {
                     Poll::Ready(Ok(mut n)) => {
                         progress = true;
                         self.unsent -= n;
-                        crate::metrics::handles().client_out.increment(n as u64);
                         while n > 0 {
                             let front = self.out.front_mut().expect("written bytes were queued");
                             let take = n.min(front.len());
@@ -457,7 +459,6 @@ impl SharedClient {
                         progress = true;
                     }
                     Poll::Ready(Ok(n)) => {
-                        crate::metrics::handles().client_in.increment(n as u64);
                         if n >= self.chunk {
                             self.chunk = (self.chunk * 2).min(READ_MAX);
                         }
@@ -514,6 +515,11 @@ impl SharedClient {
                             self.cin.advance(frame.len());
                             self.unsent += reply.len();
                             self.out.push_back(Bytes::from_static(reply));
+                            // The only client bytes no session sees (see `SharedClient`).
+                            let m = crate::metrics::handles();
+                            m.commands.increment(1);
+                            m.client_in.increment(frame.len() as u64);
+                            m.client_out.increment(reply.len() as u64);
                         }
                         Plan::Pin => self.pin = true,
                     }
@@ -535,6 +541,11 @@ impl SharedClient {
                     // The router is gone (shutdown): the replies will not come.
                     let _ = self.to_me.send(Delivery::Lost);
                 }
+            } else {
+                // Empty requests only: nothing to send, no session sees them.
+                crate::metrics::handles()
+                    .client_in
+                    .increment(frames.len() as u64);
             }
         }
         if self.pin {
