@@ -94,14 +94,6 @@ impl Workers {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
-    }
-
     /// The worker with the fewest live sessions (the first of equals, so a lone connection
     /// stays on the caller's runtime).
     pub fn place(&self) -> Placement<'_> {
@@ -189,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn sessions_spread_over_threads_and_stop_with_them() {
         let workers = Workers::start(3).expect("threads start");
-        assert_eq!(workers.len(), 3);
+        assert_eq!(workers.workers.len(), 3);
         let main_thread = std::thread::current().id();
         let release = CancellationToken::new();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
