@@ -135,6 +135,39 @@ async fn redis_cli_cluster(port: &str, script: &str) -> (Vec<String>, Vec<String
     (replies, redirects, out)
 }
 
+/// `redis-benchmark --cluster` (10 clients per node, SET and GET) through the proxy at
+/// `port`; checks that it ran both tests without an error and returns (stdout, stderr).
+async fn redis_benchmark_cluster(port: &str) -> (String, String) {
+    let (ok, out, err) = run_tool(
+        "redis-benchmark",
+        &[
+            "--cluster",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-q",
+            "-n",
+            "5000",
+            "-c",
+            "10",
+            "-t",
+            "set,get",
+            "-r",
+            "100000",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "redis-benchmark --cluster failed: {out}\n{err}");
+    assert!(
+        out.contains("SET:") && out.contains("GET:"),
+        "redis-benchmark ran both tests: {out}"
+    );
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    (out, err)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_and_redis_benchmark_in_cluster_mode() {
     let s = Setup::start(Duration::from_secs(3600), 0.75).await;
@@ -167,33 +200,7 @@ async fn redis_cli_and_redis_benchmark_in_cluster_mode() {
     }
     assert_eq!(owners.len(), 3, "the keys spread over every node");
 
-    let (ok, out, err) = run_tool(
-        "redis-benchmark",
-        &[
-            "--cluster",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "-n",
-            "5000",
-            "-c",
-            "10",
-            "-t",
-            "set,get",
-            "-r",
-            "100000",
-        ],
-        None,
-    )
-    .await;
-    assert!(ok, "redis-benchmark --cluster failed: {out}\n{err}");
-    assert!(
-        out.contains("SET:") && out.contains("GET:"),
-        "redis-benchmark ran both tests: {out}"
-    );
-    assert!(!out.to_lowercase().contains("error"), "{out}");
+    let (out, err) = redis_benchmark_cluster(&port).await;
     s.assert_no_internal("redis-benchmark output", &format!("{out}{err}"));
     // Its keys landed on every node.
     for i in 0..3 {
@@ -372,30 +379,7 @@ async fn node_listeners_multiplex_their_clients() {
     })
     .await;
     let port = s.proxy.addr.port().to_string();
-    let (ok, out, err) = run_tool(
-        "redis-benchmark",
-        &[
-            "--cluster",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "-n",
-            "5000",
-            "-c",
-            "10",
-            "-t",
-            "set,get",
-            "-r",
-            "100000",
-        ],
-        None,
-    )
-    .await;
-    assert!(ok, "redis-benchmark --cluster failed: {out}\n{err}");
-    assert!(out.contains("SET:") && out.contains("GET:"), "{out}");
-    assert!(!out.to_lowercase().contains("error"), "{out}");
+    redis_benchmark_cluster(&port).await;
     for i in 0..3 {
         let Reply::Bulk(Some(list)) = s.cluster.command(i, &[b"CLIENT", b"LIST"]).await.unwrap()
         else {

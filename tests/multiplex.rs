@@ -193,11 +193,7 @@ async fn shared_connections_reauthenticate_through_rotations() {
         assert!(t.await.expect("client task") > 50);
     }
     // Three rotations or more happened, and the shared connections are on the newest token.
-    let gens: Vec<u64> = proxy_conns(&proxy)
-        .await
-        .iter()
-        .filter_map(|c| c.get("user")?.strip_prefix("oid-")?.parse().ok())
-        .collect();
+    let gens = proxy.upstream_generations().await;
     assert!(
         gens.iter().all(|&g| g >= 3),
         "shared connections re-authenticated: {gens:?}"

@@ -34,19 +34,11 @@ async fn rotating_proxy() -> Proxy {
     .await
 }
 
-/// Generation numbers of the proxy's upstream connections (`user=oid-N`).
-async fn generations(proxy: &Proxy) -> Vec<u64> {
-    let list = proxy.redis.client_list().await.expect("CLIENT LIST");
-    list.iter()
-        .filter_map(|c| c.get("user")?.strip_prefix("oid-")?.parse().ok())
-        .collect()
-}
-
 /// Waits (bounded) until every upstream connection is on one generation, the newest.
 async fn assert_all_on_newest(proxy: &Proxy, expected_conns: usize) {
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
-        let gens = generations(proxy).await;
+        let gens = proxy.upstream_generations().await;
         let newest = gens.iter().copied().max().unwrap_or(0);
         if gens.len() == expected_conns && gens.iter().all(|&g| g == newest) {
             return;
@@ -127,7 +119,7 @@ async fn rotation_under_load_loses_nothing() {
         idle.command(&[b"PING"]).await.unwrap(),
         Reply::Simple("PONG".into())
     );
-    let gens = generations(&proxy).await;
+    let gens = proxy.upstream_generations().await;
     let rotations = gens.iter().copied().max().unwrap_or(0).saturating_sub(1);
     eprintln!(
         "{} replies checked over {rotations} rotations",
@@ -257,7 +249,7 @@ async fn pubsub_survives_rotations_without_gaps() {
     );
     let _ = (a, b);
     publisher.await.expect("publisher");
-    let gens = generations(&proxy).await;
+    let gens = proxy.upstream_generations().await;
     let newest = gens.iter().copied().max().unwrap_or(0);
     assert!(
         newest as f64 >= duration.as_secs_f64() / 2.0 - 1.0,

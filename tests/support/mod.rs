@@ -223,6 +223,15 @@ impl Proxy {
         }
     }
 
+    /// Token generations of the proxy's upstream connections, as the server lists them
+    /// (`user=oid-N`).
+    pub async fn upstream_generations(&self) -> Vec<u64> {
+        let list = self.redis.client_list().await.expect("CLIENT LIST");
+        list.iter()
+            .filter_map(|c| c.get("user")?.strip_prefix("oid-")?.parse().ok())
+            .collect()
+    }
+
     /// A RESP2 client connected to the proxy.
     pub async fn client(&self) -> RespConn {
         RespConn::connect_plain(self.addr)
