@@ -168,6 +168,10 @@ pub fn shareable(name: &[u8]) -> bool {
             | b"GEOHASH"
             | b"PING"
             | b"ECHO"
+            // Server-wide state only (ioredis sends INFO when it connects).
+            | b"INFO"
+            | b"DBSIZE"
+            | b"TIME"
     )
 }
 
@@ -177,8 +181,30 @@ enum Plan {
     Share(usize),
     /// Answered by the proxy.
     Local(&'static [u8]),
+    /// `HELLO 2|3` to the other protocol: goes over the shared connection of that protocol,
+    /// once every reply owed on the current one has come.
+    Switch(u8),
     /// Needs a connection of its own.
     Pin,
+}
+
+/// `HELLO` alone or `HELLO 2|3` (no `AUTH`, no `SETNAME`): the protocol it leaves the
+/// connection in (`current` for a bare `HELLO`). A shared client moves to the shared
+/// connection speaking that protocol, where the server answers the `HELLO` itself. Any other
+/// `HELLO` pins the client.
+fn hello_protocol(cmd: &crate::resp::request::Command<'_>, current: u8) -> Option<u8> {
+    if !cmd.arg_is(0, "hello") {
+        return None;
+    }
+    match cmd.argc() {
+        1 => Some(current),
+        2 => match cmd.arg(1)? {
+            b"2" => Some(2),
+            b"3" => Some(3),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 const OK: &[u8] = b"+OK\r\n";
@@ -198,28 +224,30 @@ fn client_setinfo(cmd: &crate::resp::request::Command<'_>) -> bool {
             .is_some_and(|v| v.iter().all(|b| (b'!'..=b'~').contains(b)))
 }
 
-/// The routers of one target, one per session thread, started on first use.
+/// The routers of one target, one per session thread and protocol (RESP2 clients share one
+/// connection, RESP3 clients another), started on first use.
 #[derive(Default)]
 pub struct Routers {
-    by_worker: Mutex<HashMap<usize, mpsc::UnboundedSender<Submit>>>,
+    by_worker: Mutex<HashMap<(usize, u8), mpsc::UnboundedSender<Submit>>>,
 }
 
 impl Routers {
-    /// The router of session thread `worker` (the caller runs on it), started if there is
-    /// none (or it ended).
+    /// The router of session thread `worker` (the caller runs on it) for protocol `proto`,
+    /// started if there is none (or it ended).
     fn get(
         &self,
         worker: usize,
+        proto: u8,
         shared: &Arc<Shared>,
         target: &Arc<Target>,
     ) -> mpsc::UnboundedSender<Submit> {
         let mut map = self.by_worker.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = map.get(&worker).filter(|tx| !tx.is_closed()) {
+        if let Some(tx) = map.get(&(worker, proto)).filter(|tx| !tx.is_closed()) {
             return tx.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(route(rx, shared.clone(), target.clone()));
-        map.insert(worker, tx.clone());
+        tokio::spawn(route(rx, shared.clone(), target.clone(), proto));
+        map.insert((worker, proto), tx.clone());
         tx
     }
 }
@@ -241,8 +269,8 @@ enum Delivery {
 /// How a shared client's first phase ended.
 enum Phase {
     Done(Outcome),
-    /// Serve the rest on a connection of its own, these bytes first.
-    Pin(BytesMut),
+    /// Serve the rest on a connection of its own speaking this protocol, these bytes first.
+    Pin(BytesMut, u8),
 }
 
 /// Serves a client with multiplexing: shared while it sends only [`shareable`] commands,
@@ -262,32 +290,36 @@ where
         Some(routers) if shared.local_password.is_none() => routers,
         _ => return session::serve(client, shared, target).await,
     };
-    let router = routers.get(worker, shared, target);
+    let router = |proto| routers.get(worker, proto, shared, target);
     match shared_phase(&mut client, shared, router).await {
         Phase::Done(outcome) => outcome,
-        Phase::Pin(rest) => {
+        Phase::Pin(rest, proto) => {
             tracing::debug!(
                 buffered = rest.len(),
+                proto,
                 "pinned: a connection of its own from now on"
             );
-            session::serve(
+            // The client's connection state starts clean, in the protocol it said it speaks.
+            session::serve_with(
                 Prefixed {
                     first: rest,
                     inner: client,
                 },
                 shared,
                 target,
+                proto,
             )
             .await
         }
     }
 }
 
-/// The shared phase of one client.
+/// The shared phase of one client. `router(proto)`: the router of this thread for protocol
+/// `proto`.
 async fn shared_phase<C>(
     client: &mut C,
     shared: &Shared,
-    router: mpsc::UnboundedSender<Submit>,
+    router: impl Fn(u8) -> mpsc::UnboundedSender<Submit>,
 ) -> Phase
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -301,8 +333,10 @@ where
         out: VecDeque::new(),
         unsent: 0,
         pin: false,
+        proto: 2,
+        switch: None,
         reading: true,
-        router,
+        router: router(2),
         to_me,
     };
     let idle = shared.client_idle_timeout;
@@ -313,9 +347,19 @@ where
         if draining {
             c.reading = false;
         }
+        if c.owed == 0 {
+            if let Some(proto) = c.switch.take() {
+                // Nothing is owed on the old protocol's connection: what follows cannot
+                // overtake it.
+                c.router = router(proto);
+                c.proto = proto;
+                c.submit();
+                continue;
+            }
+        }
         if c.owed == 0 && c.out.is_empty() {
             if c.pin {
-                return Phase::Pin(std::mem::take(&mut c.cin));
+                return Phase::Pin(std::mem::take(&mut c.cin), c.proto);
             }
             if !c.reading {
                 return Phase::Done(if draining {
@@ -381,6 +425,11 @@ struct SharedClient {
     unsent: usize,
     /// A command that cannot share was read: submit nothing more.
     pin: bool,
+    /// The protocol the client speaks (its shared connection's), 2 until it says `HELLO 3`.
+    proto: u8,
+    /// A `HELLO` to this protocol waits (first in `cin`) until nothing is owed on the
+    /// current protocol's connection.
+    switch: Option<u8>,
     /// Still reading the client (not closed by it, not draining).
     reading: bool,
     router: mpsc::UnboundedSender<Submit>,
@@ -451,7 +500,7 @@ impl SharedClient {
                     Poll::Pending => break,
                 }
             }
-            if self.reading && !self.pin && self.has_room() {
+            if self.reading && !self.pin && self.switch.is_none() && self.has_room() {
                 self.cin.reserve(self.chunk);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
                     Poll::Ready(Ok(0)) => {
@@ -488,7 +537,7 @@ impl SharedClient {
     fn submit(&mut self) {
         let mut end = 0;
         let mut replies = 0;
-        while !self.pin {
+        while !self.pin && self.switch.is_none() {
             match self.parser.parse(&self.cin[end..]) {
                 Ok(Some(frame)) => {
                     let plan = match &frame {
@@ -502,7 +551,11 @@ impl SharedClient {
                                 _ if end == 0 && self.owed == 0 && client_setinfo(&cmd) => {
                                     Plan::Local(OK)
                                 }
-                                _ => Plan::Pin,
+                                _ => match hello_protocol(&cmd, self.proto) {
+                                    Some(p) if p == self.proto => Plan::Share(1),
+                                    Some(p) => Plan::Switch(p),
+                                    None => Plan::Pin,
+                                },
                             }
                         }
                     };
@@ -521,6 +574,7 @@ impl SharedClient {
                             m.client_in.increment(frame.len() as u64);
                             m.client_out.increment(reply.len() as u64);
                         }
+                        Plan::Switch(proto) => self.switch = Some(proto),
                         Plan::Pin => self.pin = true,
                     }
                 }
@@ -548,9 +602,10 @@ impl SharedClient {
                     .increment(frames.len() as u64);
             }
         }
-        if self.pin {
+        if self.pin || self.switch.is_some() {
             // The parser may hold state for a request it has not finished: the pinned
-            // session parses the bytes again from the start.
+            // session (or the next call, on the other connection) parses the bytes again
+            // from the start.
             self.parser = RequestParser::new();
         }
     }
@@ -558,15 +613,13 @@ impl SharedClient {
 
 /// One thread's router: writes the requests of its shared clients to the shared session,
 /// in order, and hands each reply frame to the client whose request it answers.
-async fn route(mut rx: mpsc::UnboundedReceiver<Submit>, shared: Arc<Shared>, target: Arc<Target>) {
-    let mut r = Router {
-        pipe: None,
-        out: VecDeque::new(),
-        routes: VecDeque::new(),
-        rin: BytesMut::new(),
-        scanned: 0,
-        scanner: ReplyScanner::new(),
-    };
+async fn route(
+    mut rx: mpsc::UnboundedReceiver<Submit>,
+    shared: Arc<Shared>,
+    target: Arc<Target>,
+    proto: u8,
+) {
+    let mut r = Router::new(proto);
     let mut stopping = false;
     loop {
         tokio::select! {
@@ -585,6 +638,8 @@ struct Route {
 }
 
 struct Router {
+    /// The protocol the shared session speaks.
+    proto: u8,
     /// The shared session's client end, while one runs.
     pipe: Option<DuplexStream>,
     /// Submitted requests not yet written to the pipe.
@@ -595,9 +650,24 @@ struct Router {
     /// Bytes at the front of `rin` scanned as part of a reply frame not yet complete.
     scanned: usize,
     scanner: ReplyScanner,
+    /// The frame being scanned is a push (RESP3 `>`), which answers no request.
+    push: bool,
 }
 
 impl Router {
+    fn new(proto: u8) -> Router {
+        Router {
+            proto,
+            pipe: None,
+            out: VecDeque::new(),
+            routes: VecDeque::new(),
+            rin: BytesMut::new(),
+            scanned: 0,
+            scanner: ReplyScanner::new(),
+            push: false,
+        }
+    }
+
     /// Returns `Ready(false)` once the router can end: no client can submit any more and
     /// nothing is owed.
     fn poll(
@@ -628,10 +698,11 @@ impl Router {
                 }
             }
             if self.pipe.is_none() && !self.out.is_empty() {
-                self.pipe = Some(start_session(shared, target));
+                self.pipe = Some(start_session(shared, target, self.proto));
                 self.rin.clear();
                 self.scanned = 0;
                 self.scanner = ReplyScanner::new();
+                self.push = false;
             }
             if let Some(pipe) = self.pipe.as_mut() {
                 while let Some(front) = self.out.front_mut() {
@@ -680,12 +751,17 @@ impl Router {
     }
 
     /// Hands every whole reply frame read so far to its client: consecutive replies for the
-    /// same client go together.
+    /// same client go together. Pushes are dropped: shared clients never subscribe or track
+    /// keys, so none is theirs.
     fn deliver(&mut self) {
         // Bytes at the front of `rin` holding whole replies for the front route, and how many.
         let mut run = 0;
         let mut replies = 0;
         while self.scanned < self.rin.len() {
+            if self.scanned == run {
+                // A frame starts here.
+                self.push = self.rin[run] == b'>';
+            }
             let Ok(scan) = self.scanner.scan(&self.rin[self.scanned..]) else {
                 // The session checks every reply it relays; a frame it let through that does
                 // not scan here is a bug: end this shared session rather than misroute.
@@ -695,6 +771,25 @@ impl Router {
             self.scanned += scan.consumed;
             if !scan.complete {
                 break;
+            }
+            if self.push {
+                tracing::debug!(
+                    "push on a shared connection dropped: no shared client asked for it"
+                );
+                self.push = false;
+                if replies > 0 {
+                    // The replies before it go first.
+                    let route = self.routes.front_mut().expect("counted against it");
+                    let frames = self.rin.split_to(run).freeze();
+                    let _ = route.to.send(Delivery::Replies(frames, replies));
+                    route.replies -= replies;
+                    self.scanned -= run;
+                    run = 0;
+                    replies = 0;
+                }
+                self.rin.advance(self.scanned);
+                self.scanned = 0;
+                continue;
             }
             run = self.scanned;
             replies += 1;
@@ -732,13 +827,13 @@ impl Router {
     }
 }
 
-/// Starts a shared session on this thread, returning its client end.
-fn start_session(shared: &Arc<Shared>, target: &Arc<Target>) -> DuplexStream {
+/// Starts a shared session on this thread speaking `proto`, returning its client end.
+fn start_session(shared: &Arc<Shared>, target: &Arc<Target>, proto: u8) -> DuplexStream {
     let (mine, theirs) = tokio::io::duplex(PIPE);
     let shared = shared.clone();
     let target = target.clone();
     tokio::spawn(async move {
-        let outcome = session::serve(theirs, &shared, &target).await;
+        let outcome = session::serve_with(theirs, &shared, &target, proto).await;
         tracing::debug!(outcome = %outcome, "shared upstream session ended");
     });
     mine
@@ -799,7 +894,7 @@ mod tests {
     #[test]
     fn only_plain_commands_share() {
         for name in [
-            "GET", "get", "Set", "MGET", "HGETALL", "INCR", "PING", "LRANGE",
+            "GET", "get", "Set", "MGET", "HGETALL", "INCR", "PING", "LRANGE", "INFO",
         ] {
             assert!(shareable(name.as_bytes()), "{name}");
         }
@@ -848,8 +943,6 @@ mod tests {
             let (a_tx, mut a_rx) = mpsc::unbounded_channel();
             let (b_tx, mut b_rx) = mpsc::unbounded_channel();
             let mut r = Router {
-                pipe: None,
-                out: VecDeque::new(),
                 routes: VecDeque::from([
                     Route {
                         to: a_tx.clone(),
@@ -864,25 +957,94 @@ mod tests {
                         replies: 2,
                     },
                 ]),
-                rin: BytesMut::new(),
-                scanned: 0,
-                scanner: ReplyScanner::new(),
+                ..Router::new(2)
             };
             for piece in [&stream[..split], &stream[split..]] {
                 r.rin.extend_from_slice(piece);
                 r.deliver();
             }
             assert!(r.routes.is_empty() && r.rin.is_empty(), "split {split}");
-            let collect = |rx: &mut mpsc::UnboundedReceiver<Delivery>| {
-                let (mut bytes, mut n) = (Vec::new(), 0);
-                while let Ok(Delivery::Replies(b, k)) = rx.try_recv() {
-                    bytes.extend_from_slice(&b);
-                    n += k;
-                }
-                (bytes, n)
-            };
             assert_eq!(collect(&mut a_rx), (expect_a.clone(), 4), "split {split}");
             assert_eq!(collect(&mut b_rx), (expect_b.clone(), 1), "split {split}");
+        }
+    }
+
+    fn collect(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> (Vec<u8>, usize) {
+        let (mut bytes, mut n) = (Vec::new(), 0);
+        while let Ok(Delivery::Replies(b, k)) = rx.try_recv() {
+            bytes.extend_from_slice(&b);
+            n += k;
+        }
+        (bytes, n)
+    }
+
+    /// RESP3 replies (maps, nulls, doubles) are routed like any other; pushes, wherever they
+    /// fall and in whatever pieces they arrive, reach nobody.
+    #[test]
+    fn resp3_replies_are_routed_and_pushes_dropped() {
+        let push: &[u8] = b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n";
+        let a1: &[u8] = b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n";
+        let a2: &[u8] = b"_\r\n";
+        let b1: &[u8] = b",1.5\r\n";
+        // a owes 2 (a push between them), b owes 1 (a push before it and after it).
+        let stream = [push, a1, push, a2, push, b1, push].concat();
+        for split in 0..=stream.len() {
+            for second in split..=stream.len() {
+                let (a_tx, mut a_rx) = mpsc::unbounded_channel();
+                let (b_tx, mut b_rx) = mpsc::unbounded_channel();
+                let mut r = Router {
+                    routes: VecDeque::from([
+                        Route {
+                            to: a_tx,
+                            replies: 2,
+                        },
+                        Route {
+                            to: b_tx,
+                            replies: 1,
+                        },
+                    ]),
+                    ..Router::new(3)
+                };
+                for piece in [&stream[..split], &stream[split..second], &stream[second..]] {
+                    r.rin.extend_from_slice(piece);
+                    r.deliver();
+                }
+                assert!(r.routes.is_empty(), "split {split}/{second}");
+                assert!(r.rin.is_empty(), "split {split}/{second}: {:?}", r.rin);
+                assert_eq!(
+                    collect(&mut a_rx),
+                    ([a1, a2].concat(), 2),
+                    "split {split}/{second}"
+                );
+                assert_eq!(
+                    collect(&mut b_rx),
+                    (b1.to_vec(), 1),
+                    "split {split}/{second}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hello_moves_a_shared_client_only_without_options() {
+        let parse = |args: &[&[u8]]| {
+            let bytes = crate::devenv::encode(args);
+            let mut parser = RequestParser::new();
+            let frame = parser.parse(&bytes).unwrap().unwrap();
+            let cmd = parser.command(&bytes, &frame);
+            (hello_protocol(&cmd, 2), hello_protocol(&cmd, 3))
+        };
+        assert_eq!(parse(&[b"HELLO"]), (Some(2), Some(3)));
+        assert_eq!(parse(&[b"hello", b"3"]), (Some(3), Some(3)));
+        assert_eq!(parse(&[b"HELLO", b"2"]), (Some(2), Some(2)));
+        for args in [
+            &[&b"HELLO"[..], b"4"][..],
+            &[b"HELLO", b"03"],
+            &[b"HELLO", b"3", b"SETNAME", b"x"],
+            &[b"HELLO", b"3", b"AUTH", b"u", b"p"],
+            &[b"GET", b"3"],
+        ] {
+            assert_eq!(parse(args), (None, None), "{args:?}");
         }
     }
 }

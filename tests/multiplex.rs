@@ -32,6 +32,34 @@ fn bulk(s: &str) -> Reply {
     Reply::Bulk(Some(s.as_bytes().to_vec()))
 }
 
+/// Connections the server has accepted so far (`INFO stats`).
+async fn connections_received(proxy: &Proxy) -> u64 {
+    let Reply::Bulk(Some(text)) = proxy.redis.command(&[b"INFO", b"stats"]).await.unwrap() else {
+        panic!("INFO stats")
+    };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_connections_received")
+}
+
+fn cmd(args: &[&str]) -> Vec<u8> {
+    let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    redis_entra_proxy::devenv::encode(&args)
+}
+
+/// `HELLO`'s reply: a map in RESP3, an array in RESP2, with the protocol in it.
+fn assert_hello(frame: &[u8], proto: u8) {
+    let text = String::from_utf8_lossy(frame);
+    let kind = if proto == 3 { "%" } else { "*" };
+    assert!(text.starts_with(kind), "HELLO {proto} answered {text:?}");
+    assert!(
+        text.contains(&format!("$5\r\nproto\r\n:{proto}\r\n")),
+        "HELLO {proto} answered {text:?}"
+    );
+}
+
 /// 40 clients pipeline batches of different sizes at once; each gets exactly its own replies,
 /// in order, while the server sees no more connections than the proxy has session threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,9 +440,9 @@ fn python() -> String {
     std::env::var("REDIS_PY_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// redis-py (which sends `CLIENT SETINFO` on every new connection) shares: 6 clients in
-/// threads run SET/GET for 2 s while the server sees at most one connection per session
-/// thread.
+/// redis-py (which sends `CLIENT SETINFO` on every new connection, and `HELLO 3` with
+/// `protocol=3`) shares: 6 clients in threads, half of them RESP3, run SET/GET/HGETALL for 2 s
+/// while the server sees at most one connection per session thread and protocol.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_py_clients_share_connections() {
     let proxy = multiplexed(ProxyOptions::default()).await;
@@ -423,13 +451,17 @@ async fn redis_py_clients_share_connections() {
 import threading, time, redis
 errors, ops = [], [0]
 def run(i):
-    r = redis.Redis(host="127.0.0.1", port={port}, single_connection_client=True)
+    r = redis.Redis(host="127.0.0.1", port={port}, single_connection_client=True,
+                    protocol=3 if i % 2 else 2)
     n, end = 0, time.time() + 2.0
     while time.time() < end:
         key = f"py:{{i}}:{{n}}"
         r.set(key, n)
         if int(r.get(key)) != n:
             errors.append(key)
+        r.hset(f"py:h:{{i}}", "n", n)
+        if r.hgetall(f"py:h:{{i}}") != {{b"n": str(n).encode()}}:
+            errors.append(f"py:h:{{i}}")
         n += 1
     ops[0] += n
 threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
@@ -450,8 +482,162 @@ print(ops[0], len(errors))
     assert_eq!(fields.next(), Some("0"), "no wrong value: {out}");
     assert!(ops > 100, "{out}");
     assert!(
-        (1..=2).contains(&conns.len()),
+        (1..=4).contains(&conns.len()),
         "6 redis-py clients over the shared connections: {conns:?}"
     );
+    assert!(conns.iter().any(|c| c["resp"] == "3"), "{conns:?}");
+    proxy.stop().await;
+}
+
+/// RESP3 clients (`HELLO 3`: go-redis v9, Lettuce, redis-py with `protocol=3`) share too, over
+/// a connection of each thread that speaks RESP3, while RESP2 clients share one speaking RESP2:
+/// each gets its replies in its own protocol (maps, nulls, doubles), and the server accepts no
+/// more connections than threads times protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_clients_share_a_connection_speaking_resp3() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let before = connections_received(&proxy).await;
+    let addr = proxy.addr;
+    let mut tasks = Vec::new();
+    for c in 0..16u32 {
+        let proto = if c % 2 == 0 { 3 } else { 2 };
+        tasks.push(tokio::spawn(async move {
+            let mut raw = Raw(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+            if proto == 3 {
+                raw.send(&cmd(&["HELLO", "3"])).await;
+                assert_hello(&raw.read_frame().await, 3);
+            } else {
+                // What ioredis asks first: server-wide, so it shares.
+                raw.send(&cmd(&["INFO", "server"])).await;
+                let info = raw.read_frame().await;
+                assert!(String::from_utf8_lossy(&info).contains("redis_version"));
+            }
+            let (h, z, missing) = (
+                format!("r3:h:{c}"),
+                format!("r3:z:{c}"),
+                format!("r3:none:{c}"),
+            );
+            for round in 0..20u32 {
+                let value = format!("v{round}");
+                let mut bytes = cmd(&["HSET", &h, "f", &value]);
+                bytes.extend(cmd(&["HGETALL", &h]));
+                bytes.extend(cmd(&["GET", &missing]));
+                bytes.extend(cmd(&["ZADD", &z, "1.5", "m"]));
+                bytes.extend(cmd(&["ZSCORE", &z, "m"]));
+                raw.send(&bytes).await;
+                let fresh = if round == 0 { ":1\r\n" } else { ":0\r\n" };
+                let pair = format!("$1\r\nf\r\n${}\r\n{value}\r\n", value.len());
+                let expected = if proto == 3 {
+                    format!("{fresh}%1\r\n{pair}_\r\n{fresh},1.5\r\n")
+                } else {
+                    format!("{fresh}*2\r\n{pair}$-1\r\n{fresh}$3\r\n1.5\r\n")
+                };
+                raw.expect(expected.as_bytes()).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let opened = connections_received(&proxy).await - before;
+    assert!(
+        opened <= 4,
+        "16 clients, 2 protocols, 2 session threads: {opened} upstream connections opened"
+    );
+    let conns = proxy_conns(&proxy).await;
+    assert!(conns.iter().any(|c| c["resp"] == "3"), "{conns:?}");
+    assert!(conns.iter().any(|c| c["resp"] == "2"), "{conns:?}");
+    proxy.stop().await;
+}
+
+/// One write: `HELLO 3`, a read, `HELLO 2`, a read, `HELLO 3`, then a command that pins. Each
+/// `HELLO` moves the client to the other protocol's shared connection only after the replies
+/// it is owed on the first; once pinned, its own connection speaks the protocol it chose.
+#[tokio::test]
+async fn a_client_moves_between_protocols_in_order_and_pins_in_its_own() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let mut raw = proxy.raw().await;
+    let mut bytes = cmd(&["HSET", "proto:h", "f", "v"]);
+    for args in [
+        &["HELLO", "3"][..],
+        &["GET", "proto:none"],
+        &["HELLO", "2"],
+        &["GET", "proto:none"],
+        &["HELLO", "3"],
+        &["GET", "proto:none"],
+        &["CLIENT", "ID"],
+        &["GET", "proto:none"],
+        &["HGETALL", "proto:h"],
+    ] {
+        bytes.extend(cmd(args));
+    }
+    raw.send(&bytes).await;
+    raw.expect(b":1\r\n").await;
+    assert_hello(&raw.read_frame().await, 3);
+    raw.expect(b"_\r\n").await;
+    assert_hello(&raw.read_frame().await, 2);
+    raw.expect(b"$-1\r\n").await;
+    assert_hello(&raw.read_frame().await, 3);
+    raw.expect(b"_\r\n").await;
+    let id = String::from_utf8(raw.read_frame().await).unwrap();
+    let id = id
+        .trim()
+        .strip_prefix(':')
+        .expect("CLIENT ID is an integer")
+        .to_owned();
+    // Pinned, and still RESP3.
+    raw.expect(b"_\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n").await;
+    let conns = proxy_conns(&proxy).await;
+    let own = conns
+        .iter()
+        .find(|c| c["id"] == id)
+        .expect("its own connection");
+    assert_eq!(own["resp"], "3", "{own:?}");
+    // The shared connections of both protocols are still there for others.
+    assert!(
+        conns.iter().any(|c| c["resp"] == "2" && c["id"] != id),
+        "{conns:?}"
+    );
+    assert!(
+        conns.iter().any(|c| c["resp"] == "3" && c["id"] != id),
+        "{conns:?}"
+    );
+    proxy.stop().await;
+}
+
+/// `redis-benchmark -3` (every client says `HELLO 3` first) shares: its clients open no
+/// connections of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_in_resp3_shares() {
+    let proxy = multiplexed(ProxyOptions::default()).await;
+    let before = connections_received(&proxy).await;
+    let port = proxy.addr.port().to_string();
+    let (ok, out, err) = run_tool(
+        "redis-benchmark",
+        &[
+            "-3",
+            "-p",
+            &port,
+            "-c",
+            "20",
+            "-n",
+            "20000",
+            "-P",
+            "4",
+            "-q",
+            "--csv",
+            "-t",
+            "ping,set,get,lpush,lrange_100,hset",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "redis-benchmark failed: {out}\n{err}");
+    assert!(!err.contains("ERR") && !out.contains("ERR"), "{out}\n{err}");
+    assert!(out.contains("\"LRANGE_100"), "{out}");
+    let opened = connections_received(&proxy).await - before;
+    // 7 tests of 20 clients each would open 140 without sharing. redis-benchmark's own
+    // `CONFIG GET` at the start pins one client.
+    assert!(opened <= 6, "{opened} upstream connections opened");
     proxy.stop().await;
 }

@@ -499,6 +499,13 @@ impl Core {
         self.state.emulating = emulate;
     }
 
+    /// Switches the upstream connection to RESP3 for a client that speaks RESP3 from its first
+    /// command on (it said `HELLO 3` on a shared connection before it pinned): `HELLO 3`,
+    /// swallowed, as if the client had sent it.
+    pub fn speak_resp3(&mut self) {
+        self.inject_hello(3, false);
+    }
+
     /// Writes `AUTH <user> <token>` and expects its reply to be swallowed.
     pub(super) fn inject_auth(&mut self, initial: bool) {
         self.creds.write_auth(&mut self.to_upstream);
@@ -693,6 +700,9 @@ impl Core {
             if self.state.emulating {
                 self.state.emulating = false;
                 self.state.wproto = 2;
+            } else if !emulate {
+                // [`Core::speak_resp3`]: the predicted switch did not happen.
+                self.state.wproto = self.state.proto;
             }
         }
     }

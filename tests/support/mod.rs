@@ -294,6 +294,23 @@ impl Raw {
         );
     }
 
+    /// Reads one whole reply frame, RESP2 or RESP3, and returns its bytes.
+    pub async fn read_frame(&mut self) -> Vec<u8> {
+        let mut scanner = redis_entra_proxy::resp::reply::ReplyScanner::new();
+        let (mut frame, mut unscanned) = (Vec::new(), Vec::new());
+        loop {
+            // A byte at a time: nothing past the frame is taken from the socket.
+            let byte = self.read_exact(1).await;
+            frame.extend_from_slice(&byte);
+            unscanned.extend_from_slice(&byte);
+            let scan = scanner.scan(&unscanned).expect("a well-formed reply");
+            unscanned.drain(..scan.consumed);
+            if scan.complete {
+                return frame;
+            }
+        }
+    }
+
     /// Reads until EOF (bounded); returns everything read.
     pub async fn read_to_end(&mut self) -> Vec<u8> {
         let mut buf = Vec::new();
