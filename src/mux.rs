@@ -188,23 +188,34 @@ enum Plan {
     Pin,
 }
 
-/// `HELLO` alone or `HELLO 2|3` (no `AUTH`, no `SETNAME`): the protocol it leaves the
-/// connection in (`current` for a bare `HELLO`). A shared client moves to the shared
-/// connection speaking that protocol, where the server answers the `HELLO` itself. Any other
+/// `HELLO` alone, `HELLO 2|3` or `HELLO 2|3 AUTH <user> <password>` (no `SETNAME`): the
+/// protocol it leaves the connection in (`current` for a bare `HELLO`). A shared client moves
+/// to the shared connection speaking that protocol, where the server answers the `HELLO`
+/// itself. (Without a local password, which multiplexing needs, any AUTH pair is accepted and
+/// the shared session removes it before forwarding, as every session does.) Any other
 /// `HELLO` pins the client.
 fn hello_protocol(cmd: &crate::resp::request::Command<'_>, current: u8) -> Option<u8> {
     if !cmd.arg_is(0, "hello") {
         return None;
     }
-    match cmd.argc() {
-        1 => Some(current),
-        2 => match cmd.arg(1)? {
-            b"2" => Some(2),
-            b"3" => Some(3),
-            _ => None,
-        },
+    if cmd.argc() == 1 {
+        return Some(current);
+    }
+    if cmd.argc() != 2 && !(cmd.argc() == 5 && cmd.arg_is(2, "auth")) {
+        return None;
+    }
+    match cmd.arg(1)? {
+        b"2" => Some(2),
+        b"3" => Some(3),
         _ => None,
     }
+}
+
+/// `AUTH [user] password`: without a local password (multiplexing needs none), the proxy
+/// answers `+OK` to every well-formed AUTH, shared or not (applications configured with a
+/// password go on sharing).
+fn client_auth(cmd: &crate::resp::request::Command<'_>) -> bool {
+    cmd.arg_is(0, "auth") && (2..=3).contains(&cmd.argc())
 }
 
 const OK: &[u8] = b"+OK\r\n";
@@ -548,7 +559,10 @@ impl SharedClient {
                             match cmd.arg(0) {
                                 Some(name) if shareable(name) => Plan::Share(1),
                                 // In order only with nothing owed before it.
-                                _ if end == 0 && self.owed == 0 && client_setinfo(&cmd) => {
+                                _ if end == 0
+                                    && self.owed == 0
+                                    && (client_setinfo(&cmd) || client_auth(&cmd)) =>
+                                {
                                     Plan::Local(OK)
                                 }
                                 _ => match hello_protocol(&cmd, self.proto) {
@@ -1037,11 +1051,17 @@ mod tests {
         assert_eq!(parse(&[b"HELLO"]), (Some(2), Some(3)));
         assert_eq!(parse(&[b"hello", b"3"]), (Some(3), Some(3)));
         assert_eq!(parse(&[b"HELLO", b"2"]), (Some(2), Some(2)));
+        assert_eq!(
+            parse(&[b"HELLO", b"3", b"auth", b"u", b"p"]),
+            (Some(3), Some(3))
+        );
         for args in [
             &[&b"HELLO"[..], b"4"][..],
             &[b"HELLO", b"03"],
             &[b"HELLO", b"3", b"SETNAME", b"x"],
-            &[b"HELLO", b"3", b"AUTH", b"u", b"p"],
+            &[b"HELLO", b"3", b"AUTH", b"u", b"p", b"SETNAME", b"x"],
+            &[b"HELLO", b"3", b"AUTH", b"u"],
+            &[b"HELLO", b"3", b"x", b"u", b"p"],
             &[b"GET", b"3"],
         ] {
             assert_eq!(parse(args), (None, None), "{args:?}");

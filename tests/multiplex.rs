@@ -395,26 +395,30 @@ async fn stopping_ends_shared_clients_and_shared_connections() {
     }
 }
 
-/// A library naming itself when it connects (`CLIENT SETINFO`) is answered by the proxy and
-/// goes on sharing; a value Redis would refuse pins the client, and the server answers it.
+/// A library naming itself when it connects (`CLIENT SETINFO`), and an application sending
+/// the password it is configured with (`AUTH`), are answered by the proxy and go on sharing;
+/// a value Redis would refuse pins the client, and the server answers it.
 #[tokio::test]
 async fn client_setinfo_is_answered_and_the_client_keeps_sharing() {
     let proxy = multiplexed(ProxyOptions::default()).await;
     let mut c = proxy.client().await;
     let mut bytes = Vec::new();
     for args in [
-        &[&b"CLIENT"[..], b"SETINFO", b"LIB-NAME", b"my-lib"][..],
+        &[&b"AUTH"[..], b"app-password"][..],
+        &[b"CLIENT", b"SETINFO", b"LIB-NAME", b"my-lib"],
         &[b"client", b"setinfo", b"lib-ver", b"1.2.3"],
+        &[b"auth", b"app", b"app-password"],
         &[b"GET", b"setinfo:k"],
     ] {
         bytes.extend(redis_entra_proxy::devenv::encode(args));
     }
     c.write_raw(&bytes).await.unwrap();
-    assert_eq!(c.read_reply().await.unwrap(), Reply::Simple("OK".into()));
-    assert_eq!(c.read_reply().await.unwrap(), Reply::Simple("OK".into()));
+    for _ in 0..4 {
+        assert_eq!(c.read_reply().await.unwrap(), Reply::Simple("OK".into()));
+    }
     assert_eq!(c.read_reply().await.unwrap(), Reply::Bulk(None));
     // Still shared: the server has only shared connections (one per session thread used so
-    // far), which ran the readiness PING and the GET, never the SETINFO.
+    // far), which ran the readiness PING and the GET, never the SETINFO or the AUTH.
     let conns = proxy_conns(&proxy).await;
     assert!(
         conns
@@ -504,7 +508,12 @@ async fn resp3_clients_share_a_connection_speaking_resp3() {
         tasks.push(tokio::spawn(async move {
             let mut raw = Raw(tokio::net::TcpStream::connect(addr).await.expect("connect"));
             if proto == 3 {
-                raw.send(&cmd(&["HELLO", "3"])).await;
+                // As go-redis and redis-py send it, with a password configured or not.
+                let hello = match c % 4 {
+                    0 => cmd(&["HELLO", "3"]),
+                    _ => cmd(&["HELLO", "3", "AUTH", "app", "app-password"]),
+                };
+                raw.send(&hello).await;
                 assert_hello(&raw.read_frame().await, 3);
             } else {
                 // What ioredis asks first: server-wide, so it shares.
