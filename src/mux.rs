@@ -211,6 +211,12 @@ fn hello_protocol(cmd: &crate::resp::request::Command<'_>, current: u8) -> Optio
     }
 }
 
+/// `CLIENT MAINT_NOTIFICATIONS …` (Lettuce sends it when it connects): refused by the proxy on
+/// every connection (the endpoints it announces bypass the proxy), shared or not.
+fn client_maint(cmd: &crate::resp::request::Command<'_>) -> bool {
+    cmd.arg_is(0, "client") && cmd.arg_is(1, "maint_notifications")
+}
+
 /// `AUTH [user] password`: without a local password (multiplexing needs none), the proxy
 /// answers `+OK` to every well-formed AUTH, shared or not (applications configured with a
 /// password go on sharing).
@@ -564,6 +570,9 @@ impl SharedClient {
                                     && (client_setinfo(&cmd) || client_auth(&cmd)) =>
                                 {
                                     Plan::Local(OK)
+                                }
+                                _ if end == 0 && self.owed == 0 && client_maint(&cmd) => {
+                                    Plan::Local(session::MAINT)
                                 }
                                 _ => match hello_protocol(&cmd, self.proto) {
                                     Some(p) if p == self.proto => Plan::Share(1),

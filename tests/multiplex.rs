@@ -408,6 +408,7 @@ async fn client_setinfo_is_answered_and_the_client_keeps_sharing() {
         &[b"CLIENT", b"SETINFO", b"LIB-NAME", b"my-lib"],
         &[b"client", b"setinfo", b"lib-ver", b"1.2.3"],
         &[b"auth", b"app", b"app-password"],
+        &[b"CLIENT", b"MAINT_NOTIFICATIONS", b"ON"],
         &[b"GET", b"setinfo:k"],
     ] {
         bytes.extend(redis_entra_proxy::devenv::encode(args));
@@ -416,6 +417,12 @@ async fn client_setinfo_is_answered_and_the_client_keeps_sharing() {
     for _ in 0..4 {
         assert_eq!(c.read_reply().await.unwrap(), Reply::Simple("OK".into()));
     }
+    // Refused, as on a connection of its own (Lettuce goes on without it).
+    let maint = c.read_reply().await.unwrap();
+    assert!(
+        matches!(&maint, Reply::Error(e) if e.contains("MAINT_NOTIFICATIONS is not supported")),
+        "{maint:?}"
+    );
     assert_eq!(c.read_reply().await.unwrap(), Reply::Bulk(None));
     // Still shared: the server has only shared connections (one per session thread used so
     // far), which ran the readiness PING and the GET, never the SETINFO or the AUTH.

@@ -17,7 +17,7 @@ const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is 
 const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
 const HELLO_NOAUTH: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
 const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
-const MAINT: &[u8] = b"-ERR CLIENT MAINT_NOTIFICATIONS is not supported through redis-entra-proxy: endpoints it would announce bypass the proxy\r\n";
+pub(crate) const MAINT: &[u8] = b"-ERR CLIENT MAINT_NOTIFICATIONS is not supported through redis-entra-proxy: endpoints it would announce bypass the proxy\r\n";
 const IN_MULTI: &[u8] = b"-ERR this command is not supported inside MULTI by redis-entra-proxy\r\n";
 
 /// Commands the core treats specially; everything else is forwarded untouched.
