@@ -10,11 +10,12 @@
 # authenticates itself (`--user bench -a <token>`); through the proxy it sends no AUTH.
 #
 # Measures, for each target, in ROUNDS interleaved rounds (the order rotates each round):
-# throughput and latency (redis-benchmark --csv) for 50 clients, 50 clients pipelining 16,
-# 16 KiB values, a single client, and a new connection per request (the proxy with a warm
-# pool of WARM_CONNECTIONS, default 32); CPU per request of the process in the middle (utime +
-# stime from /proc/PID/stat around each run); and, once, on fresh processes, resident memory
-# per idle connection (IDLE_CONNS connections each sent one PING, VmRSS before and after).
+# throughput and latency (redis-benchmark --csv) for 50 clients (RESP2, and RESP3: `-3`), 50
+# clients pipelining 16, 16 KiB values, a single client, and a new connection per request
+# (the proxy with a warm pool of WARM_CONNECTIONS, default 32); CPU per request of the process
+# in the middle (utime + stime from /proc/PID/stat around each run); and, once, on fresh
+# processes, resident memory per idle connection (IDLE_CONNS connections each sent one PING,
+# VmRSS before and after).
 # Prints one markdown report: medians, and ratios to direct TLS and to the peers.
 #
 # Usage: benches/compare.sh            (about 10 minutes on a 2-core machine)
@@ -270,9 +271,11 @@ for t in proxy stunnel haproxy; do
 done
 
 # --- throughput, latency, CPU -------------------------------------------------------------
-CASES=(c50 c50_p16 v16k c1 churn)
+CASES=(c50 c50_resp3 c50_p16 v16k c1 churn)
 declare -A CASE_ARGS=(
     [c50]="-c 50 -n $((100000 / SCALE)) -t set,get"
+    # Clients that say HELLO 3 first (go-redis v9, Lettuce, redis-py with protocol=3).
+    [c50_resp3]="-3 -c 50 -n $((100000 / SCALE)) -t set,get"
     [c50_p16]="-c 50 -P 16 -n $((500000 / SCALE)) -t set,get"
     [v16k]="-c 50 -d 16384 -n $((20000 / SCALE)) -t set,get"
     [c1]="-c 1 -n $((20000 / SCALE)) -t set,get"
@@ -351,7 +354,8 @@ from collections import defaultdict
 
 results, memory, rounds, idle = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 T = ["direct", "proxy", "stunnel", "haproxy"]
-CASES = [("c50", "50 clients"), ("c50_p16", "50 clients, pipeline 16"),
+CASES = [("c50", "50 clients"), ("c50_resp3", "50 clients, RESP3"),
+         ("c50_p16", "50 clients, pipeline 16"),
          ("v16k", "50 clients, 16 KiB values"), ("c1", "1 client"),
          ("churn", "10 clients, a new connection per request")]
 vals = defaultdict(list)
@@ -436,7 +440,9 @@ print("|---|---:|---|")
 rows = [
     ("throughput ≥ 1.5× haproxy, 50 clients", rps_ratio("c50", "haproxy"), lambda v: v >= 1.5),
     ("throughput ≥ 1.5× haproxy, pipeline 16", rps_ratio("c50_p16", "haproxy"), lambda v: v >= 1.5),
+    ("throughput ≥ 1.5× haproxy, 50 clients, RESP3", rps_ratio("c50_resp3", "haproxy"), lambda v: v >= 1.5),
     ("throughput ≥ 0.8× direct TLS, 50 clients", rps_ratio("c50", "direct"), lambda v: v >= 0.8),
+    ("throughput ≥ 0.8× direct TLS, 50 clients, RESP3", rps_ratio("c50_resp3", "direct"), lambda v: v >= 0.8),
     ("throughput ≥ 0.8× direct TLS, pipeline 16", rps_ratio("c50_p16", "direct"), lambda v: v >= 0.8),
     ("16 KiB values ≥ 1.3× haproxy", rps_ratio("v16k", "haproxy"), lambda v: v >= 1.3),
     ("new connection per request ≥ 10× direct TLS", rps_ratio("churn", "direct"), lambda v: v >= 10),
