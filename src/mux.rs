@@ -1,14 +1,16 @@
 //! Multiplexing (`--multiplex`): plain commands of many clients share one upstream connection
-//! per session thread, so the server reads and answers them in batches.
+//! per session thread and protocol, so the server reads and answers them in batches.
 //!
 //! A client starts *shared*. Each complete request it sends is classified by its command name
 //! ([`shareable`]): commands that get exactly one reply, change no connection state and never
 //! block go to its thread's *router*, which writes them, in the order they arrived, to one
 //! shared upstream session and hands each reply frame back to the client that sent the
-//! request. The first other command (or a malformed request) *pins* the client: once every
-//! reply it is owed has been delivered, it gets an upstream connection of its own, exactly as
-//! without multiplexing, and keeps it. The unread bytes go to that session first, so nothing
-//! is lost or reordered, and the client's own connection state starts clean, as it was.
+//! request. RESP2 and RESP3 clients have a router each: `HELLO 2|3` moves a client to the
+//! other one once every reply it is owed on the first has come. The first other command (or a
+//! malformed request) *pins* the client: once every reply it is owed has been delivered, it
+//! gets an upstream connection of its own, exactly as without multiplexing, and keeps it. The
+//! unread bytes go to that session first, so nothing is lost or reordered, and the client's
+//! own connection state starts clean, in the protocol it chose.
 //!
 //! The shared upstream session is an ordinary session ([`session::serve`]) whose client is an
 //! in-memory pipe held by the router: authentication, re-authentication at every rotation,
