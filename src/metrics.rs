@@ -27,6 +27,8 @@ pub const CONNECTIONS_CLOSED_TOTAL: &str = "redis_entra_proxy_connections_closed
 pub const PROTOCOL_ERRORS_TOTAL: &str = "redis_entra_proxy_protocol_errors_total";
 pub const WARM_CONNECTIONS: &str = "redis_entra_proxy_warm_connections";
 pub const WARM_HANDED_OUT_TOTAL: &str = "redis_entra_proxy_warm_handed_out_total";
+pub const MULTIPLEX_SHARED_CLIENTS: &str = "redis_entra_proxy_multiplex_shared_clients";
+pub const MULTIPLEX_PINNED_TOTAL: &str = "redis_entra_proxy_multiplex_pinned_total";
 pub const CLUSTER_NODES: &str = "redis_entra_proxy_cluster_nodes";
 pub const CLUSTER_REFRESH_TOTAL: &str = "redis_entra_proxy_cluster_refresh_total";
 pub const CLUSTER_REDIRECTS_TOTAL: &str = "redis_entra_proxy_cluster_redirects_total";
@@ -122,6 +124,14 @@ fn describe() {
         "Client connections served by a connection from the warm pool."
     );
     describe_gauge!(
+        MULTIPLEX_SHARED_CLIENTS,
+        "Client connections sharing upstream connections now (--multiplex)."
+    );
+    describe_counter!(
+        MULTIPLEX_PINNED_TOTAL,
+        "Shared clients given an upstream connection of their own by a command that cannot share (--multiplex)."
+    );
+    describe_gauge!(
         CLUSTER_NODES,
         "Cluster nodes with a local listener (cluster mode)."
     );
@@ -152,6 +162,8 @@ pub struct Handles {
     pub auth_seconds: [Histogram; 2],
     pub warm_idle: Gauge,
     pub warm_handed_out: Counter,
+    pub mux_shared: Gauge,
+    pub mux_pinned: Counter,
 }
 
 /// Index into the `[initial, reauth]` arrays.
@@ -188,6 +200,8 @@ pub fn handles() -> &'static Handles {
             ],
             warm_idle: metrics::gauge!(WARM_CONNECTIONS),
             warm_handed_out: metrics::counter!(WARM_HANDED_OUT_TOTAL),
+            mux_shared: metrics::gauge!(MULTIPLEX_SHARED_CLIENTS),
+            mux_pinned: metrics::counter!(MULTIPLEX_PINNED_TOTAL),
         }
     })
 }

@@ -310,11 +310,16 @@ where
         _ => return session::serve(client, shared, target).await,
     };
     let router = |proto| routers.get(worker, proto, shared, target);
-    match shared_phase(&mut client, shared, router).await {
+    let m = crate::metrics::handles();
+    let sharing = crate::metrics::Active::new(&m.mux_shared, false);
+    let phase = shared_phase(&mut client, shared, router).await;
+    drop(sharing);
+    match phase {
         Phase::Done(outcome) => outcome,
         Phase::Pin(rest, proto) => {
+            m.mux_pinned.increment(1);
             tracing::debug!(
-                buffered = rest.len(),
+                command = %PinnedBy(&rest),
                 proto,
                 "pinned: a connection of its own from now on"
             );
@@ -862,6 +867,28 @@ fn start_session(shared: &Arc<Shared>, target: &Arc<Target>, proto: u8) -> Duple
         tracing::debug!(outcome = %outcome, "shared upstream session ended");
     });
     mine
+}
+
+/// For the log: the name of the command that pinned a client (the first request of the bytes
+/// it hands to its own session), when it looks like one; never its arguments, which may be
+/// secrets.
+struct PinnedBy<'a>(&'a [u8]);
+
+impl std::fmt::Display for PinnedBy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parser = RequestParser::new();
+        let name = match parser.parse(self.0) {
+            Ok(Some(frame)) => parser.command(self.0, &frame).arg(0).map(<[u8]>::to_vec),
+            Ok(None) => None,
+            Err(_) => return f.write_str("(malformed request)"),
+        };
+        match name {
+            Some(n) if !n.is_empty() && n.len() <= 32 && n.iter().all(u8::is_ascii_alphabetic) => {
+                f.write_str(&String::from_utf8_lossy(&n).to_ascii_uppercase())
+            }
+            _ => f.write_str("(unknown)"),
+        }
+    }
 }
 
 /// A client stream with bytes already read from it put back in front.

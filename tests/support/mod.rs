@@ -46,6 +46,8 @@ pub struct ProxyOptions {
     pub warm_connections: Option<usize>,
     /// `--multiplex`.
     pub multiplex: bool,
+    /// Session threads (2 unless set: every test also covers the hand-off between threads).
+    pub worker_threads: Option<usize>,
     /// `--upstream-server-name` (default `localhost`, a name of the stand-in's certificate).
     pub server_name: Option<String>,
     /// `--cluster-mode`, `--cluster-ports` (default `0`: any free port) and
@@ -75,6 +77,7 @@ impl Default for ProxyOptions {
             partial_request_timeout: None,
             warm_connections: None,
             multiplex: false,
+            worker_threads: None,
             server_name: None,
             cluster_mode: None,
             cluster_ports: None,
@@ -152,7 +155,7 @@ impl Proxy {
             admin_listen: Some(if opts.admin { "127.0.0.1:0" } else { "none" }.into()),
             // Two session threads whatever the machine, so that every test also covers
             // connections handed from the accepting runtime to another thread.
-            worker_threads: Some(2),
+            worker_threads: Some(opts.worker_threads.unwrap_or(2)),
             ..Options::default()
         };
         let config = redis_entra_proxy::config::validate(options, None).expect("valid test config");
