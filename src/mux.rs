@@ -354,6 +354,9 @@ where
         chunk: READ_START,
         parser: RequestParser::new(),
         owed: 0,
+        asked: 0,
+        received: 0,
+        locals: VecDeque::new(),
         out: VecDeque::new(),
         unsent: 0,
         pin: false,
@@ -444,6 +447,12 @@ struct SharedClient {
     parser: RequestParser,
     /// Replies submitted for and not yet received.
     owed: usize,
+    /// Replies submitted for, and received, since the client connected.
+    asked: u64,
+    received: u64,
+    /// Replies the proxy gives itself (`CLIENT SETINFO`, `AUTH`, …), each after the
+    /// `asked` count of replies submitted before it: released into `out` once those came.
+    locals: VecDeque<(u64, &'static [u8])>,
     /// Replies received, not yet written to the client (the front one perhaps in part).
     out: VecDeque<Bytes>,
     unsent: usize,
@@ -484,8 +493,19 @@ impl SharedClient {
                 match d {
                     Some(Delivery::Replies(frames, n)) => {
                         self.owed -= n;
+                        self.received += n as u64;
                         self.unsent += frames.len();
                         self.out.push_back(frames);
+                        // A delivery holds replies of one submission: a local reply queued
+                        // between two submissions never falls inside one.
+                        while let Some(&(after, reply)) = self.locals.front() {
+                            if after > self.received {
+                                break;
+                            }
+                            self.locals.pop_front();
+                            self.unsent += reply.len();
+                            self.out.push_back(Bytes::from_static(reply));
+                        }
                         progress = true;
                     }
                     Some(Delivery::Lost) | None => {
@@ -555,9 +575,10 @@ impl SharedClient {
         }
     }
 
-    /// Sends the complete shareable requests at the front of `cin` to the router, in one
-    /// submission; stops at the first request that is not shareable (or malformed: the pinned
-    /// session gives Redis's own error for it).
+    /// Sends the complete shareable requests at the front of `cin` to the router (in one
+    /// submission, or in two around a request the proxy answers itself, whose reply waits for
+    /// those before it); stops at the first request that is not shareable (or malformed: the
+    /// pinned session gives Redis's own error for it).
     fn submit(&mut self) {
         let mut end = 0;
         let mut replies = 0;
@@ -571,16 +592,8 @@ impl SharedClient {
                             let cmd = self.parser.command(&self.cin[end..], &frame);
                             match cmd.arg(0) {
                                 Some(name) if shareable(name) => Plan::Share(1),
-                                // In order only with nothing owed before it.
-                                _ if end == 0
-                                    && self.owed == 0
-                                    && (client_setinfo(&cmd) || client_auth(&cmd)) =>
-                                {
-                                    Plan::Local(OK)
-                                }
-                                _ if end == 0 && self.owed == 0 && client_maint(&cmd) => {
-                                    Plan::Local(session::MAINT)
-                                }
+                                _ if client_setinfo(&cmd) || client_auth(&cmd) => Plan::Local(OK),
+                                _ if client_maint(&cmd) => Plan::Local(session::MAINT),
                                 _ => match hello_protocol(&cmd, self.proto) {
                                     Some(p) if p == self.proto => Plan::Share(1),
                                     Some(p) => Plan::Switch(p),
@@ -595,9 +608,16 @@ impl SharedClient {
                             replies += n;
                         }
                         Plan::Local(reply) => {
+                            // The requests before it go first; its reply comes after theirs.
+                            self.send(end, replies);
+                            (end, replies) = (0, 0);
                             self.cin.advance(frame.len());
-                            self.unsent += reply.len();
-                            self.out.push_back(Bytes::from_static(reply));
+                            if self.owed == 0 {
+                                self.unsent += reply.len();
+                                self.out.push_back(Bytes::from_static(reply));
+                            } else {
+                                self.locals.push_back((self.asked, reply));
+                            }
                             // The only client bytes no session sees (see `SharedClient`).
                             let m = crate::metrics::handles();
                             m.commands.increment(1);
@@ -612,10 +632,23 @@ impl SharedClient {
                 Err(_) => self.pin = true,
             }
         }
+        self.send(end, replies);
+        if self.pin || self.switch.is_some() {
+            // The parser may hold state for a request it has not finished: the pinned
+            // session (or the next call, on the other connection) parses the bytes again
+            // from the start.
+            self.parser = RequestParser::new();
+        }
+    }
+
+    /// Submits the first `end` bytes of `cin`, whole requests answered with `replies`
+    /// replies, in one submission.
+    fn send(&mut self, end: usize, replies: usize) {
         if end > 0 {
             let frames = self.cin.split_to(end).freeze();
             if replies > 0 {
                 self.owed += replies;
+                self.asked += replies as u64;
                 let sent = self.router.send(Submit {
                     frames,
                     replies,
@@ -631,12 +664,6 @@ impl SharedClient {
                     .client_in
                     .increment(frames.len() as u64);
             }
-        }
-        if self.pin || self.switch.is_some() {
-            // The parser may hold state for a request it has not finished: the pinned
-            // session (or the next call, on the other connection) parses the bytes again
-            // from the start.
-            self.parser = RequestParser::new();
         }
     }
 }

@@ -699,3 +699,46 @@ async fn metrics_count_shared_and_pinned_clients() {
     assert!(metric("redis_entra_proxy_multiplex_pinned_total").await >= pinned + 1.0);
     proxy.stop().await;
 }
+
+/// Requests the proxy answers itself, pipelined between shared ones (node-redis writes
+/// `HELLO 3` and `CLIENT SETINFO` together when it connects), get their replies in order, and
+/// the client goes on sharing.
+#[tokio::test]
+async fn local_replies_keep_their_place_among_shared_ones() {
+    // One session thread, whose RESP2 shared connection the readiness check opened already.
+    let proxy = multiplexed(ProxyOptions {
+        worker_threads: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let before = connections_received(&proxy).await;
+    let mut raw = proxy.raw().await;
+    let mut bytes = Vec::new();
+    for args in [
+        &["SET", "local:k", "v"][..],
+        &["CLIENT", "SETINFO", "LIB-NAME", "node-redis"],
+        &["GET", "local:k"],
+        &["AUTH", "app-password"],
+        &["HELLO", "3"],
+        &["CLIENT", "SETINFO", "LIB-VER", "5.0.0"],
+        &["GET", "local:none"],
+        &["CLIENT", "MAINT_NOTIFICATIONS", "ON"],
+        &["INCR", "local:n"],
+    ] {
+        bytes.extend(cmd(args));
+    }
+    raw.send(&bytes).await;
+    raw.expect(b"+OK\r\n+OK\r\n$1\r\nv\r\n+OK\r\n").await;
+    assert_hello(&raw.read_frame().await, 3);
+    raw.expect(b"+OK\r\n_\r\n").await;
+    let maint = String::from_utf8(raw.read_frame().await).unwrap();
+    assert!(
+        maint.starts_with("-ERR CLIENT MAINT_NOTIFICATIONS"),
+        "{maint:?}"
+    );
+    raw.expect(b":1\r\n").await;
+    // Only the RESP3 shared connection was opened, none of the client's own.
+    let opened = connections_received(&proxy).await - before;
+    assert_eq!(opened, 1, "upstream connections opened");
+    proxy.stop().await;
+}
