@@ -836,13 +836,8 @@ impl Router {
                 self.push = false;
                 if replies > 0 {
                     // The replies before it go first.
-                    let route = self.routes.front_mut().expect("counted against it");
-                    let frames = self.rin.split_to(run).freeze();
-                    let _ = route.to.send(Delivery::Replies(frames, replies));
-                    route.replies -= replies;
-                    self.scanned -= run;
-                    run = 0;
-                    replies = 0;
+                    self.send_run(run, replies);
+                    (run, replies) = (0, 0);
                 }
                 self.rin.advance(self.scanned);
                 self.scanned = 0;
@@ -856,21 +851,26 @@ impl Router {
                 return;
             };
             if replies == route.replies {
-                let frames = self.rin.split_to(run).freeze();
-                let _ = route.to.send(Delivery::Replies(frames, replies));
+                self.send_run(run, replies);
                 self.routes.pop_front();
-                self.scanned = 0;
-                run = 0;
-                replies = 0;
+                (run, replies) = (0, 0);
             }
         }
         if replies > 0 {
-            let route = self.routes.front_mut().expect("checked above");
-            let frames = self.rin.split_to(run).freeze();
-            let _ = route.to.send(Delivery::Replies(frames, replies));
-            route.replies -= replies;
-            self.scanned -= run;
+            self.send_run(run, replies);
         }
+    }
+
+    /// Hands the first `run` bytes of `rin`, `replies` whole replies, to the front route.
+    fn send_run(&mut self, run: usize, replies: usize) {
+        let route = self
+            .routes
+            .front_mut()
+            .expect("replies are counted against the front route");
+        let frames = self.rin.split_to(run).freeze();
+        let _ = route.to.send(Delivery::Replies(frames, replies));
+        route.replies -= replies;
+        self.scanned -= run;
     }
 
     /// The shared session ended: every client still owed a reply is closed; the next
