@@ -16,6 +16,15 @@ async fn multiplexed(opts: ProxyOptions) -> Proxy {
     .await
 }
 
+/// One session thread: the clients of a test share one connection per protocol.
+async fn multiplexed_on_one_thread() -> Proxy {
+    multiplexed(ProxyOptions {
+        worker_threads: Some(1),
+        ..Default::default()
+    })
+    .await
+}
+
 /// The server's connections from the proxy (authenticated as a token's user, `oid-N`).
 async fn proxy_conns(proxy: &Proxy) -> Vec<std::collections::HashMap<String, String>> {
     proxy
@@ -237,11 +246,7 @@ async fn losing_the_shared_connection_closes_only_clients_owed_replies() {
     // the loss, the other's next request cannot race it onto the dead connection (with two
     // threads, the other thread may not have read the close yet, and a request sent to it
     // then is legitimately lost).
-    let proxy = multiplexed(ProxyOptions {
-        worker_threads: Some(1),
-        ..Default::default()
-    })
-    .await;
+    let proxy = multiplexed_on_one_thread().await;
     let mut owed = proxy.client().await;
     let mut idle = proxy.client().await;
     assert_eq!(
@@ -706,11 +711,7 @@ async fn metrics_count_shared_and_pinned_clients() {
 #[tokio::test]
 async fn local_replies_keep_their_place_among_shared_ones() {
     // One session thread, whose RESP2 shared connection the readiness check opened already.
-    let proxy = multiplexed(ProxyOptions {
-        worker_threads: Some(1),
-        ..Default::default()
-    })
-    .await;
+    let proxy = multiplexed_on_one_thread().await;
     let before = connections_received(&proxy).await;
     let mut raw = proxy.raw().await;
     let mut bytes = Vec::new();
