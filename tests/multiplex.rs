@@ -58,6 +58,23 @@ fn cmd(args: &[&str]) -> Vec<u8> {
     redis_entra_proxy::devenv::encode(&args)
 }
 
+/// `redis-benchmark` through the proxy, 20 clients, 20,000 requests per test, with `args`:
+/// its CSV report, after checking that it succeeded with no error reply.
+async fn redis_benchmark(proxy: &Proxy, args: &[&str]) -> String {
+    let port = proxy.addr.port().to_string();
+    let mut all = vec!["-p", &port, "-c", "20", "-n", "20000", "-q", "--csv"];
+    all.extend_from_slice(args);
+    let (ok, out, err) = run_tool("redis-benchmark", &all, None).await;
+    assert!(ok, "redis-benchmark failed: {out}\n{err}");
+    assert!(!err.contains("ERR") && !out.contains("ERR"), "{out}\n{err}");
+    out
+}
+
+/// Requests written together.
+fn pipeline(requests: &[&[&str]]) -> Vec<u8> {
+    requests.iter().flat_map(|r| cmd(r)).collect()
+}
+
 /// `HELLO`'s reply: a map in RESP3, an array in RESP2, with the protocol in it.
 fn assert_hello(frame: &[u8], proto: u8) {
     let text = String::from_utf8_lossy(frame);
@@ -334,28 +351,16 @@ async fn the_idle_timeout_closes_a_shared_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_benchmark_through_multiplexing() {
     let proxy = multiplexed(ProxyOptions::default()).await;
-    let port = proxy.addr.port().to_string();
-    let (ok, out, err) = run_tool(
-        "redis-benchmark",
+    let out = redis_benchmark(
+        &proxy,
         &[
-            "-p",
-            &port,
-            "-c",
-            "20",
-            "-n",
-            "20000",
             "-P",
             "8",
-            "-q",
-            "--csv",
             "-t",
             "ping,set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,lrange_100,mset",
         ],
-        None,
     )
     .await;
-    assert!(ok, "redis-benchmark failed: {out}\n{err}");
-    assert!(!err.contains("ERR") && !out.contains("ERR"), "{out}\n{err}");
     for test in ["\"SET\"", "\"GET\"", "\"MSET (10 keys)\"", "\"LRANGE_100"] {
         assert!(out.contains(test), "{test} ran: {out}");
     }
@@ -585,9 +590,9 @@ async fn resp3_clients_share_a_connection_speaking_resp3() {
 async fn a_client_moves_between_protocols_in_order_and_pins_in_its_own() {
     let proxy = multiplexed(ProxyOptions::default()).await;
     let mut raw = proxy.raw().await;
-    let mut bytes = cmd(&["HSET", "proto:h", "f", "v"]);
-    for args in [
-        &["HELLO", "3"][..],
+    raw.send(&pipeline(&[
+        &["HSET", "proto:h", "f", "v"],
+        &["HELLO", "3"],
         &["GET", "proto:none"],
         &["HELLO", "2"],
         &["GET", "proto:none"],
@@ -596,10 +601,8 @@ async fn a_client_moves_between_protocols_in_order_and_pins_in_its_own() {
         &["CLIENT", "ID"],
         &["GET", "proto:none"],
         &["HGETALL", "proto:h"],
-    ] {
-        bytes.extend(cmd(args));
-    }
-    raw.send(&bytes).await;
+    ]))
+    .await;
     raw.expect(b":1\r\n").await;
     assert_hello(&raw.read_frame().await, 3);
     raw.expect(b"_\r\n").await;
@@ -639,29 +642,11 @@ async fn a_client_moves_between_protocols_in_order_and_pins_in_its_own() {
 async fn redis_benchmark_in_resp3_shares() {
     let proxy = multiplexed(ProxyOptions::default()).await;
     let before = connections_received(&proxy).await;
-    let port = proxy.addr.port().to_string();
-    let (ok, out, err) = run_tool(
-        "redis-benchmark",
-        &[
-            "-3",
-            "-p",
-            &port,
-            "-c",
-            "20",
-            "-n",
-            "20000",
-            "-P",
-            "4",
-            "-q",
-            "--csv",
-            "-t",
-            "ping,set,get,lpush,lrange_100,hset",
-        ],
-        None,
+    let out = redis_benchmark(
+        &proxy,
+        &["-3", "-P", "4", "-t", "ping,set,get,lpush,lrange_100,hset"],
     )
     .await;
-    assert!(ok, "redis-benchmark failed: {out}\n{err}");
-    assert!(!err.contains("ERR") && !out.contains("ERR"), "{out}\n{err}");
     assert!(out.contains("\"LRANGE_100"), "{out}");
     let opened = connections_received(&proxy).await - before;
     // 7 tests of 20 clients each would open 140 without sharing. redis-benchmark's own
@@ -714,9 +699,8 @@ async fn local_replies_keep_their_place_among_shared_ones() {
     let proxy = multiplexed_on_one_thread().await;
     let before = connections_received(&proxy).await;
     let mut raw = proxy.raw().await;
-    let mut bytes = Vec::new();
-    for args in [
-        &["SET", "local:k", "v"][..],
+    raw.send(&pipeline(&[
+        &["SET", "local:k", "v"],
         &["CLIENT", "SETINFO", "LIB-NAME", "node-redis"],
         &["GET", "local:k"],
         &["AUTH", "app-password"],
@@ -725,10 +709,8 @@ async fn local_replies_keep_their_place_among_shared_ones() {
         &["GET", "local:none"],
         &["CLIENT", "MAINT_NOTIFICATIONS", "ON"],
         &["INCR", "local:n"],
-    ] {
-        bytes.extend(cmd(args));
-    }
-    raw.send(&bytes).await;
+    ]))
+    .await;
     raw.expect(b"+OK\r\n+OK\r\n$1\r\nv\r\n+OK\r\n").await;
     assert_hello(&raw.read_frame().await, 3);
     raw.expect(b"+OK\r\n_\r\n").await;
