@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# A/B of proxy builds or options on the built-in `dev` setup: starts one `redis-entra-proxy dev`
+# (its own TLS redis-server and token issuer, all on 127.0.0.1) per variant, then runs the same
+# `redis-benchmark` against each in turn for ROUNDS interleaved rounds, and prints, per run,
+# throughput, p50/p99 latency, and CPU per request of the proxy and of its redis-server (utime +
+# stime from /proc/PID/stat around the run). Compare variants within one invocation: only the
+# ratios mean something on a shared 2-core machine.
+#
+# Usage: benches/ab.sh ROUNDS "BENCH ARGS" VARIANT...
+#   VARIANT is "OPTIONS" (the proxy built from this tree) or "BINARY|OPTIONS".
+#   benches/ab.sh 3 "-c 50 -n 200000 -t get" "--multiplex" "--multiplex --worker-threads 1"
+#   benches/ab.sh 3 "-3 -c 50 -n 200000 -t get" "/tmp/old-build|--multiplex" "--multiplex"
+# BENCH ARGS must include -n (requests per test); use one test (-t) so that CPU per request
+# is that test's. Every process it starts is stopped by PID on exit.
+set -euo pipefail
+
+(($# >= 3)) || { sed -n '2,15p' "$0" >&2; exit 2; }
+ROUNDS=$1 BARGS=$2
+shift 2
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BIN="$ROOT/target/release/redis-entra-proxy"
+for cmd in redis-benchmark redis-cli python3; do
+    command -v "$cmd" >/dev/null || { echo "ab.sh: $cmd is missing (apt-get install -y redis-tools python3)" >&2; exit 2; }
+done
+# Build this tree's proxy when a variant runs it.
+if printf '%s\n' "$@" | grep -qv '|'; then
+    (cd "$ROOT" && timeout 1500 cargo build --release --quiet)
+fi
+
+TCK=$(getconf CLK_TCK)
+ticks() { # utime + stime of a process, all threads
+    local s f
+    s=$(<"/proc/$1/stat")
+    s=${s##*) }
+    read -r -a f <<<"$s"
+    echo $((f[11] + f[12]))
+}
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+n=$(awk '{for (i = 1; i <= NF; i++) if ($i == "-n") print $(i + 1)}' <<<"$BARGS")
+[[ -n "$n" ]] || { echo "ab.sh: BENCH ARGS need -n" >&2; exit 2; }
+
+WORK="$(mktemp -d /tmp/redis-entra-ab.XXXXXX)"
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PORTS=() RPIDS=() NAMES=()
+i=0
+for v in "$@"; do
+    bin=$BIN opts=$v
+    if [[ "$v" == *"|"* ]]; then bin=${v%%|*} opts=${v#*|}; fi
+    port=$(free_port)
+    # shellcheck disable=SC2086
+    "$bin" dev --listen "127.0.0.1:$port" --admin-listen none --rotate-every 600s $opts \
+        >"$WORK/proxy-$i.log" 2>&1 &
+    PIDS+=($!)
+    ok=
+    for ((k = 0; k < 100; k++)); do
+        if [[ "$(timeout 2 redis-cli -p "$port" PING 2>/dev/null)" == PONG ]]; then ok=1; break; fi
+        sleep 0.1
+    done
+    [[ -n "$ok" ]] || { echo "ab.sh: variant '$v' does not answer: $(tail -n 5 "$WORK/proxy-$i.log")" >&2; exit 1; }
+    RPIDS+=("$(pgrep -P "${PIDS[$i]}" redis-server)")
+    PORTS+=("$port") NAMES+=("$v")
+    i=$((i + 1))
+done
+
+printf 'round\tvariant\ttest\trps\tp50_ms\tp99_ms\tproxy_us_per_req\tredis_us_per_req\n'
+for ((r = 1; r <= ROUNDS; r++)); do
+    for ((j = 0; j < i; j++)); do
+        m0=$(ticks "${PIDS[$j]}") r0=$(ticks "${RPIDS[$j]}")
+        # shellcheck disable=SC2086
+        out=$(timeout 300 redis-benchmark -p "${PORTS[$j]}" -q --csv $BARGS | tail -n 1 | tr -d '"')
+        m1=$(ticks "${PIDS[$j]}") r1=$(ticks "${RPIDS[$j]}")
+        IFS=, read -r test rps _avg _min p50 _p95 p99 _max <<<"$out"
+        awk -v r="$r" -v v="${NAMES[$j]}" -v t="$test" -v rps="$rps" -v p50="$p50" -v p99="$p99" \
+            -v m="$((m1 - m0))" -v rd="$((r1 - r0))" -v tck="$TCK" -v n="$n" 'BEGIN {
+                printf "%s\t%s\t%s\t%s\t%s\t%s\t%.2f\t%.2f\n", r, v, t, rps, p50, p99,
+                    m * 1e6 / tck / n, rd * 1e6 / tck / n }'
+    done
+done
