@@ -353,7 +353,6 @@ where
         cin: BytesMut::new(),
         chunk: READ_START,
         parser: RequestParser::new(),
-        owed: 0,
         asked: 0,
         received: 0,
         locals: VecDeque::new(),
@@ -374,7 +373,7 @@ where
         if draining {
             c.reading = false;
         }
-        if c.owed == 0 {
+        if c.owed() == 0 {
             if let Some(proto) = c.switch.take() {
                 // Nothing is owed on the old protocol's connection: what follows cannot
                 // overtake it.
@@ -384,7 +383,7 @@ where
                 continue;
             }
         }
-        if c.owed == 0 && c.out.is_empty() {
+        if c.owed() == 0 && c.out.is_empty() {
             if c.pin {
                 return Phase::Pin(std::mem::take(&mut c.cin), c.proto);
             }
@@ -398,7 +397,7 @@ where
         }
         // Redis's `timeout`, and the limit on one incomplete request, both while nothing is
         // owed to the client (the wait is then the client's).
-        let owed_nothing = c.owed == 0 && c.out.is_empty();
+        let owed_nothing = c.owed() == 0 && c.out.is_empty();
         let deadline = match (owed_nothing, c.cin.is_empty()) {
             (false, _) => None,
             (true, true) => idle.map(|t| (t, CloseReason::ClientIdle(t))),
@@ -445,9 +444,8 @@ struct SharedClient {
     cin: BytesMut,
     chunk: usize,
     parser: RequestParser,
-    /// Replies submitted for and not yet received.
-    owed: usize,
-    /// Replies submitted for, and received, since the client connected.
+    /// Replies submitted for, and received, since the client connected (the difference is
+    /// what is owed).
     asked: u64,
     received: u64,
     /// Replies the proxy gives itself (`CLIENT SETINFO`, `AUTH`, …), each after the
@@ -470,8 +468,26 @@ struct SharedClient {
 }
 
 impl SharedClient {
+    /// Replies submitted for and not yet received.
+    fn owed(&self) -> u64 {
+        self.asked - self.received
+    }
+
     fn has_room(&self) -> bool {
-        self.owed < MAX_OWED && self.unsent < MAX_UNSENT
+        self.owed() < MAX_OWED as u64 && self.unsent < MAX_UNSENT
+    }
+
+    /// Moves the local replies whose turn has come (every reply submitted before them
+    /// received) into `out`.
+    fn release_locals(&mut self) {
+        while let Some(&(after, reply)) = self.locals.front() {
+            if after > self.received {
+                break;
+            }
+            self.locals.pop_front();
+            self.unsent += reply.len();
+            self.out.push_back(Bytes::from_static(reply));
+        }
     }
 
     /// Moves bytes until nothing more can move now (`Pending`), or something the loop must see
@@ -492,20 +508,12 @@ impl SharedClient {
             while let Poll::Ready(d) = replies.poll_recv(cx) {
                 match d {
                     Some(Delivery::Replies(frames, n)) => {
-                        self.owed -= n;
                         self.received += n as u64;
                         self.unsent += frames.len();
                         self.out.push_back(frames);
                         // A delivery holds replies of one submission: a local reply queued
                         // between two submissions never falls inside one.
-                        while let Some(&(after, reply)) = self.locals.front() {
-                            if after > self.received {
-                                break;
-                            }
-                            self.locals.pop_front();
-                            self.unsent += reply.len();
-                            self.out.push_back(Bytes::from_static(reply));
-                        }
+                        self.release_locals();
                         progress = true;
                     }
                     Some(Delivery::Lost) | None => {
@@ -612,12 +620,8 @@ impl SharedClient {
                             self.send(end, replies);
                             (end, replies) = (0, 0);
                             self.cin.advance(frame.len());
-                            if self.owed == 0 {
-                                self.unsent += reply.len();
-                                self.out.push_back(Bytes::from_static(reply));
-                            } else {
-                                self.locals.push_back((self.asked, reply));
-                            }
+                            self.locals.push_back((self.asked, reply));
+                            self.release_locals();
                             // The only client bytes no session sees (see `SharedClient`).
                             let m = crate::metrics::handles();
                             m.commands.increment(1);
@@ -647,7 +651,6 @@ impl SharedClient {
         if end > 0 {
             let frames = self.cin.split_to(end).freeze();
             if replies > 0 {
-                self.owed += replies;
                 self.asked += replies as u64;
                 let sent = self.router.send(Submit {
                     frames,
