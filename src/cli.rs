@@ -280,6 +280,18 @@ pub struct Options {
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub multiplex: Option<bool>,
 
+    /// With --multiplex: while this many batches of shared requests await their replies on a
+    /// shared connection, new shared requests wait and go together, as one batch, once the
+    /// oldest is answered (or at once when 16 KiB wait). Larger batches cost the cache and the
+    /// proxy less per request, for up to one round trip to the cache of waiting under load;
+    /// 0 never holds a request back [default: 0].
+    #[arg(
+        long,
+        env = "REDIS_ENTRA_PROXY_MULTIPLEX_MAX_BATCHES",
+        value_name = "N"
+    )]
+    pub multiplex_max_batches: Option<usize>,
+
     /// OSS cluster support: `auto` turns it on when the upstream reports cluster support
     /// enabled; then each cluster node gets a local listener and node addresses in CLUSTER
     /// SLOTS/SHARDS/NODES replies and MOVED/ASK errors are rewritten to them [default: auto].
@@ -358,7 +370,7 @@ impl Options {
             client_secret_file, client_certificate_file, credential_file, credential_command,
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
-            client_idle_timeout, partial_request_timeout, warm_connections, multiplex, cluster_mode, cluster_ports,
+            client_idle_timeout, partial_request_timeout, warm_connections, multiplex, multiplex_max_batches, cluster_mode, cluster_ports,
             cluster_announce_host, cluster_refresh_interval, worker_threads, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }

@@ -127,6 +127,7 @@ pub struct Cluster {
     tls: bool,
     /// Node listeners multiplex their clients (`--multiplex`).
     multiplex: bool,
+    multiplex_max_batches: usize,
     registry: Mutex<Registry>,
     listeners: mpsc::UnboundedSender<NodeListener>,
     /// Wakes the refresh task early (a redirection named a node not seen before).
@@ -152,6 +153,8 @@ pub struct NodeOptions {
     pub tls: bool,
     /// `--multiplex`: node listeners share upstream connections like the main one.
     pub multiplex: bool,
+    /// `--multiplex-max-batches`.
+    pub multiplex_max_batches: usize,
 }
 
 impl Cluster {
@@ -188,6 +191,7 @@ impl Cluster {
             connector,
             tls: nodes.tls,
             multiplex: nodes.multiplex,
+            multiplex_max_batches: nodes.multiplex_max_batches,
             registry: Mutex::new(Registry {
                 nodes: HashMap::new(),
                 cursor,
@@ -341,7 +345,9 @@ impl Cluster {
             pool: None,
             rewriter: Some(self.rewriter(host)?),
             clients: AtomicUsize::new(0),
-            mux: self.multiplex.then(crate::mux::Routers::default),
+            mux: self
+                .multiplex
+                .then(|| crate::mux::Routers::new(self.multiplex_max_batches)),
         });
         let stop = CancellationToken::new();
         let listener = NodeListener {

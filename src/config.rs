@@ -125,6 +125,8 @@ pub struct Config {
     pub warm_connections: usize,
     /// Plain commands of many clients share an upstream connection (`mux.rs`).
     pub multiplex: bool,
+    /// `--multiplex-max-batches`; 0: no limit.
+    pub multiplex_max_batches: usize,
     pub cluster: ClusterConfig,
     /// `None`: one per CPU.
     pub worker_threads: Option<usize>,
@@ -307,6 +309,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         .filter(|d| !d.is_zero()),
         warm_connections: o.warm_connections.unwrap_or(0),
         multiplex: o.multiplex.unwrap_or(false),
+        multiplex_max_batches: o.multiplex_max_batches.unwrap_or(0),
         cluster,
         worker_threads: o.worker_threads,
         max_connections,
@@ -514,6 +517,10 @@ pub fn render(o: &Options, token_set: bool) -> String {
         o.warm_connections.unwrap_or(0).to_string(),
     );
     line("multiplex", o.multiplex.unwrap_or(false).to_string());
+    line(
+        "multiplex-max-batches",
+        o.multiplex_max_batches.unwrap_or(0).to_string(),
+    );
     line(
         "cluster-mode",
         q(&format!("{:?}", o.cluster_mode.unwrap_or(ClusterMode::Auto)).to_lowercase()),

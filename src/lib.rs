@@ -201,6 +201,7 @@ pub async fn run_with_source(
                 cluster::NodeOptions {
                     tls: config.upstream.tls,
                     multiplex: config.multiplex,
+                    multiplex_max_batches: config.multiplex_max_batches,
                 },
                 tx,
             );
@@ -217,7 +218,9 @@ pub async fn run_with_source(
         pool,
         rewriter: cluster.as_ref().and_then(|c| c.rewriter(c.seed_host())),
         clients: Default::default(),
-        mux: config.multiplex.then(mux::Routers::default),
+        mux: config
+            .multiplex
+            .then(|| mux::Routers::new(config.multiplex_max_batches)),
     });
     // Histograms keep their samples until the exporter's upkeep folds them: without it, a
     // proxy nobody scrapes (or with no admin endpoint) grows with every connection and AUTH.

@@ -29,6 +29,7 @@ pub const WARM_CONNECTIONS: &str = "redis_entra_proxy_warm_connections";
 pub const WARM_HANDED_OUT_TOTAL: &str = "redis_entra_proxy_warm_handed_out_total";
 pub const MULTIPLEX_SHARED_CLIENTS: &str = "redis_entra_proxy_multiplex_shared_clients";
 pub const MULTIPLEX_PINNED_TOTAL: &str = "redis_entra_proxy_multiplex_pinned_total";
+pub const MULTIPLEX_BATCHES_TOTAL: &str = "redis_entra_proxy_multiplex_batches_total";
 pub const CLUSTER_NODES: &str = "redis_entra_proxy_cluster_nodes";
 pub const CLUSTER_REFRESH_TOTAL: &str = "redis_entra_proxy_cluster_refresh_total";
 pub const CLUSTER_REDIRECTS_TOTAL: &str = "redis_entra_proxy_cluster_redirects_total";
@@ -131,6 +132,10 @@ fn describe() {
         MULTIPLEX_PINNED_TOTAL,
         "Shared clients given an upstream connection of their own by a command that cannot share (--multiplex)."
     );
+    describe_counter!(
+        MULTIPLEX_BATCHES_TOTAL,
+        "Batches of shared requests sent over shared connections; shared requests per batch is the mean batch size (--multiplex)."
+    );
     describe_gauge!(
         CLUSTER_NODES,
         "Cluster nodes with a local listener (cluster mode)."
@@ -164,6 +169,7 @@ pub struct Handles {
     pub warm_handed_out: Counter,
     pub mux_shared: Gauge,
     pub mux_pinned: Counter,
+    pub mux_batches: Counter,
 }
 
 /// Index into the `[initial, reauth]` arrays.
@@ -202,6 +208,7 @@ pub fn handles() -> &'static Handles {
             warm_handed_out: metrics::counter!(WARM_HANDED_OUT_TOTAL),
             mux_shared: metrics::gauge!(MULTIPLEX_SHARED_CLIENTS),
             mux_pinned: metrics::counter!(MULTIPLEX_PINNED_TOTAL),
+            mux_batches: metrics::counter!(MULTIPLEX_BATCHES_TOTAL),
         }
     })
 }

@@ -37,6 +37,11 @@ use crate::session::{self, CloseReason, Outcome, Shared, Target};
 
 /// In-memory pipe between a router and its shared session, each way.
 const PIPE: usize = 256 * 1024;
+/// With `--multiplex-max-batches`, held requests go at once when they reach this size: a
+/// batch this large already spreads the costs of a batch (a system call and a TLS record
+/// each way, a pass of the server's event loop) thin, and holding it longer would only
+/// delay it.
+const HOLD_BYTES: usize = 16 * 1024;
 /// A shared client stops reading requests while this many replies are owed to it, or while
 /// this many reply bytes wait for it to read them.
 const MAX_OWED: usize = 1024;
@@ -245,12 +250,21 @@ fn client_setinfo(cmd: &crate::resp::request::Command<'_>) -> bool {
 
 /// The routers of one target, one per session thread and protocol (RESP2 clients share one
 /// connection, RESP3 clients another), started on first use.
-#[derive(Default)]
 pub struct Routers {
     by_worker: Mutex<HashMap<(usize, u8), mpsc::UnboundedSender<Submit>>>,
+    /// `--multiplex-max-batches`: batches a shared connection may have owed replies before
+    /// new requests are held for the next one; 0: no limit.
+    max_batches: usize,
 }
 
 impl Routers {
+    pub fn new(max_batches: usize) -> Routers {
+        Routers {
+            by_worker: Mutex::default(),
+            max_batches,
+        }
+    }
+
     /// The router of session thread `worker` (the caller runs on it) for protocol `proto`,
     /// started if there is none (or it ended).
     fn get(
@@ -265,7 +279,8 @@ impl Routers {
             return tx.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(route(rx, shared.clone(), target.clone(), proto));
+        let router = Router::new(proto, self.max_batches);
+        tokio::spawn(route(router, rx, shared.clone(), target.clone()));
         map.insert((worker, proto), tx.clone());
         tx
     }
@@ -674,12 +689,11 @@ impl SharedClient {
 /// One thread's router: writes the requests of its shared clients to the shared session,
 /// in order, and hands each reply frame to the client whose request it answers.
 async fn route(
+    mut r: Router,
     mut rx: mpsc::UnboundedReceiver<Submit>,
     shared: Arc<Shared>,
     target: Arc<Target>,
-    proto: u8,
 ) {
-    let mut r = Router::new(proto);
     let mut stopping = false;
     loop {
         tokio::select! {
@@ -702,8 +716,17 @@ struct Router {
     proto: u8,
     /// The shared session's client end, while one runs.
     pipe: Option<DuplexStream>,
-    /// Submitted requests not yet written to the pipe.
+    /// Requests of released batches not yet written to the pipe.
     out: VecDeque<Bytes>,
+    /// Requests submitted since the last batch was released, with their reply count and size.
+    held: VecDeque<Bytes>,
+    held_replies: usize,
+    held_bytes: usize,
+    /// Replies still owed for each released batch, oldest first.
+    batches: VecDeque<usize>,
+    /// Release a batch only while fewer than this many are owed replies (or once
+    /// [`HOLD_BYTES`] are held); `usize::MAX`: at once.
+    max_batches: usize,
     /// Who is owed the next replies, in order.
     routes: VecDeque<Route>,
     rin: BytesMut,
@@ -715,11 +738,21 @@ struct Router {
 }
 
 impl Router {
-    fn new(proto: u8) -> Router {
+    /// `max_batches`: see [`Routers`].
+    fn new(proto: u8, max_batches: usize) -> Router {
         Router {
             proto,
             pipe: None,
             out: VecDeque::new(),
+            held: VecDeque::new(),
+            held_replies: 0,
+            held_bytes: 0,
+            batches: VecDeque::new(),
+            max_batches: if max_batches == 0 {
+                usize::MAX
+            } else {
+                max_batches
+            },
             routes: VecDeque::new(),
             rin: BytesMut::new(),
             scanned: 0,
@@ -743,11 +776,7 @@ impl Router {
             loop {
                 match rx.poll_recv(cx) {
                     Poll::Ready(Some(s)) => {
-                        self.out.push_back(s.frames);
-                        self.routes.push_back(Route {
-                            to: s.to,
-                            replies: s.replies,
-                        });
+                        self.hold(s);
                         progress = true;
                     }
                     Poll::Ready(None) => {
@@ -757,6 +786,7 @@ impl Router {
                     Poll::Pending => break,
                 }
             }
+            self.release_due();
             if self.pipe.is_none() && !self.out.is_empty() {
                 self.pipe = Some(start_session(shared, target, self.proto));
                 self.rin.clear();
@@ -848,6 +878,13 @@ impl Router {
             }
             run = self.scanned;
             replies += 1;
+            if let Some(owed) = self.batches.front_mut() {
+                *owed -= 1;
+                if *owed == 0 {
+                    // The next batch may go.
+                    self.batches.pop_front();
+                }
+            }
             let Some(route) = self.routes.front_mut() else {
                 // A reply nobody asked for: the shared session is out of step.
                 self.lost();
@@ -862,6 +899,31 @@ impl Router {
         if replies > 0 {
             self.send_run(run, replies);
         }
+    }
+
+    /// Takes a submission into the next batch.
+    fn hold(&mut self, s: Submit) {
+        self.held_bytes += s.frames.len();
+        self.held_replies += s.replies;
+        self.held.push_back(s.frames);
+        self.routes.push_back(Route {
+            to: s.to,
+            replies: s.replies,
+        });
+    }
+
+    /// Releases the held requests as one batch, to be written to the pipe, unless
+    /// `max_batches` batches are owed replies and the held requests are small.
+    fn release_due(&mut self) {
+        if self.held_replies == 0
+            || (self.batches.len() >= self.max_batches && self.held_bytes < HOLD_BYTES)
+        {
+            return;
+        }
+        self.batches.push_back(self.held_replies);
+        self.out.append(&mut self.held);
+        (self.held_replies, self.held_bytes) = (0, 0);
+        crate::metrics::handles().mux_batches.increment(1);
     }
 
     /// Hands the first `run` bytes of `rin`, `replies` whole replies, to the front route.
@@ -881,6 +943,9 @@ impl Router {
     fn lost(&mut self) {
         self.pipe = None;
         self.out.clear();
+        self.held.clear();
+        (self.held_replies, self.held_bytes) = (0, 0);
+        self.batches.clear();
         for route in self.routes.drain(..) {
             let _ = route.to.send(Delivery::Lost);
         }
@@ -1039,7 +1104,7 @@ mod tests {
                         replies: 2,
                     },
                 ]),
-                ..Router::new(2)
+                ..Router::new(2, 0)
             };
             for piece in [&stream[..split], &stream[split..]] {
                 r.rin.extend_from_slice(piece);
@@ -1085,7 +1150,7 @@ mod tests {
                             replies: 1,
                         },
                     ]),
-                    ..Router::new(3)
+                    ..Router::new(3, 0)
                 };
                 for piece in [&stream[..split], &stream[split..second], &stream[second..]] {
                     r.rin.extend_from_slice(piece);
@@ -1134,5 +1199,77 @@ mod tests {
         ] {
             assert_eq!(parse(args), (None, None), "{args:?}");
         }
+    }
+    /// `--multiplex-max-batches 1`: requests arriving while a batch is owed its replies wait,
+    /// and go as one batch once its last reply is delivered; held requests of 16 KiB or more
+    /// go at once; with no limit every submission goes as it comes.
+    #[test]
+    fn with_a_batch_limit_requests_wait_for_the_owed_batch() {
+        let submit = |r: &mut Router, frames: Vec<u8>, replies| {
+            let (to, rx) = mpsc::unbounded_channel();
+            r.hold(Submit {
+                frames: frames.into(),
+                replies,
+                to,
+            });
+            r.release_due();
+            rx
+        };
+        let get = |k: &str| format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()).into_bytes();
+        let written =
+            |r: &mut Router| -> Vec<u8> { r.out.drain(..).flat_map(|b| b.to_vec()).collect() };
+
+        let mut r = Router::new(2, 1);
+        let mut a = submit(&mut r, get("a"), 1);
+        assert_eq!(written(&mut r), get("a"), "the first batch goes at once");
+        let mut b = submit(&mut r, get("b"), 1);
+        let mut c = submit(&mut r, [get("c1"), get("c2")].concat(), 2);
+        assert!(
+            r.out.is_empty(),
+            "held while the first batch is owed its reply"
+        );
+        assert_eq!((r.held.len(), r.held_replies), (2, 3));
+
+        // The first batch's reply releases the held requests, in order, as one batch.
+        r.rin.extend_from_slice(b"$2\r\nva\r\n");
+        r.deliver();
+        assert_eq!(collect(&mut a), (b"$2\r\nva\r\n".to_vec(), 1));
+        r.release_due();
+        assert_eq!(written(&mut r), [get("b"), get("c1"), get("c2")].concat());
+        assert_eq!(r.batches, [3]);
+
+        // A large request does not wait.
+        let big = format!(
+            "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${}\r\n{}\r\n",
+            HOLD_BYTES,
+            "x".repeat(HOLD_BYTES)
+        );
+        let _d = submit(&mut r, big.clone().into_bytes(), 1);
+        assert_eq!(written(&mut r), big.into_bytes());
+        assert_eq!(r.batches, [3, 1]);
+
+        // Replies in pieces: the next small request waits until both batches are answered.
+        let mut e = submit(&mut r, get("e"), 1);
+        r.rin.extend_from_slice(b"$2\r\nvb\r\n$3\r\nvc1\r\n");
+        r.deliver();
+        r.release_due();
+        assert!(r.out.is_empty());
+        r.rin.extend_from_slice(b"$-1\r\n+OK\r\n");
+        r.deliver();
+        r.release_due();
+        assert_eq!(written(&mut r), get("e"));
+        assert_eq!(collect(&mut b), (b"$2\r\nvb\r\n".to_vec(), 1));
+        assert_eq!(collect(&mut c), (b"$3\r\nvc1\r\n$-1\r\n".to_vec(), 2));
+        r.rin.extend_from_slice(b":1\r\n");
+        r.deliver();
+        assert_eq!(collect(&mut e), (b":1\r\n".to_vec(), 1));
+        assert!(r.batches.is_empty() && r.routes.is_empty());
+
+        // No limit: every submission is its own batch, at once.
+        let mut r = Router::new(2, 0);
+        let _a = submit(&mut r, get("a"), 1);
+        let _b = submit(&mut r, get("b"), 1);
+        assert_eq!(written(&mut r), [get("a"), get("b")].concat());
+        assert_eq!(r.batches, [1, 1]);
     }
 }

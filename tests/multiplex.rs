@@ -90,7 +90,23 @@ fn assert_hello(frame: &[u8], proto: u8) {
 /// in order, while the server sees no more connections than the proxy has session threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_share_connections_and_each_gets_its_own_replies() {
-    let proxy = multiplexed(ProxyOptions::default()).await;
+    many_clients_get_their_own_replies(ProxyOptions::default()).await;
+}
+
+/// The same with `--multiplex-max-batches 1`: requests held while a batch is owed its replies
+/// go later, together, and still reach the server in each client's order and come back to
+/// the client that sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_batches_keep_every_client_in_order() {
+    many_clients_get_their_own_replies(ProxyOptions {
+        multiplex_max_batches: Some(1),
+        ..Default::default()
+    })
+    .await;
+}
+
+async fn many_clients_get_their_own_replies(opts: ProxyOptions) {
+    let proxy = multiplexed(opts).await;
     let addr = proxy.addr;
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<RespConn>(40);
     let mut tasks = Vec::new();
@@ -363,6 +379,26 @@ async fn redis_benchmark_through_multiplexing() {
     .await;
     for test in ["\"SET\"", "\"GET\"", "\"MSET (10 keys)\"", "\"LRANGE_100"] {
         assert!(out.contains(test), "{test} ran: {out}");
+    }
+    proxy.stop().await;
+}
+
+/// The same with `--multiplex-max-batches 1`, with 16 KiB values among small ones (which go
+/// without waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_with_held_batches() {
+    let proxy = multiplexed(ProxyOptions {
+        multiplex_max_batches: Some(1),
+        ..Default::default()
+    })
+    .await;
+    for size in ["3", "16384", "40000"] {
+        let out = redis_benchmark(
+            &proxy,
+            &["-P", "4", "-d", size, "-t", "set,get,lpush,lrange_100"],
+        )
+        .await;
+        assert!(out.contains("\"LRANGE_100"), "{out}");
     }
     proxy.stop().await;
 }
@@ -681,6 +717,7 @@ async fn metrics_count_shared_and_pinned_clients() {
         );
     }
     assert!(metric("redis_entra_proxy_multiplex_shared_clients").await >= 2.0);
+    assert!(metric("redis_entra_proxy_multiplex_batches_total").await >= 1.0);
     let pinned = metric("redis_entra_proxy_multiplex_pinned_total").await;
     assert_eq!(
         a.command(&[b"SELECT", b"0"]).await.unwrap(),

@@ -14,7 +14,7 @@ fn registry(ports: Ports) -> (Arc<Cluster>, mpsc::UnboundedReceiver<NodeListener
         connector,
         NodeOptions {
             tls: true,
-            multiplex: false,
+            ..NodeOptions::default()
         },
         tx,
     );
@@ -134,7 +134,7 @@ async fn the_announced_host_is_what_clients_are_told() {
         connector,
         NodeOptions {
             tls: true,
-            multiplex: false,
+            ..NodeOptions::default()
         },
         tx,
     );

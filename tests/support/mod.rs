@@ -44,8 +44,9 @@ pub struct ProxyOptions {
     pub partial_request_timeout: Option<Duration>,
     /// `--warm-connections`.
     pub warm_connections: Option<usize>,
-    /// `--multiplex`.
+    /// `--multiplex` and `--multiplex-max-batches`.
     pub multiplex: bool,
+    pub multiplex_max_batches: Option<usize>,
     /// Session threads (2 unless set: every test also covers the hand-off between threads).
     pub worker_threads: Option<usize>,
     /// `--upstream-server-name` (default `localhost`, a name of the stand-in's certificate).
@@ -77,6 +78,7 @@ impl Default for ProxyOptions {
             partial_request_timeout: None,
             warm_connections: None,
             multiplex: false,
+            multiplex_max_batches: None,
             worker_threads: None,
             server_name: None,
             cluster_mode: None,
@@ -149,6 +151,7 @@ impl Proxy {
             partial_request_timeout: opts.partial_request_timeout,
             warm_connections: opts.warm_connections,
             multiplex: Some(opts.multiplex),
+            multiplex_max_batches: opts.multiplex_max_batches,
             cluster_mode: opts.cluster_mode,
             cluster_ports: Some(opts.cluster_ports.clone().unwrap_or_else(|| "0".into())),
             cluster_refresh_interval: opts.cluster_refresh_interval,
