@@ -273,7 +273,7 @@ pub struct Options {
     /// Send the plain commands of many clients (GET, SET, HGET, … : one reply, no connection
     /// state, never blocking) over one shared upstream connection per thread and protocol
     /// (RESP2, RESP3), in batches. A client gets a connection of its own at its first other
-    /// command (SELECT, MULTI, CLIENT SETNAME, a blocking command…) and keeps it. Fewer
+    /// command (SELECT, MULTI, CLIENT LIST, a blocking command…) and keeps it. Fewer
     /// connections to the cache and less work for it; a slow command delays the others
     /// sharing its connection [default: false].
     #[arg(long, env = "REDIS_ENTRA_PROXY_MULTIPLEX", value_name = "BOOL",

@@ -187,7 +187,7 @@ enum Plan {
     /// Goes over the shared connection, answered with this many replies.
     Share(usize),
     /// Answered by the proxy.
-    Local(&'static [u8]),
+    Local(Bytes),
     /// `HELLO 2|3` to the other protocol: goes over the shared connection of that protocol,
     /// once every reply owed on the current one has come.
     Switch(u8),
@@ -248,6 +248,26 @@ fn client_setinfo(cmd: &crate::resp::request::Command<'_>) -> bool {
             .is_some_and(|v| v.iter().all(|b| (b'!'..=b'~').contains(b)))
 }
 
+/// `CLIENT SETNAME <name>` with a name Redis accepts (no spaces, newlines or other characters
+/// outside `!`..`~`; empty removes the name): the name (`None`: removed). The proxy answers
+/// it for a shared client and remembers the name: `CLIENT GETNAME` is answered from it, and a
+/// client that pins gets a connection named so before its next command. Anything else pins.
+fn client_setname(cmd: &crate::resp::request::Command<'_>) -> Option<Option<Bytes>> {
+    if cmd.argc() != 3 || !cmd.arg_is(0, "client") || !cmd.arg_is(1, "setname") {
+        return None;
+    }
+    let name = cmd.arg(2)?;
+    if !name.iter().all(|b| (b'!'..=b'~').contains(b)) {
+        return None;
+    }
+    Some((!name.is_empty()).then(|| Bytes::copy_from_slice(name)))
+}
+
+/// `CLIENT GETNAME`.
+fn client_getname(cmd: &crate::resp::request::Command<'_>) -> bool {
+    cmd.argc() == 2 && cmd.arg_is(0, "client") && cmd.arg_is(1, "getname")
+}
+
 /// The routers of one target, one per session thread and protocol (RESP2 clients share one
 /// connection, RESP3 clients another), started on first use.
 pub struct Routers {
@@ -303,8 +323,9 @@ enum Delivery {
 /// How a shared client's first phase ended.
 enum Phase {
     Done(Outcome),
-    /// Serve the rest on a connection of its own speaking this protocol, these bytes first.
-    Pin(BytesMut, u8),
+    /// Serve the rest on a connection of its own speaking this protocol and named so (the
+    /// client's `CLIENT SETNAME`), these bytes first.
+    Pin(BytesMut, u8, Option<Bytes>),
 }
 
 /// Serves a client with multiplexing: shared while it sends only [`shareable`] commands,
@@ -331,7 +352,7 @@ where
     drop(sharing);
     match phase {
         Phase::Done(outcome) => outcome,
-        Phase::Pin(rest, proto) => {
+        Phase::Pin(rest, proto, name) => {
             m.mux_pinned.increment(1);
             tracing::debug!(
                 command = %PinnedBy(&rest),
@@ -347,6 +368,7 @@ where
                 shared,
                 target,
                 proto,
+                name.as_deref(),
             )
             .await
         }
@@ -372,6 +394,7 @@ where
         received: 0,
         locals: VecDeque::new(),
         out: VecDeque::new(),
+        name: None,
         unsent: 0,
         pin: false,
         proto: 2,
@@ -400,7 +423,7 @@ where
         }
         if c.owed() == 0 && c.out.is_empty() {
             if c.pin {
-                return Phase::Pin(std::mem::take(&mut c.cin), c.proto);
+                return Phase::Pin(std::mem::take(&mut c.cin), c.proto, c.name.take());
             }
             if !c.reading {
                 return Phase::Done(if draining {
@@ -465,7 +488,9 @@ struct SharedClient {
     received: u64,
     /// Replies the proxy gives itself (`CLIENT SETINFO`, `AUTH`, …), each after the
     /// `asked` count of replies submitted before it: released into `out` once those came.
-    locals: VecDeque<(u64, &'static [u8])>,
+    locals: VecDeque<(u64, Bytes)>,
+    /// The name the client gave itself (`CLIENT SETNAME`, answered by the proxy).
+    name: Option<Bytes>,
     /// Replies received, not yet written to the client (the front one perhaps in part).
     out: VecDeque<Bytes>,
     unsent: usize,
@@ -492,16 +517,30 @@ impl SharedClient {
         self.owed() < MAX_OWED as u64 && self.unsent < MAX_UNSENT
     }
 
+    /// The reply to `CLIENT GETNAME`: the name, or a null in the client's protocol.
+    fn getname_reply(&self) -> Bytes {
+        match &self.name {
+            Some(name) => {
+                let mut reply = BytesMut::with_capacity(name.len() + 16);
+                crate::resp::encode::bulk(&mut reply, name);
+                reply.freeze()
+            }
+            None if self.proto == 3 => Bytes::from_static(b"_\r\n"),
+            None => Bytes::from_static(b"$-1\r\n"),
+        }
+    }
+
     /// Moves the local replies whose turn has come (every reply submitted before them
     /// received) into `out`.
     fn release_locals(&mut self) {
-        while let Some(&(after, reply)) = self.locals.front() {
-            if after > self.received {
-                break;
-            }
-            self.locals.pop_front();
+        while self
+            .locals
+            .front()
+            .is_some_and(|(after, _)| *after <= self.received)
+        {
+            let (_, reply) = self.locals.pop_front().expect("checked above");
             self.unsent += reply.len();
-            self.out.push_back(Bytes::from_static(reply));
+            self.out.push_back(reply);
         }
     }
 
@@ -615,12 +654,23 @@ impl SharedClient {
                             let cmd = self.parser.command(&self.cin[end..], &frame);
                             match cmd.arg(0) {
                                 Some(name) if shareable(name) => Plan::Share(1),
-                                _ if client_setinfo(&cmd) || client_auth(&cmd) => Plan::Local(OK),
-                                _ if client_maint(&cmd) => Plan::Local(session::MAINT),
-                                _ => match hello_protocol(&cmd, self.proto) {
-                                    Some(p) if p == self.proto => Plan::Share(1),
-                                    Some(p) => Plan::Switch(p),
-                                    None => Plan::Pin,
+                                _ if client_setinfo(&cmd) || client_auth(&cmd) => {
+                                    Plan::Local(Bytes::from_static(OK))
+                                }
+                                _ if client_maint(&cmd) => {
+                                    Plan::Local(Bytes::from_static(session::MAINT))
+                                }
+                                _ if client_getname(&cmd) => Plan::Local(self.getname_reply()),
+                                _ => match client_setname(&cmd) {
+                                    Some(name) => {
+                                        self.name = name;
+                                        Plan::Local(Bytes::from_static(OK))
+                                    }
+                                    None => match hello_protocol(&cmd, self.proto) {
+                                        Some(p) if p == self.proto => Plan::Share(1),
+                                        Some(p) => Plan::Switch(p),
+                                        None => Plan::Pin,
+                                    },
                                 },
                             }
                         }
@@ -635,13 +685,13 @@ impl SharedClient {
                             self.send(end, replies);
                             (end, replies) = (0, 0);
                             self.cin.advance(frame.len());
-                            self.locals.push_back((self.asked, reply));
-                            self.release_locals();
                             // The only client bytes no session sees (see `SharedClient`).
                             let m = crate::metrics::handles();
                             m.commands.increment(1);
                             m.client_in.increment(frame.len() as u64);
                             m.client_out.increment(reply.len() as u64);
+                            self.locals.push_back((self.asked, reply));
+                            self.release_locals();
                         }
                         Plan::Switch(proto) => self.switch = Some(proto),
                         Plan::Pin => self.pin = true,
@@ -958,7 +1008,7 @@ fn start_session(shared: &Arc<Shared>, target: &Arc<Target>, proto: u8) -> Duple
     let shared = shared.clone();
     let target = target.clone();
     tokio::spawn(async move {
-        let outcome = session::serve_with(theirs, &shared, &target, proto).await;
+        let outcome = session::serve_with(theirs, &shared, &target, proto, None).await;
         tracing::debug!(outcome = %outcome, "shared upstream session ended");
     });
     mine
@@ -1200,6 +1250,42 @@ mod tests {
             assert_eq!(parse(args), (None, None), "{args:?}");
         }
     }
+
+    /// `CLIENT SETNAME` is the proxy's to answer only with a name Redis accepts; any other
+    /// form is the server's (the client pins, and gets the server's reply or error).
+    #[test]
+    fn client_setname_only_with_a_name_redis_accepts() {
+        let setname = |args: &[&[u8]]| {
+            let bytes = crate::devenv::encode(args);
+            let mut parser = RequestParser::new();
+            let frame = parser.parse(&bytes).unwrap().unwrap();
+            let cmd = parser.command(&bytes, &frame);
+            (client_setname(&cmd), client_getname(&cmd))
+        };
+        assert_eq!(
+            setname(&[b"CLIENT", b"SETNAME", b"billing-7"]),
+            (Some(Some(Bytes::from_static(b"billing-7"))), false)
+        );
+        assert_eq!(
+            setname(&[b"client", b"setname", b"!~"]),
+            (Some(Some(Bytes::from_static(b"!~"))), false)
+        );
+        // Empty: the name is removed.
+        assert_eq!(setname(&[b"CLIENT", b"SETNAME", b""]), (Some(None), false));
+        assert_eq!(setname(&[b"client", b"GetName"]), (None, true));
+        for args in [
+            &[&b"CLIENT"[..], b"SETNAME", b"a b"][..],
+            &[b"CLIENT", b"SETNAME", b"a\nb"],
+            &[b"CLIENT", b"SETNAME", "é".as_bytes()],
+            &[b"CLIENT", b"SETNAME"],
+            &[b"CLIENT", b"SETNAME", b"a", b"b"],
+            &[b"CLIENT", b"GETNAME", b"x"],
+            &[b"CLIENT", b"NAME", b"x"],
+        ] {
+            assert_eq!(setname(args), (None, false), "{args:?}");
+        }
+    }
+
     /// `--multiplex-max-batches 1`: requests arriving while a batch is owed its replies wait,
     /// and go as one batch once its last reply is delivered; held requests of 16 KiB or more
     /// go at once; with no limit every submission goes as it comes.

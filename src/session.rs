@@ -151,14 +151,21 @@ pub async fn serve<C>(client: C, shared: &Shared, target: &Target) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    serve_with(client, shared, target, 2).await
+    serve_with(client, shared, target, 2, None).await
 }
 
 /// Serves one client connection to the end, its upstream connection switched to protocol
-/// `proto` (2 or 3) before the client's first command: what a client that already said
-/// `HELLO 3` elsewhere (a multiplexed client, pinned) expects, and what a RESP3 shared
-/// connection speaks. The injected `HELLO`'s reply is swallowed.
-pub async fn serve_with<C>(mut client: C, shared: &Shared, target: &Target, proto: u8) -> Outcome
+/// `proto` (2 or 3) and named `name` before the client's first command: what a client that
+/// already said `HELLO 3` or `CLIENT SETNAME` elsewhere (a multiplexed client, pinned)
+/// expects, and what a RESP3 shared connection speaks. The replies of the injected `HELLO`
+/// and `CLIENT SETNAME` are swallowed.
+pub async fn serve_with<C>(
+    mut client: C,
+    shared: &Shared,
+    target: &Target,
+    proto: u8,
+    name: Option<&[u8]>,
+) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -187,6 +194,9 @@ where
     core.set_rewriter(target.rewriter.clone());
     if proto == 3 {
         core.speak_resp3();
+    }
+    if let Some(name) = name {
+        core.name_connection(name);
     }
     let active = metrics::Active::new(&m.upstream_active, false);
     let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;

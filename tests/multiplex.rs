@@ -500,6 +500,74 @@ async fn client_setinfo_is_answered_and_the_client_keeps_sharing() {
     proxy.stop().await;
 }
 
+/// `CLIENT SETNAME` (redis-py's `client_name`, Jedis's `clientName`, …) keeps a client
+/// shared: the proxy answers it, and `CLIENT GETNAME`, in order among the shared replies, in
+/// the client's protocol. A client that pins gets a connection named so before its command
+/// runs, with no extra reply; a name Redis refuses is the server's to refuse.
+#[tokio::test]
+async fn client_setname_keeps_the_client_shared_and_names_its_own_connection() {
+    let proxy = multiplexed_on_one_thread().await;
+    let before = connections_received(&proxy).await;
+    let mut raw = proxy.raw().await;
+    raw.send(&pipeline(&[
+        &["CLIENT", "GETNAME"],
+        &["SET", "name:k", "v"],
+        &["CLIENT", "SETNAME", "billing-7"],
+        &["GET", "name:k"],
+        &["CLIENT", "GETNAME"],
+        &["CLIENT", "SETNAME", ""],
+        &["CLIENT", "GETNAME"],
+        &["HELLO", "3"],
+        &["CLIENT", "GETNAME"],
+        &["client", "setname", "billing-8"],
+        &["GET", "name:none"],
+    ]))
+    .await;
+    raw.expect(b"$-1\r\n+OK\r\n+OK\r\n$1\r\nv\r\n$9\r\nbilling-7\r\n+OK\r\n$-1\r\n")
+        .await;
+    assert_hello(&raw.read_frame().await, 3);
+    raw.expect(b"_\r\n+OK\r\n_\r\n").await;
+    // Only the RESP3 shared connection was opened (for the HELLO), none of the client's own,
+    // and no connection of the server's has a name.
+    assert_eq!(connections_received(&proxy).await - before, 1);
+    assert!(
+        proxy_conns(&proxy)
+            .await
+            .iter()
+            .all(|c| c["name"].is_empty()),
+        "{:?}",
+        proxy_conns(&proxy).await
+    );
+
+    // CLIENT INFO pins: the client's own connection speaks RESP3 and carries the name, and the
+    // only reply is CLIENT INFO's.
+    raw.send(&pipeline(&[&["CLIENT", "INFO"], &["CLIENT", "GETNAME"]]))
+        .await;
+    let info = String::from_utf8(raw.read_frame().await).unwrap();
+    assert!(
+        info.contains(" name=billing-8 ") && info.contains(" resp=3"),
+        "{info:?}"
+    );
+    raw.expect(b"$9\r\nbilling-8\r\n").await;
+    assert_eq!(connections_received(&proxy).await - before, 2);
+
+    // A name with a space: the client pins, and the server refuses it.
+    let mut c = proxy.client().await;
+    let reply = c
+        .command(&[b"CLIENT", b"SETNAME", b"bad name"])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.contains("cannot contain spaces")),
+        "{reply:?}"
+    );
+    assert_eq!(
+        c.command(&[b"CLIENT", b"GETNAME"]).await.unwrap(),
+        Reply::Bulk(None)
+    );
+    proxy.stop().await;
+}
+
 fn python() -> String {
     std::env::var("REDIS_PY_PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -516,7 +584,10 @@ import threading, time, redis
 errors, ops = [], [0]
 def run(i):
     r = redis.Redis(host="127.0.0.1", port={port}, single_connection_client=True,
-                    protocol=3 if i % 2 else 2)
+                    protocol=3 if i % 2 else 2, client_name=f"w{{i}}")
+    name = r.client_getname()  # str in RESP2, bytes in RESP3 (redis-py decodes only the first)
+    if (name.decode() if isinstance(name, bytes) else name) != f"w{{i}}":
+        errors.append(f"name of {{i}}: {{name!r}}")
     n, end = 0, time.time() + 2.0
     while time.time() < end:
         key = f"py:{{i}}:{{n}}"

@@ -506,6 +506,18 @@ impl Core {
         self.inject_hello(3, false);
     }
 
+    /// Names the upstream connection `name` before the client's first command, as a
+    /// multiplexed client that pins named itself while it shared a connection (`CLIENT
+    /// SETNAME`, answered by the proxy then): `CLIENT SETNAME`, swallowed, as if the client
+    /// had sent it.
+    pub fn name_connection(&mut self, name: &[u8]) {
+        crate::resp::encode::command(
+            &mut self.to_upstream,
+            [&b"CLIENT"[..], b"SETNAME", name].into_iter(),
+        );
+        self.ledger.push(Expect::Swallow(Injected::SetName));
+    }
+
     /// Writes `AUTH <user> <token>` and expects its reply to be swallowed.
     pub(super) fn inject_auth(&mut self, initial: bool) {
         self.creds.write_auth(&mut self.to_upstream);
@@ -623,6 +635,10 @@ impl Core {
                 })) => self.auth_answered(generation, initial, expires_at, sent, error),
                 Some(Expect::Swallow(Injected::Hello { version, emulate })) => {
                     self.hello_answered(version, emulate, error)
+                }
+                Some(Expect::Swallow(Injected::SetName)) if error => {
+                    // The proxy accepted only names Redis accepts; the client goes on unnamed.
+                    tracing::warn!(error = %error_text(&self.held), "upstream refused the CLIENT SETNAME of a pinned multiplexed client");
                 }
                 _ => {}
             },

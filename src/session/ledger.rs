@@ -66,6 +66,9 @@ pub enum Injected {
     /// `HELLO <version>` switching the upstream's protocol for a RESP2 subscriber
     /// (`emulate`: to RESP3 and translate; otherwise back to RESP2).
     Hello { version: u8, emulate: bool },
+    /// `CLIENT SETNAME <name>` naming the connection of a multiplexed client that pinned as
+    /// it named itself while it shared one.
+    SetName,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
