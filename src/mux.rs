@@ -188,6 +188,9 @@ enum Plan {
     Share(usize),
     /// Answered by the proxy.
     Local(Bytes),
+    /// `HELLO` in the current protocol with `SETNAME`: the proxy keeps the name, and a bare
+    /// `HELLO <protocol>` goes over the shared connection in its place.
+    Named(Option<Bytes>),
     /// `HELLO 2|3` to the other protocol: goes over the shared connection of that protocol,
     /// once every reply owed on the current one has come.
     Switch(u8),
@@ -195,27 +198,56 @@ enum Plan {
     Pin,
 }
 
-/// `HELLO` alone, `HELLO 2|3` or `HELLO 2|3 AUTH <user> <password>` (no `SETNAME`): the
-/// protocol it leaves the connection in (`current` for a bare `HELLO`). A shared client moves
-/// to the shared connection speaking that protocol, where the server answers the `HELLO`
-/// itself. (Without a local password, which multiplexing needs, any AUTH pair is accepted and
-/// the shared session removes it before forwarding, as every session does.) Any other
-/// `HELLO` pins the client.
-fn hello_protocol(cmd: &crate::resp::request::Command<'_>, current: u8) -> Option<u8> {
+/// What a `HELLO` a shared client may send does.
+#[derive(Debug, PartialEq, Eq)]
+struct Hello {
+    /// The protocol it leaves the connection in.
+    proto: u8,
+    /// The name it gives the client (`SETNAME`; `Some(None)`: an empty name, which removes
+    /// it), if it has a `SETNAME`.
+    name: Option<Option<Bytes>>,
+}
+
+/// `HELLO` alone, or `HELLO 2|3` with any of `AUTH <user> <password>` and `SETNAME <name>`
+/// (a name Redis accepts; go-redis v9 and Lettuce send `HELLO 3 … SETNAME` when they connect):
+/// the protocol it leaves the connection in (`current` for a bare `HELLO`) and the name. A
+/// shared client moves to the shared connection speaking that protocol, where the server
+/// answers a `HELLO <protocol>` for it; the name stays with the proxy, like `CLIENT SETNAME`'s.
+/// (Without a local password, which multiplexing needs, any AUTH pair is accepted and never
+/// forwarded, as on every session.) Any other `HELLO` pins the client.
+fn hello(cmd: &crate::resp::request::Command<'_>, current: u8) -> Option<Hello> {
     if !cmd.arg_is(0, "hello") {
         return None;
     }
-    if cmd.argc() == 1 {
-        return Some(current);
+    let proto = match cmd.argc() {
+        1 => current,
+        _ => match cmd.arg(1)? {
+            b"2" => 2,
+            b"3" => 3,
+            _ => return None,
+        },
+    };
+    let mut name = None;
+    let mut i = 2;
+    while i < cmd.argc() {
+        if cmd.arg_is(i, "auth") && i + 2 < cmd.argc() {
+            i += 3;
+        } else if cmd.arg_is(i, "setname") && i + 1 < cmd.argc() {
+            name = Some(valid_name(cmd.arg(i + 1)?)?);
+            i += 2;
+        } else {
+            return None;
+        }
     }
-    if cmd.argc() != 2 && !(cmd.argc() == 5 && cmd.arg_is(2, "auth")) {
-        return None;
-    }
-    match cmd.arg(1)? {
-        b"2" => Some(2),
-        b"3" => Some(3),
-        _ => None,
-    }
+    Some(Hello { proto, name })
+}
+
+/// A client name Redis accepts (no spaces, newlines or other characters outside `!`..`~`):
+/// the name, `None` for an empty one (which removes the name).
+fn valid_name(name: &[u8]) -> Option<Option<Bytes>> {
+    name.iter()
+        .all(|b| (b'!'..=b'~').contains(b))
+        .then(|| (!name.is_empty()).then(|| Bytes::copy_from_slice(name)))
 }
 
 /// `CLIENT MAINT_NOTIFICATIONS …` (Lettuce sends it when it connects): refused by the proxy on
@@ -256,11 +288,7 @@ fn client_setname(cmd: &crate::resp::request::Command<'_>) -> Option<Option<Byte
     if cmd.argc() != 3 || !cmd.arg_is(0, "client") || !cmd.arg_is(1, "setname") {
         return None;
     }
-    let name = cmd.arg(2)?;
-    if !name.iter().all(|b| (b'!'..=b'~').contains(b)) {
-        return None;
-    }
-    Some((!name.is_empty()).then(|| Bytes::copy_from_slice(name)))
+    valid_name(cmd.arg(2)?)
 }
 
 /// `CLIENT GETNAME`.
@@ -666,9 +694,14 @@ impl SharedClient {
                                         self.name = name;
                                         Plan::Local(Bytes::from_static(OK))
                                     }
-                                    None => match hello_protocol(&cmd, self.proto) {
-                                        Some(p) if p == self.proto => Plan::Share(1),
-                                        Some(p) => Plan::Switch(p),
+                                    None => match hello(&cmd, self.proto) {
+                                        Some(Hello { proto, .. }) if proto != self.proto => {
+                                            Plan::Switch(proto)
+                                        }
+                                        Some(Hello { name: None, .. }) => Plan::Share(1),
+                                        Some(Hello {
+                                            name: Some(name), ..
+                                        }) => Plan::Named(name),
                                         None => Plan::Pin,
                                     },
                                 },
@@ -693,6 +726,23 @@ impl SharedClient {
                             self.locals.push_back((self.asked, reply));
                             self.release_locals();
                         }
+                        Plan::Named(name) => {
+                            // `HELLO <protocol>` goes in its place, alone: the name stays here.
+                            self.send(end, replies);
+                            (end, replies) = (0, 0);
+                            self.cin.advance(frame.len());
+                            self.name = name;
+                            let mut hello = BytesMut::new();
+                            crate::resp::encode::command(
+                                &mut hello,
+                                [&b"HELLO"[..], &[b'0' + self.proto]].into_iter(),
+                            );
+                            // The session counts the bytes of the request it sees.
+                            crate::metrics::handles()
+                                .client_in
+                                .increment(frame.len().saturating_sub(hello.len()) as u64);
+                            self.submit_frames(hello.freeze(), 1);
+                        }
                         Plan::Switch(proto) => self.switch = Some(proto),
                         Plan::Pin => self.pin = true,
                     }
@@ -710,22 +760,27 @@ impl SharedClient {
         }
     }
 
+    /// Submits whole requests answered with `replies` replies, in one submission.
+    fn submit_frames(&mut self, frames: Bytes, replies: usize) {
+        self.asked += replies as u64;
+        let sent = self.router.send(Submit {
+            frames,
+            replies,
+            to: self.to_me.clone(),
+        });
+        if sent.is_err() {
+            // The router is gone (shutdown): the replies will not come.
+            let _ = self.to_me.send(Delivery::Lost);
+        }
+    }
+
     /// Submits the first `end` bytes of `cin`, whole requests answered with `replies`
     /// replies, in one submission.
     fn send(&mut self, end: usize, replies: usize) {
         if end > 0 {
             let frames = self.cin.split_to(end).freeze();
             if replies > 0 {
-                self.asked += replies as u64;
-                let sent = self.router.send(Submit {
-                    frames,
-                    replies,
-                    to: self.to_me.clone(),
-                });
-                if sent.is_err() {
-                    // The router is gone (shutdown): the replies will not come.
-                    let _ = self.to_me.send(Delivery::Lost);
-                }
+                self.submit_frames(frames, replies);
             } else {
                 // Empty requests only: nothing to send, no session sees them.
                 crate::metrics::handles()
@@ -1222,32 +1277,60 @@ mod tests {
         }
     }
 
+    /// `f` of the request made of `args`, parsed.
+    fn with_command<T>(
+        args: &[&[u8]],
+        f: impl FnOnce(&crate::resp::request::Command<'_>) -> T,
+    ) -> T {
+        let bytes = crate::devenv::encode(args);
+        let mut parser = RequestParser::new();
+        let frame = parser.parse(&bytes).unwrap().unwrap();
+        f(&parser.command(&bytes, &frame))
+    }
+
     #[test]
     fn hello_moves_a_shared_client_only_without_options() {
-        let parse = |args: &[&[u8]]| {
-            let bytes = crate::devenv::encode(args);
-            let mut parser = RequestParser::new();
-            let frame = parser.parse(&bytes).unwrap().unwrap();
-            let cmd = parser.command(&bytes, &frame);
-            (hello_protocol(&cmd, 2), hello_protocol(&cmd, 3))
+        let parse = |args: &[&[u8]], current| {
+            with_command(args, |cmd| hello(cmd, current).map(|h| (h.proto, h.name)))
         };
-        assert_eq!(parse(&[b"HELLO"]), (Some(2), Some(3)));
-        assert_eq!(parse(&[b"hello", b"3"]), (Some(3), Some(3)));
-        assert_eq!(parse(&[b"HELLO", b"2"]), (Some(2), Some(2)));
+        let named = |n: &'static [u8]| Some(Some(Bytes::from_static(n)));
+        assert_eq!(parse(&[b"HELLO"], 2), Some((2, None)));
+        assert_eq!(parse(&[b"HELLO"], 3), Some((3, None)));
+        assert_eq!(parse(&[b"hello", b"3"], 2), Some((3, None)));
+        assert_eq!(parse(&[b"HELLO", b"2"], 3), Some((2, None)));
         assert_eq!(
-            parse(&[b"HELLO", b"3", b"auth", b"u", b"p"]),
-            (Some(3), Some(3))
+            parse(&[b"HELLO", b"3", b"auth", b"u", b"p"], 2),
+            Some((3, None))
+        );
+        assert_eq!(
+            parse(&[b"HELLO", b"3", b"SETNAME", b"svc-1"], 2),
+            Some((3, named(b"svc-1")))
+        );
+        // go-redis v9's order, and the other one; an empty name removes the name.
+        assert_eq!(
+            parse(&[b"HELLO", b"3", b"AUTH", b"u", b"p", b"setname", b"x"], 2),
+            Some((3, named(b"x")))
+        );
+        assert_eq!(
+            parse(&[b"HELLO", b"2", b"SETNAME", b"x", b"AUTH", b"u", b"p"], 2),
+            Some((2, named(b"x")))
+        );
+        assert_eq!(
+            parse(&[b"HELLO", b"3", b"SETNAME", b""], 3),
+            Some((3, Some(None)))
         );
         for args in [
             &[&b"HELLO"[..], b"4"][..],
             &[b"HELLO", b"03"],
-            &[b"HELLO", b"3", b"SETNAME", b"x"],
-            &[b"HELLO", b"3", b"AUTH", b"u", b"p", b"SETNAME", b"x"],
+            &[b"HELLO", b"SETNAME", b"x"],
+            &[b"HELLO", b"3", b"SETNAME", b"a b"],
+            &[b"HELLO", b"3", b"SETNAME"],
             &[b"HELLO", b"3", b"AUTH", b"u"],
+            &[b"HELLO", b"3", b"AUTH", b"u", b"p", b"SETNAME"],
             &[b"HELLO", b"3", b"x", b"u", b"p"],
             &[b"GET", b"3"],
         ] {
-            assert_eq!(parse(args), (None, None), "{args:?}");
+            assert_eq!(parse(args, 2), None, "{args:?}");
         }
     }
 
@@ -1255,13 +1338,8 @@ mod tests {
     /// form is the server's (the client pins, and gets the server's reply or error).
     #[test]
     fn client_setname_only_with_a_name_redis_accepts() {
-        let setname = |args: &[&[u8]]| {
-            let bytes = crate::devenv::encode(args);
-            let mut parser = RequestParser::new();
-            let frame = parser.parse(&bytes).unwrap().unwrap();
-            let cmd = parser.command(&bytes, &frame);
-            (client_setname(&cmd), client_getname(&cmd))
-        };
+        let setname =
+            |args: &[&[u8]]| with_command(args, |cmd| (client_setname(cmd), client_getname(cmd)));
         assert_eq!(
             setname(&[b"CLIENT", b"SETNAME", b"billing-7"]),
             (Some(Some(Bytes::from_static(b"billing-7"))), false)

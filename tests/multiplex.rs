@@ -551,6 +551,35 @@ async fn client_setname_keeps_the_client_shared_and_names_its_own_connection() {
     raw.expect(b"$9\r\nbilling-8\r\n").await;
     assert_eq!(connections_received(&proxy).await - before, 2);
 
+    // go-redis v9 and Lettuce name themselves in their HELLO: the proxy keeps the name and
+    // the client shares the RESP3 connection.
+    let before = connections_received(&proxy).await;
+    let mut go = proxy.raw().await;
+    go.send(&pipeline(&[
+        &[
+            "HELLO",
+            "3",
+            "AUTH",
+            "app",
+            "app-password",
+            "SETNAME",
+            "go-svc",
+        ],
+        &["CLIENT", "GETNAME"],
+        &["GET", "name:k"],
+    ]))
+    .await;
+    assert_hello(&go.read_frame().await, 3);
+    go.expect(b"$6\r\ngo-svc\r\n$1\r\nv\r\n").await;
+    assert_eq!(connections_received(&proxy).await, before, "shared");
+    assert!(
+        proxy_conns(&proxy)
+            .await
+            .iter()
+            .all(|c| c["name"] != "go-svc"),
+        "the name stays with the proxy"
+    );
+
     // A name with a space: the client pins, and the server refuses it.
     let mut c = proxy.client().await;
     let reply = c
@@ -564,6 +593,15 @@ async fn client_setname_keeps_the_client_shared_and_names_its_own_connection() {
     assert_eq!(
         c.command(&[b"CLIENT", b"GETNAME"]).await.unwrap(),
         Reply::Bulk(None)
+    );
+    let mut c = proxy.client().await;
+    let reply = c
+        .command(&[b"HELLO", b"3", b"SETNAME", b"bad name"])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.contains("cannot contain spaces")),
+        "{reply:?}"
     );
     proxy.stop().await;
 }
