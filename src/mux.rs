@@ -242,11 +242,10 @@ fn hello(cmd: &crate::resp::request::Command<'_>, current: u8) -> Option<Hello> 
     Some(Hello { proto, name })
 }
 
-/// A client name Redis accepts (no spaces, newlines or other characters outside `!`..`~`):
-/// the name, `None` for an empty one (which removes the name).
+/// A client name Redis accepts ([`session::valid_client_name`]): the name, `None` for an
+/// empty one (which removes the name).
 fn valid_name(name: &[u8]) -> Option<Option<Bytes>> {
-    name.iter()
-        .all(|b| (b'!'..=b'~').contains(b))
+    session::valid_client_name(name)
         .then(|| (!name.is_empty()).then(|| Bytes::copy_from_slice(name)))
 }
 
@@ -275,9 +274,7 @@ fn client_setinfo(cmd: &crate::resp::request::Command<'_>) -> bool {
         && cmd.arg_is(0, "client")
         && cmd.arg_is(1, "setinfo")
         && (cmd.arg_is(2, "lib-name") || cmd.arg_is(2, "lib-ver"))
-        && cmd
-            .arg(3)
-            .is_some_and(|v| v.iter().all(|b| (b'!'..=b'~').contains(b)))
+        && cmd.arg(3).is_some_and(session::valid_client_name)
 }
 
 /// `CLIENT SETNAME <name>` with a name Redis accepts (no spaces, newlines or other characters

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) use self::commands::MAINT;
+pub(crate) use self::commands::{valid_client_name, MAINT};
 pub use self::core::{CloseReason, Core};
 use crate::admin::Health;
 use crate::credentials::refresh::CredentialsRx;

@@ -17,6 +17,13 @@ const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is 
 const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
 const HELLO_NOAUTH: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
 const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+/// Redis's rule for a client name (`CLIENT SETNAME`, `HELLO … SETNAME`) and for the library
+/// name and version of `CLIENT SETINFO`: no spaces, newlines or other characters outside
+/// `!`..`~`.
+pub(crate) fn valid_client_name(name: &[u8]) -> bool {
+    name.iter().all(|b| (b'!'..=b'~').contains(b))
+}
+
 pub(crate) const MAINT: &[u8] = b"-ERR CLIENT MAINT_NOTIFICATIONS is not supported through redis-entra-proxy: endpoints it would announce bypass the proxy\r\n";
 const IN_MULTI: &[u8] = b"-ERR this command is not supported inside MULTI by redis-entra-proxy\r\n";
 
@@ -381,8 +388,7 @@ impl Core {
         if !self.client_authenticated {
             return self.reject(HELLO_NOAUTH);
         }
-        let valid_name = |n: &[u8]| n.iter().all(|b| (b'!'..=b'~').contains(b));
-        if !in_multi && !setname.is_none_or(valid_name) {
+        if !in_multi && !setname.is_none_or(valid_client_name) {
             return self.reject(
                 b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n",
             );
