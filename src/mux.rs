@@ -730,10 +730,7 @@ impl SharedClient {
                             self.cin.advance(frame.len());
                             self.name = name;
                             let mut hello = BytesMut::new();
-                            crate::resp::encode::command(
-                                &mut hello,
-                                [&b"HELLO"[..], &[b'0' + self.proto]].into_iter(),
-                            );
+                            crate::resp::encode::hello(&mut hello, self.proto);
                             // The session counts the bytes of the request it sees.
                             crate::metrics::handles()
                                 .client_in

@@ -11,6 +11,11 @@ pub fn command<'a>(out: &mut impl BufMut, args: impl ExactSizeIterator<Item = &'
     }
 }
 
+/// Appends `HELLO <version>` (2 or 3).
+pub fn hello(out: &mut impl BufMut, version: u8) {
+    command(out, [&b"HELLO"[..], &[b'0' + version]].into_iter());
+}
+
 /// Appends a bulk string.
 pub fn bulk(out: &mut impl BufMut, data: &[u8]) {
     header(out, b'$', data.len());

@@ -491,8 +491,7 @@ impl Core {
 
     /// Writes `HELLO <version>` and expects its reply to be swallowed.
     pub(super) fn inject_hello(&mut self, version: u8, emulate: bool) {
-        let v = [b'0' + version];
-        crate::resp::encode::command(&mut self.to_upstream, [&b"HELLO"[..], &v].into_iter());
+        crate::resp::encode::hello(&mut self.to_upstream, version);
         self.ledger
             .push(Expect::Swallow(Injected::Hello { version, emulate }));
         self.state.wproto = version;
