@@ -12,9 +12,11 @@
 //! unread bytes go to that session first, so nothing is lost or reordered, and the client's
 //! own connection state starts clean, in the protocol it chose.
 //!
-//! The shared upstream session is an ordinary session ([`session::serve`]) whose client is an
-//! in-memory pipe held by the router: authentication, re-authentication at every rotation,
-//! expiry, metrics and draining are the same code as for every other connection.
+//! The shared upstream session is an ordinary session ([`session::serve_shared`]) whose client is
+//! the router itself, run in the router's task: the session reads the requests from the router
+//! and writes the replies to it, with no pipe or copy between them. Authentication,
+//! re-authentication at every rotation, expiry, metrics and draining are the same code as for
+//! every other connection.
 //!
 //! If the shared upstream connection fails, the clients with replies still owed are closed
 //! (their commands may or may not have run, as with a connection of their own); the others
@@ -28,15 +30,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, RequestParser};
 use crate::session::{self, CloseReason, Outcome, Shared, Target};
 
-/// In-memory pipe between a router and its shared session, each way.
-const PIPE: usize = 256 * 1024;
 /// With `--multiplex-max-batches`, held requests go at once when they reach this size: a
 /// batch this large already spreads the costs of a batch (a system call and a TLS record
 /// each way, a pass of the server's event loop) thin, and holding it longer would only
@@ -324,8 +324,8 @@ impl Routers {
             return tx.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let router = Router::new(proto, self.max_batches);
-        tokio::spawn(route(router, rx, shared.clone(), target.clone()));
+        let router = Router::new(proto, self.max_batches, rx);
+        tokio::spawn(route(router, shared.clone(), target.clone()));
         map.insert((worker, proto), tx.clone());
         tx
     }
@@ -785,23 +785,30 @@ impl SharedClient {
     }
 }
 
-/// One thread's router: writes the requests of its shared clients to the shared session,
-/// in order, and hands each reply frame to the client whose request it answers.
-async fn route(
-    mut r: Router,
-    mut rx: mpsc::UnboundedReceiver<Submit>,
-    shared: Arc<Shared>,
-    target: Arc<Target>,
-) {
-    let mut stopping = false;
+/// One thread's router: whenever its shared clients have requests for the shared connection,
+/// it runs the shared session with itself as that session's client ([`Router`]'s `AsyncRead`
+/// and `AsyncWrite`), in this task; when the session ends, every client still owed a reply
+/// is closed, and the next request starts a new session.
+async fn route(mut r: Router, shared: Arc<Shared>, target: Arc<Target>) {
     loop {
-        tokio::select! {
-            open = poll_fn(|cx| r.poll(cx, &mut rx, &shared, &target)) => if !open {
-                return;
-            },
-            // Look again once the proxy stops: the router ends when nothing is owed.
-            _ = shared.shutdown.cancelled(), if !stopping => stopping = true,
+        let work = tokio::select! {
+            work = poll_fn(|cx| r.wait(cx)) => work,
+            // Once the proxy stops, clients submit nothing new: the router ends when nothing
+            // is owed.
+            _ = shared.shutdown.cancelled() => {
+                while let Ok(s) = r.rx.try_recv() {
+                    r.hold(s);
+                }
+                !r.routes.is_empty()
+            }
+        };
+        if !work {
+            return;
         }
+        let proto = r.proto;
+        let outcome = session::serve_shared(&mut r, &shared, &target, proto).await;
+        tracing::debug!(outcome = %outcome, "shared upstream session ended");
+        r.lost();
     }
 }
 
@@ -810,12 +817,23 @@ struct Route {
     replies: usize,
 }
 
+/// The client end of a shared session: it reads the requests of the router's clients, in
+/// the order they were submitted, and writes their replies, which the router hands to the
+/// clients they answer.
+///
+/// Reads never wait for a batch to be answered: the session writes the replies (which
+/// release the next batch) and reads again in the same poll, so only new submissions need
+/// to wake it.
 struct Router {
     /// The protocol the shared session speaks.
     proto: u8,
-    /// The shared session's client end, while one runs.
-    pipe: Option<DuplexStream>,
-    /// Requests of released batches not yet written to the pipe.
+    rx: mpsc::UnboundedReceiver<Submit>,
+    /// No client can submit any more.
+    closed: bool,
+    /// The session shut its end (it is closing): reads see the end of the stream, and
+    /// submissions wait for the next session.
+    shut: bool,
+    /// Requests of released batches not yet read by the session.
     out: VecDeque<Bytes>,
     /// Requests submitted since the last batch was released, with their reply count and size.
     held: VecDeque<Bytes>,
@@ -837,11 +855,13 @@ struct Router {
 }
 
 impl Router {
-    /// `max_batches`: see [`Routers`].
-    fn new(proto: u8, max_batches: usize) -> Router {
+    /// `max_batches`: see [`Routers`]; `rx`: the clients' submissions.
+    fn new(proto: u8, max_batches: usize, rx: mpsc::UnboundedReceiver<Submit>) -> Router {
         Router {
             proto,
-            pipe: None,
+            rx,
+            closed: false,
+            shut: false,
             out: VecDeque::new(),
             held: VecDeque::new(),
             held_replies: 0,
@@ -860,89 +880,34 @@ impl Router {
         }
     }
 
-    /// Returns `Ready(false)` once the router can end: no client can submit any more and
-    /// nothing is owed.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        rx: &mut mpsc::UnboundedReceiver<Submit>,
-        shared: &Arc<Shared>,
-        target: &Arc<Target>,
-    ) -> Poll<bool> {
-        loop {
-            let mut progress = false;
-            let mut closed = false;
-            loop {
-                match rx.poll_recv(cx) {
-                    Poll::Ready(Some(s)) => {
-                        self.hold(s);
-                        progress = true;
-                    }
-                    Poll::Ready(None) => {
-                        closed = true;
-                        break;
-                    }
-                    Poll::Pending => break,
-                }
+    /// Takes every submission waiting into the next batch.
+    fn receive(&mut self, cx: &mut Context<'_>) {
+        while !self.closed {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(s)) => self.hold(s),
+                Poll::Ready(None) => self.closed = true,
+                Poll::Pending => break,
             }
-            self.release_due();
-            if self.pipe.is_none() && !self.out.is_empty() {
-                self.pipe = Some(start_session(shared, target, self.proto));
-                self.rin.clear();
-                self.scanned = 0;
-                self.scanner = ReplyScanner::new();
-                self.push = false;
-            }
-            if let Some(pipe) = self.pipe.as_mut() {
-                while let Some(front) = self.out.front_mut() {
-                    match Pin::new(&mut *pipe).poll_write(cx, front) {
-                        Poll::Ready(Ok(n)) if n > 0 => {
-                            front.advance(n);
-                            if front.is_empty() {
-                                self.out.pop_front();
-                            }
-                            progress = true;
-                        }
-                        Poll::Ready(_) => {
-                            self.lost();
-                            progress = true;
-                            break;
-                        }
-                        Poll::Pending => break,
-                    }
-                }
-            }
-            if let Some(pipe) = self.pipe.as_mut() {
-                self.rin.reserve(READ_MAX);
-                match tokio_util::io::poll_read_buf(Pin::new(pipe), cx, &mut self.rin) {
-                    Poll::Ready(Ok(n)) if n > 0 => {
-                        self.deliver();
-                        progress = true;
-                    }
-                    Poll::Ready(_) => {
-                        self.lost();
-                        progress = true;
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            // Done once no client can submit any more (or the proxy is stopping: clients
-            // submit nothing new then) and nothing is owed. Ending drops the pipe: the shared
-            // session, if any, ends too.
-            let stopping = closed || shared.shutdown.is_cancelled();
-            if stopping && self.routes.is_empty() && self.out.is_empty() {
-                return Poll::Ready(false);
-            }
-            if !progress {
-                return Poll::Pending;
-            }
+        }
+    }
+
+    /// Between sessions: `Ready(true)` once some client is owed a reply (a session must
+    /// start), `Ready(false)` once no client can submit any more.
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        self.receive(cx);
+        if !self.routes.is_empty() {
+            Poll::Ready(true)
+        } else if self.closed {
+            Poll::Ready(false)
+        } else {
+            Poll::Pending
         }
     }
 
     /// Hands every whole reply frame read so far to its client: consecutive replies for the
     /// same client go together. Pushes are dropped: shared clients never subscribe or track
-    /// keys, so none is theirs.
-    fn deliver(&mut self) {
+    /// keys, so none is theirs. An error means the replies are out of step with the requests.
+    fn deliver(&mut self) -> Result<(), &'static str> {
         // Bytes at the front of `rin` holding whole replies for the front route, and how many.
         let mut run = 0;
         let mut replies = 0;
@@ -951,12 +916,12 @@ impl Router {
                 // A frame starts here.
                 self.push = self.rin[run] == b'>';
             }
-            let Ok(scan) = self.scanner.scan(&self.rin[self.scanned..]) else {
-                // The session checks every reply it relays; a frame it let through that does
-                // not scan here is a bug: end this shared session rather than misroute.
-                self.lost();
-                return;
-            };
+            // The session checks every reply it relays: a frame it let through that does not
+            // scan here is a bug, and the shared session ends rather than misroute.
+            let scan = self
+                .scanner
+                .scan(&self.rin[self.scanned..])
+                .map_err(|_| "a relayed reply does not scan")?;
             self.scanned += scan.consumed;
             if !scan.complete {
                 break;
@@ -985,9 +950,7 @@ impl Router {
                 }
             }
             let Some(route) = self.routes.front_mut() else {
-                // A reply nobody asked for: the shared session is out of step.
-                self.lost();
-                return;
+                return Err("a reply nobody asked for");
             };
             if replies == route.replies {
                 self.send_run(run, replies);
@@ -998,6 +961,7 @@ impl Router {
         if replies > 0 {
             self.send_run(run, replies);
         }
+        Ok(())
     }
 
     /// Takes a submission into the next batch.
@@ -1011,7 +975,7 @@ impl Router {
         });
     }
 
-    /// Releases the held requests as one batch, to be written to the pipe, unless
+    /// Releases the held requests as one batch, for the session to read, unless
     /// `max_batches` batches are owed replies and the held requests are small.
     fn release_due(&mut self) {
         if self.held_replies == 0
@@ -1037,10 +1001,10 @@ impl Router {
         self.scanned -= run;
     }
 
-    /// The shared session ended: every client still owed a reply is closed; the next
-    /// submission starts a new session.
+    /// The shared session ended: every client still owed a reply is closed (requests not
+    /// taken from the channel yet go to the next session), and the next session starts clean.
     fn lost(&mut self) {
-        self.pipe = None;
+        self.shut = false;
         self.out.clear();
         self.held.clear();
         (self.held_replies, self.held_bytes) = (0, 0);
@@ -1048,19 +1012,74 @@ impl Router {
         for route in self.routes.drain(..) {
             let _ = route.to.send(Delivery::Lost);
         }
+        self.rin = BytesMut::new();
+        self.scanned = 0;
+        self.scanner = ReplyScanner::new();
+        self.push = false;
     }
 }
 
-/// Starts a shared session on this thread speaking `proto`, returning its client end.
-fn start_session(shared: &Arc<Shared>, target: &Arc<Target>, proto: u8) -> DuplexStream {
-    let (mine, theirs) = tokio::io::duplex(PIPE);
-    let shared = shared.clone();
-    let target = target.clone();
-    tokio::spawn(async move {
-        let outcome = session::serve_with(theirs, &shared, &target, proto, None).await;
-        tracing::debug!(outcome = %outcome, "shared upstream session ended");
-    });
-    mine
+impl AsyncRead for Router {
+    /// The released requests, as many bytes as fit; the end of the stream once the session
+    /// shut its end or no client can submit any more.
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = &mut *self;
+        if r.shut {
+            return Poll::Ready(Ok(()));
+        }
+        r.receive(cx);
+        r.release_due();
+        if r.out.is_empty() {
+            return if r.closed && r.held_replies == 0 {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            };
+        }
+        while let Some(front) = r.out.front_mut() {
+            let n = front.len().min(buf.remaining());
+            if n == 0 {
+                break;
+            }
+            buf.put_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                r.out.pop_front();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Router {
+    /// Replies from the session: every whole one goes to its client at once.
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.rin.extend_from_slice(buf);
+        Poll::Ready(match self.deliver() {
+            Ok(()) => Ok(buf.len()),
+            Err(why) => {
+                tracing::error!("shared connection out of step, closing it: {why}");
+                Err(io::Error::other(why))
+            }
+        })
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shut = true;
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// For the log: the name of the command that pinned a client (the first request of the bytes
@@ -1137,6 +1156,11 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Prefixed<C> {
 mod tests {
     use super::*;
 
+    /// A router whose clients are gone (the tests hand it submissions themselves).
+    fn router(proto: u8, max_batches: usize) -> Router {
+        Router::new(proto, max_batches, mpsc::unbounded_channel().1)
+    }
+
     #[test]
     fn only_plain_commands_share() {
         for name in [
@@ -1203,11 +1227,11 @@ mod tests {
                         replies: 2,
                     },
                 ]),
-                ..Router::new(2, 0)
+                ..router(2, 0)
             };
             for piece in [&stream[..split], &stream[split..]] {
                 r.rin.extend_from_slice(piece);
-                r.deliver();
+                r.deliver().unwrap();
             }
             assert!(r.routes.is_empty() && r.rin.is_empty(), "split {split}");
             assert_eq!(collect(&mut a_rx), (expect_a.clone(), 4), "split {split}");
@@ -1249,11 +1273,11 @@ mod tests {
                             replies: 1,
                         },
                     ]),
-                    ..Router::new(3, 0)
+                    ..router(3, 0)
                 };
                 for piece in [&stream[..split], &stream[split..second], &stream[second..]] {
                     r.rin.extend_from_slice(piece);
-                    r.deliver();
+                    r.deliver().unwrap();
                 }
                 assert!(r.routes.is_empty(), "split {split}/{second}");
                 assert!(r.rin.is_empty(), "split {split}/{second}: {:?}", r.rin);
@@ -1269,6 +1293,60 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The router as the shared session's client: the session reads the submitted requests
+    /// and writes replies that reach their clients; once the session shuts its end, reads
+    /// see the end of the stream, and a request submitted then waits for the next session
+    /// while the clients owed replies by the ended one are closed.
+    #[tokio::test]
+    async fn the_router_is_the_shared_sessions_client() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let get = |k: &str| format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()).into_bytes();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut r = Router::new(2, 0, rx);
+        let submit = |frames: Vec<u8>, replies| {
+            let (to, rx) = mpsc::unbounded_channel();
+            tx.send(Submit {
+                frames: frames.into(),
+                replies,
+                to,
+            })
+            .unwrap();
+            rx
+        };
+        let mut a = submit(get("a"), 1);
+        let mut b = submit([get("b1"), get("b2")].concat(), 2);
+        assert!(
+            poll_fn(|cx| r.wait(cx)).await,
+            "requests wait: a session must start"
+        );
+        let mut buf = vec![0; 1024];
+        let n = r.read(&mut buf).await.unwrap();
+        assert_eq!(buf[..n], [get("a"), get("b1"), get("b2")].concat());
+        r.write_all(b"$2\r\nva\r\n$2\r\nvb\r\n").await.unwrap();
+        assert_eq!(collect(&mut a), (b"$2\r\nva\r\n".to_vec(), 1));
+        assert_eq!(collect(&mut b), (b"$2\r\nvb\r\n".to_vec(), 1));
+
+        // The session closes (as a drained or idle session does) with b still owed a reply.
+        r.shutdown().await.unwrap();
+        let mut c = submit(get("c"), 1);
+        assert_eq!(
+            r.read(&mut buf).await.unwrap(),
+            0,
+            "the end, for the closing session"
+        );
+        r.lost();
+        assert!(matches!(b.try_recv(), Ok(Delivery::Lost)));
+        // c goes to the next session, whole.
+        assert!(poll_fn(|cx| r.wait(cx)).await);
+        let n = r.read(&mut buf).await.unwrap();
+        assert_eq!(buf[..n], get("c"));
+        r.write_all(b":1\r\n").await.unwrap();
+        assert_eq!(collect(&mut c), (b":1\r\n".to_vec(), 1));
+
+        // A reply nobody asked for ends the session with an error.
+        assert!(r.write_all(b"+OK\r\n").await.is_err());
     }
 
     /// `f` of the request made of `args`, parsed.
@@ -1377,7 +1455,7 @@ mod tests {
         let written =
             |r: &mut Router| -> Vec<u8> { r.out.drain(..).flat_map(|b| b.to_vec()).collect() };
 
-        let mut r = Router::new(2, 1);
+        let mut r = router(2, 1);
         let mut a = submit(&mut r, get("a"), 1);
         assert_eq!(written(&mut r), get("a"), "the first batch goes at once");
         let mut b = submit(&mut r, get("b"), 1);
@@ -1390,7 +1468,7 @@ mod tests {
 
         // The first batch's reply releases the held requests, in order, as one batch.
         r.rin.extend_from_slice(b"$2\r\nva\r\n");
-        r.deliver();
+        r.deliver().unwrap();
         assert_eq!(collect(&mut a), (b"$2\r\nva\r\n".to_vec(), 1));
         r.release_due();
         assert_eq!(written(&mut r), [get("b"), get("c1"), get("c2")].concat());
@@ -1409,22 +1487,22 @@ mod tests {
         // Replies in pieces: the next small request waits until both batches are answered.
         let mut e = submit(&mut r, get("e"), 1);
         r.rin.extend_from_slice(b"$2\r\nvb\r\n$3\r\nvc1\r\n");
-        r.deliver();
+        r.deliver().unwrap();
         r.release_due();
         assert!(r.out.is_empty());
         r.rin.extend_from_slice(b"$-1\r\n+OK\r\n");
-        r.deliver();
+        r.deliver().unwrap();
         r.release_due();
         assert_eq!(written(&mut r), get("e"));
         assert_eq!(collect(&mut b), (b"$2\r\nvb\r\n".to_vec(), 1));
         assert_eq!(collect(&mut c), (b"$3\r\nvc1\r\n$-1\r\n".to_vec(), 2));
         r.rin.extend_from_slice(b":1\r\n");
-        r.deliver();
+        r.deliver().unwrap();
         assert_eq!(collect(&mut e), (b":1\r\n".to_vec(), 1));
         assert!(r.batches.is_empty() && r.routes.is_empty());
 
         // No limit: every submission is its own batch, at once.
-        let mut r = Router::new(2, 0);
+        let mut r = router(2, 0);
         let _a = submit(&mut r, get("a"), 1);
         let _b = submit(&mut r, get("b"), 1);
         assert_eq!(written(&mut r), [get("a"), get("b")].concat());

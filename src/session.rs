@@ -33,6 +33,10 @@ use crate::upstream::Connector;
 
 /// Most bytes requested per read. Matches Redis's own read size (`PROTO_IOBUF_LEN`).
 const READ_CHUNK: usize = 16 * 1024;
+/// Most bytes requested per read from a shared connection's client, which carries the
+/// requests of many clients: each read becomes one write to the server (a TLS record of 16 KiB
+/// or more, a system call), and one shared connection per thread can afford the buffer.
+const SHARED_READ_CHUNK: usize = 64 * 1024;
 /// Bytes requested by a connection's first read, doubled after every read that fills its
 /// room up to [`READ_CHUNK`]: a connection that only ever sends small commands never holds a
 /// large buffer (memory per idle connection), a busy one reaches full-size reads at once.
@@ -160,11 +164,36 @@ where
 /// expects, and what a RESP3 shared connection speaks. The replies of the injected `HELLO`
 /// and `CLIENT SETNAME` are swallowed.
 pub async fn serve_with<C>(
+    client: C,
+    shared: &Shared,
+    target: &Target,
+    proto: u8,
+    name: Option<&[u8]>,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    serve_inner(client, shared, target, proto, name, READ_CHUNK).await
+}
+
+/// Serves the in-memory client of a shared connection (`--multiplex`), which speaks
+/// `proto`: like [`serve_with`], but reading up to [`SHARED_READ_CHUNK`] of its requests at
+/// once, so that the requests of many clients go to the server in few, large writes.
+pub async fn serve_shared<C>(client: C, shared: &Shared, target: &Target, proto: u8) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    serve_inner(client, shared, target, proto, None, SHARED_READ_CHUNK).await
+}
+
+/// `read_max`: the most bytes read from the client at once.
+async fn serve_inner<C>(
     mut client: C,
     shared: &Shared,
     target: &Target,
     proto: u8,
     name: Option<&[u8]>,
+    read_max: usize,
 ) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -199,7 +228,7 @@ where
         core.name_connection(name);
     }
     let active = metrics::Active::new(&m.upstream_active, false);
-    let outcome = pump(&mut client, &mut upstream, &mut core, shared).await;
+    let outcome = pump(&mut client, &mut upstream, &mut core, shared, read_max).await;
     drop(active);
     // The proxy closes: FIN, then unread input is drained, so that the close does not turn
     // into a reset that destroys replies the client has not read yet.
@@ -296,7 +325,13 @@ async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, msg: &str) {
     let _ = client.shutdown().await;
 }
 
-async fn pump<C, U>(client: &mut C, upstream: &mut U, core: &mut Core, shared: &Shared) -> Outcome
+async fn pump<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    core: &mut Core,
+    shared: &Shared,
+    read_max: usize,
+) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -306,6 +341,7 @@ where
         uin: BytesMut::new(),
         cin_chunk: READ_CHUNK_MIN,
         uin_chunk: READ_CHUNK_MIN,
+        cin_max: read_max,
         reading_client: true,
         draining: false,
         last_client_input: Instant::now(),
@@ -515,6 +551,8 @@ struct Io {
     /// Room reserved before the next read of each side (see [`READ_CHUNK_MIN`]).
     cin_chunk: usize,
     uin_chunk: usize,
+    /// Most bytes read from the client at once.
+    cin_max: usize,
     /// `cin` holds only the beginning of a request: the core waits for the client.
     cin_partial: bool,
     /// Since when the client has kept the current request incomplete (reset whenever a
@@ -655,7 +693,7 @@ impl Io {
                         self.shrunk = false;
                         metrics::handles().client_in.increment(n as u64);
                         if n >= self.cin_chunk {
-                            self.cin_chunk = (self.cin_chunk * 2).min(READ_CHUNK);
+                            self.cin_chunk = (self.cin_chunk * 2).min(self.cin_max);
                         }
                         self.feed_client(core);
                         progress = true;
