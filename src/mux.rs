@@ -23,9 +23,10 @@
 //! carry on, and the next request opens a new shared session.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -805,8 +806,17 @@ async fn route(mut r: Router, shared: Arc<Shared>, target: Arc<Target>) {
         if !work {
             return;
         }
-        let proto = r.proto;
-        let outcome = session::serve_shared(&mut r, &shared, &target, proto).await;
+        let (proto, polls) = (r.proto, r.polls.clone());
+        let outcome = {
+            let mut session =
+                std::pin::pin!(session::serve_shared(&mut r, &shared, &target, proto));
+            // Counts the polls of this task for the router (see `Router::answered_in`).
+            poll_fn(|cx| {
+                polls.fetch_add(1, Ordering::Relaxed);
+                session.as_mut().poll(cx)
+            })
+            .await
+        };
         tracing::debug!(outcome = %outcome, "shared upstream session ended");
         r.lost();
     }
@@ -841,6 +851,14 @@ struct Router {
     held_bytes: usize,
     /// Replies still owed for each released batch, oldest first.
     batches: VecDeque<usize>,
+    /// Polls of the session's task so far, and the one in which a batch was last answered:
+    /// held requests are released only in a later poll, after the clients that batch woke
+    /// and the clients whose requests came meanwhile have run, so that what they submit joins
+    /// the batch. Released at once, batches are smaller, and the server does more work per
+    /// request (`benches/ab.sh 8 "-c 50 -n 200000 -t get"`, `--multiplex-max-batches 1`:
+    /// redis-server 2.60 µs per request instead of 1.85, throughput 10 % less).
+    polls: Arc<AtomicU64>,
+    answered_in: Option<u64>,
     /// Release a batch only while fewer than this many are owed replies (or once
     /// [`HOLD_BYTES`] are held); `usize::MAX`: at once.
     max_batches: usize,
@@ -867,6 +885,8 @@ impl Router {
             held_replies: 0,
             held_bytes: 0,
             batches: VecDeque::new(),
+            polls: Arc::default(),
+            answered_in: None,
             max_batches: if max_batches == 0 {
                 usize::MAX
             } else {
@@ -947,6 +967,7 @@ impl Router {
                 if *owed == 0 {
                     // The next batch may go.
                     self.batches.pop_front();
+                    self.answered_in = Some(self.polls.load(Ordering::Relaxed));
                 }
             }
             let Some(route) = self.routes.front_mut() else {
@@ -1032,7 +1053,16 @@ impl AsyncRead for Router {
             return Poll::Ready(Ok(()));
         }
         r.receive(cx);
-        r.release_due();
+        if r.answered_in == Some(r.polls.load(Ordering::Relaxed)) {
+            if r.out.is_empty() && r.held_replies > 0 {
+                // Poll again once the runtime has run the other ready tasks and polled for
+                // I/O (what `yield_now` does for an async fn).
+                let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+            }
+        } else {
+            r.answered_in = None;
+            r.release_due();
+        }
         if r.out.is_empty() {
             return if r.closed && r.held_replies == 0 {
                 Poll::Ready(Ok(()))
@@ -1347,6 +1377,56 @@ mod tests {
 
         // A reply nobody asked for ends the session with an error.
         assert!(r.write_all(b"+OK\r\n").await.is_err());
+    }
+
+    /// With `--multiplex-max-batches 1`, requests held while a batch is owed go once it is
+    /// answered, but in a later poll of the session's task than the one that answered it
+    /// (after the clients it woke have run), all together.
+    #[tokio::test]
+    async fn held_requests_go_in_a_later_poll_than_their_batch_is_answered() {
+        use tokio::io::AsyncWriteExt;
+        let get = |k: &str| format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()).into_bytes();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut r = Router::new(2, 1, rx);
+        let submit = |frames: Vec<u8>| {
+            let (to, rx) = mpsc::unbounded_channel();
+            tx.send(Submit {
+                frames: frames.into(),
+                replies: 1,
+                to,
+            })
+            .unwrap();
+            rx
+        };
+        // One read, as the session's poll makes it: the bytes, or None for Pending.
+        let read_now = |r: &mut Router| {
+            let mut bytes = vec![0; 1024];
+            let mut buf = ReadBuf::new(&mut bytes);
+            let waker = std::task::Waker::noop();
+            match Pin::new(r).poll_read(&mut Context::from_waker(waker), &mut buf) {
+                Poll::Ready(result) => {
+                    result.unwrap();
+                    Some(buf.filled().to_vec())
+                }
+                Poll::Pending => None,
+            }
+        };
+        let next_poll = |r: &Router| r.polls.fetch_add(1, Ordering::Relaxed);
+
+        let _a = submit(get("a"));
+        assert_eq!(read_now(&mut r), Some(get("a")));
+        let _b = submit(get("b"));
+        assert_eq!(read_now(&mut r), None, "held while a's batch is owed");
+        next_poll(&r);
+        r.write_all(b":1\r\n").await.unwrap();
+        assert_eq!(
+            read_now(&mut r),
+            None,
+            "not in the poll that answered the batch"
+        );
+        let _c = submit(get("c"));
+        next_poll(&r);
+        assert_eq!(read_now(&mut r), Some([get("b"), get("c")].concat()));
     }
 
     /// `f` of the request made of `args`, parsed.
