@@ -14,7 +14,7 @@
 //!
 //! The shared upstream session is an ordinary session ([`session::serve_shared`]) whose client is
 //! the router itself, run in the router's task: the session reads the requests from the router
-//! and writes the replies to it, with no pipe or copy between them. Authentication,
+//! and writes the replies to it, with no pipe or other task between them. Authentication,
 //! re-authentication at every rotation, expiry, metrics and draining are the same code as for
 //! every other connection.
 //!
@@ -502,8 +502,9 @@ enum Step {
 }
 
 /// A client in its shared phase. Its bytes are counted in the metrics by the sessions that
-/// carry them: the shared session counts what goes through its pipe, a pinned session what it
-/// reads (the bytes handed over first included); only requests no session sees are counted here.
+/// carry them: the shared session counts what it reads from and writes to the router, a
+/// pinned session what it reads (the bytes handed over first included); only requests no
+/// session sees are counted here.
 struct SharedClient {
     cin: BytesMut,
     chunk: usize,
