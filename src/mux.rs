@@ -832,9 +832,9 @@ struct Route {
 /// the order they were submitted, and writes their replies, which the router hands to the
 /// clients they answer.
 ///
-/// Reads never wait for a batch to be answered: the session writes the replies (which
-/// release the next batch) and reads again in the same poll, so only new submissions need
-/// to wake it.
+/// A read that finds nothing to hand out registers for new submissions only. Held requests
+/// need no other wake-up: the replies that release them are written by the session in one of
+/// its polls, and the read in that poll asks for the next one (see `answered_in`).
 struct Router {
     /// The protocol the shared session speaks.
     proto: u8,
