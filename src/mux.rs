@@ -793,16 +793,13 @@ impl SharedClient {
 /// is closed, and the next request starts a new session.
 async fn route(mut r: Router, shared: Arc<Shared>, target: Arc<Target>) {
     loop {
+        // Once the proxy stops, clients submit nothing new: the router ends when nothing is
+        // owed.
+        let stopping = shared.shutdown.is_cancelled();
         let work = tokio::select! {
-            work = poll_fn(|cx| r.wait(cx)) => work,
-            // Once the proxy stops, clients submit nothing new: the router ends when nothing
-            // is owed.
-            _ = shared.shutdown.cancelled() => {
-                while let Ok(s) = r.rx.try_recv() {
-                    r.hold(s);
-                }
-                !r.routes.is_empty()
-            }
+            work = poll_fn(|cx| r.wait(cx, stopping)) => work,
+            // Look again, stopping.
+            _ = shared.shutdown.cancelled(), if !stopping => continue,
         };
         if !work {
             return;
@@ -913,12 +910,13 @@ impl Router {
     }
 
     /// Between sessions: `Ready(true)` once some client is owed a reply (a session must
-    /// start), `Ready(false)` once no client can submit any more.
-    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+    /// start), `Ready(false)` once no client can submit any more, or the proxy is `stopping`
+    /// and none is owed one.
+    fn wait(&mut self, cx: &mut Context<'_>, stopping: bool) -> Poll<bool> {
         self.receive(cx);
         if !self.routes.is_empty() {
             Poll::Ready(true)
-        } else if self.closed {
+        } else if self.closed || stopping {
             Poll::Ready(false)
         } else {
             Poll::Pending
@@ -1349,7 +1347,7 @@ mod tests {
         let mut a = submit(get("a"), 1);
         let mut b = submit([get("b1"), get("b2")].concat(), 2);
         assert!(
-            poll_fn(|cx| r.wait(cx)).await,
+            poll_fn(|cx| r.wait(cx, false)).await,
             "requests wait: a session must start"
         );
         let mut buf = vec![0; 1024];
@@ -1370,7 +1368,7 @@ mod tests {
         r.lost();
         assert!(matches!(b.try_recv(), Ok(Delivery::Lost)));
         // c goes to the next session, whole.
-        assert!(poll_fn(|cx| r.wait(cx)).await);
+        assert!(poll_fn(|cx| r.wait(cx, false)).await);
         let n = r.read(&mut buf).await.unwrap();
         assert_eq!(buf[..n], get("c"));
         r.write_all(b":1\r\n").await.unwrap();
