@@ -185,7 +185,7 @@ fn length(line: &[u8]) -> Result<Option<u64>, ReplyError> {
 
 /// Offset of the first CRLF. Reply lines never contain a bare CR.
 fn find_crlf(buf: &[u8]) -> Option<usize> {
-    let cr = memchr::memchr(b'\r', buf)?;
+    let cr = super::find(b'\r', buf)?;
     (cr + 1 < buf.len()).then_some(cr)
 }
 

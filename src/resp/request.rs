@@ -325,7 +325,7 @@ impl RequestParser {
     /// terminator means "not found yet", and Redis keeps waiting (up to the size limit).
     fn find_line_end(&mut self, buf: &[u8], start: usize, terminator: u8) -> Option<usize> {
         let from = self.scan_from.max(start);
-        match memchr::memchr2(terminator, 0, &buf[from..]) {
+        match super::find2(terminator, 0, &buf[from..]) {
             Some(i) if buf[from + i] == terminator => Some(from + i),
             Some(i) => {
                 self.scan_from = from + i;
