@@ -597,6 +597,12 @@ impl Core {
     }
 
     fn finish(&mut self, role: Role) {
+        if matches!(role, Role::Reply { mode, .. } if mode != Mode::Rewrite)
+            && self.ledger.pop_plain()
+        {
+            // A plain reply, relayed or dropped: nothing else to do, error or not.
+            return;
+        }
         match role {
             Role::Unsolicited { .. } => {}
             Role::Ack { kind, subscribe } => self.finish_ack(kind, subscribe),

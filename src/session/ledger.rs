@@ -166,6 +166,24 @@ impl Ledger {
         Some(e)
     }
 
+    /// Drops the front entry when it is a plain reply (no effect), without handing it out:
+    /// the common case of every relayed reply, kept cheap. Returns whether it did.
+    pub fn pop_plain(&mut self) -> bool {
+        let Some((e, n)) = self.entries.front_mut() else {
+            return false;
+        };
+        if !mergeable(e) {
+            return false;
+        }
+        if *n > 1 {
+            *n -= 1;
+        } else {
+            self.entries.pop_front();
+        }
+        self.total -= 1;
+        true
+    }
+
     pub fn len(&self) -> usize {
         self.total
     }
@@ -236,5 +254,20 @@ mod tests {
         );
         assert_eq!(l.pop(), Some(plain()));
         assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn pop_plain_takes_only_plain_replies() {
+        let mut l = Ledger::default();
+        l.push(plain());
+        l.push(plain());
+        l.push(Expect::Close);
+        assert!(l.pop_plain());
+        assert_eq!((l.len(), l.client_pending()), (2, 1));
+        assert!(l.pop_plain());
+        assert!(!l.pop_plain(), "Close is not a plain reply");
+        assert_eq!(l.pop(), Some(Expect::Close));
+        assert!(!l.pop_plain());
+        assert_eq!((l.len(), l.client_pending()), (0, 0));
     }
 }
