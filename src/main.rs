@@ -84,15 +84,33 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn init_logging(filter: &str, format: Option<LogFormat>) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    // Directives naming only targets and levels (`info`, `redis_entra_proxy=debug,warn`) are
+    // decided once per call site by `Targets`. `EnvFilter`, needed only for span and field
+    // directives (`[conn]=debug`), takes a lock on every span enter and exit: every poll of a
+    // session, since each connection's task runs in its `conn` span.
+    if !filter.contains(['[', '{']) {
+        if let Ok(targets) = filter.parse::<Targets>() {
+            return install_logging(targets, format);
+        }
+    }
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    install_logging(filter, format);
+}
+
+fn install_logging<F>(filter: F, format: Option<LogFormat>)
+where
+    F: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+{
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let logs = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format.unwrap_or(LogFormat::Text) {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => logs.with(fmt).init(),
+        LogFormat::Json => logs.with(fmt.json().flatten_event(true)).init(),
     }
 }
