@@ -292,6 +292,15 @@ pub struct Options {
     )]
     pub multiplex_max_batches: Option<usize>,
 
+    /// With --multiplex and more than one --worker-threads: while shared requests are small
+    /// (under 1 KiB a request with its reply) and one thread keeps up, gather the shared
+    /// clients on one thread, whose batches are then larger; spread them over all threads
+    /// again when requests grow (over 4 KiB) or that thread saturates. Clients move only
+    /// when nothing is owed to them [default: true].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_MULTIPLEX_CONSOLIDATE", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub multiplex_consolidate: Option<bool>,
+
     /// OSS cluster support: `auto` turns it on when the upstream reports cluster support
     /// enabled; then each cluster node gets a local listener and node addresses in CLUSTER
     /// SLOTS/SHARDS/NODES replies and MOVED/ASK errors are rewritten to them [default: auto].
@@ -320,7 +329,8 @@ pub struct Options {
     pub cluster_refresh_interval: Option<Duration>,
 
     /// Threads serving client connections, each with its own event loop; a connection stays
-    /// on one thread for its whole life [default: the number of CPUs the process may use].
+    /// on one thread for its whole life, except that a multiplexed client may move while it
+    /// shares (--multiplex-consolidate) [default: the number of CPUs the process may use].
     /// On a machine shared with busy neighbours (the application, Redis itself), fewer
     /// threads than CPUs cost less CPU per request.
     #[arg(long, env = "REDIS_ENTRA_PROXY_WORKER_THREADS", value_name = "N")]
@@ -370,7 +380,7 @@ impl Options {
             client_secret_file, client_certificate_file, credential_file, credential_command,
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,
             local_password_file, allow_unauthenticated_remote, connect_timeout, drain_timeout,
-            client_idle_timeout, partial_request_timeout, warm_connections, multiplex, multiplex_max_batches, cluster_mode, cluster_ports,
+            client_idle_timeout, partial_request_timeout, warm_connections, multiplex, multiplex_max_batches, multiplex_consolidate, cluster_mode, cluster_ports,
             cluster_announce_host, cluster_refresh_interval, worker_threads, max_connections, refresh_ratio, reauth_window, admin_listen, log_level, log_format)
     }
 }

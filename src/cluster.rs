@@ -128,6 +128,7 @@ pub struct Cluster {
     /// Node listeners multiplex their clients (`--multiplex`).
     multiplex: bool,
     multiplex_max_batches: usize,
+    multiplex_consolidate: bool,
     registry: Mutex<Registry>,
     listeners: mpsc::UnboundedSender<NodeListener>,
     /// Wakes the refresh task early (a redirection named a node not seen before).
@@ -155,6 +156,8 @@ pub struct NodeOptions {
     pub multiplex: bool,
     /// `--multiplex-max-batches`.
     pub multiplex_max_batches: usize,
+    /// `--multiplex-consolidate`, with more than one session thread.
+    pub multiplex_consolidate: bool,
 }
 
 impl Cluster {
@@ -192,6 +195,7 @@ impl Cluster {
             tls: nodes.tls,
             multiplex: nodes.multiplex,
             multiplex_max_batches: nodes.multiplex_max_batches,
+            multiplex_consolidate: nodes.multiplex_consolidate,
             registry: Mutex::new(Registry {
                 nodes: HashMap::new(),
                 cursor,
@@ -345,9 +349,9 @@ impl Cluster {
             pool: None,
             rewriter: Some(self.rewriter(host)?),
             clients: AtomicUsize::new(0),
-            mux: self
-                .multiplex
-                .then(|| crate::mux::Routers::new(self.multiplex_max_batches)),
+            mux: self.multiplex.then(|| {
+                crate::mux::Routers::new(self.multiplex_max_batches, self.multiplex_consolidate)
+            }),
         });
         let stop = CancellationToken::new();
         let listener = NodeListener {

@@ -127,6 +127,8 @@ pub struct Config {
     pub multiplex: bool,
     /// `--multiplex-max-batches`; 0: no limit.
     pub multiplex_max_batches: usize,
+    /// `--multiplex-consolidate`.
+    pub multiplex_consolidate: bool,
     pub cluster: ClusterConfig,
     /// `None`: one per CPU.
     pub worker_threads: Option<usize>,
@@ -310,6 +312,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         warm_connections: o.warm_connections.unwrap_or(0),
         multiplex: o.multiplex.unwrap_or(false),
         multiplex_max_batches: o.multiplex_max_batches.unwrap_or(0),
+        multiplex_consolidate: o.multiplex_consolidate.unwrap_or(true),
         cluster,
         worker_threads: o.worker_threads,
         max_connections,
@@ -520,6 +523,10 @@ pub fn render(o: &Options, token_set: bool) -> String {
     line(
         "multiplex-max-batches",
         o.multiplex_max_batches.unwrap_or(0).to_string(),
+    );
+    line(
+        "multiplex-consolidate",
+        o.multiplex_consolidate.unwrap_or(true).to_string(),
     );
     line(
         "cluster-mode",

@@ -188,6 +188,11 @@ pub async fn run_with_source(
     if config.cluster.auto_disabled {
         tracing::warn!("cluster support is off: --listen is not a specific IP address that cluster clients could be sent to (set --cluster-announce-host)");
     }
+    let threads = config.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    // Gathering shared clients on one thread means something only with more than one.
+    let consolidate = config.multiplex_consolidate && threads > 1;
     let (cluster, nodes) = match (config.cluster.mode, config.listen) {
         (cluster::ClusterMode::Off, _) | (_, None) => (None, None),
         (mode, Some(listen)) => {
@@ -202,6 +207,7 @@ pub async fn run_with_source(
                     tls: config.upstream.tls,
                     multiplex: config.multiplex,
                     multiplex_max_batches: config.multiplex_max_batches,
+                    multiplex_consolidate: consolidate,
                 },
                 tx,
             );
@@ -220,7 +226,7 @@ pub async fn run_with_source(
         clients: Default::default(),
         mux: config
             .multiplex
-            .then(|| mux::Routers::new(config.multiplex_max_batches)),
+            .then(|| mux::Routers::new(config.multiplex_max_batches, consolidate)),
     });
     // Histograms keep their samples until the exporter's upkeep folds them: without it, a
     // proxy nobody scrapes (or with no admin endpoint) grows with every connection and AUTH.
@@ -254,9 +260,6 @@ pub async fn run_with_source(
         cluster_mode = ?config.cluster.mode,
         "proxy started"
     );
-    let threads = config.worker_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
     let workers = Arc::new(workers::Workers::start(threads).map_err(RunError::Threads)?);
     server::serve(
         listeners,

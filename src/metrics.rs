@@ -30,6 +30,8 @@ pub const WARM_HANDED_OUT_TOTAL: &str = "redis_entra_proxy_warm_handed_out_total
 pub const MULTIPLEX_SHARED_CLIENTS: &str = "redis_entra_proxy_multiplex_shared_clients";
 pub const MULTIPLEX_PINNED_TOTAL: &str = "redis_entra_proxy_multiplex_pinned_total";
 pub const MULTIPLEX_BATCHES_TOTAL: &str = "redis_entra_proxy_multiplex_batches_total";
+pub const MULTIPLEX_CONSOLIDATED: &str = "redis_entra_proxy_multiplex_consolidated";
+pub const MULTIPLEX_MOVES_TOTAL: &str = "redis_entra_proxy_multiplex_moves_total";
 pub const CLUSTER_NODES: &str = "redis_entra_proxy_cluster_nodes";
 pub const CLUSTER_REFRESH_TOTAL: &str = "redis_entra_proxy_cluster_refresh_total";
 pub const CLUSTER_REDIRECTS_TOTAL: &str = "redis_entra_proxy_cluster_redirects_total";
@@ -137,6 +139,14 @@ fn describe() {
         "Batches of shared requests sent over shared connections; shared requests per batch is the mean batch size (--multiplex)."
     );
     describe_gauge!(
+        MULTIPLEX_CONSOLIDATED,
+        "1 while shared clients gather on one session thread (small requests), 0 while they spread over all (--multiplex-consolidate)."
+    );
+    describe_counter!(
+        MULTIPLEX_MOVES_TOTAL,
+        "Shared clients moved from one session thread to another (--multiplex-consolidate)."
+    );
+    describe_gauge!(
         CLUSTER_NODES,
         "Cluster nodes with a local listener (cluster mode)."
     );
@@ -170,6 +180,8 @@ pub struct Handles {
     pub mux_shared: Gauge,
     pub mux_pinned: Counter,
     pub mux_batches: Counter,
+    pub mux_consolidated: Gauge,
+    pub mux_moves: Counter,
 }
 
 /// Index into the `[initial, reauth]` arrays.
@@ -209,6 +221,8 @@ pub fn handles() -> &'static Handles {
             mux_shared: metrics::gauge!(MULTIPLEX_SHARED_CLIENTS),
             mux_pinned: metrics::counter!(MULTIPLEX_PINNED_TOTAL),
             mux_batches: metrics::counter!(MULTIPLEX_BATCHES_TOTAL),
+            mux_consolidated: metrics::gauge!(MULTIPLEX_CONSOLIDATED),
+            mux_moves: metrics::counter!(MULTIPLEX_MOVES_TOTAL),
         }
     })
 }

@@ -37,6 +37,11 @@ use tokio::sync::mpsc;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, RequestParser};
 use crate::session::{self, CloseReason, Outcome, Shared, Target};
+use crate::workers::Workers;
+
+mod balance;
+
+pub use balance::Balance;
 
 /// With `--multiplex-max-batches`, held requests go at once when they reach this size: a
 /// batch this large already spreads the costs of a batch (a system call and a TLS record
@@ -298,16 +303,38 @@ fn client_getname(cmd: &crate::resp::request::Command<'_>) -> bool {
 /// connection, RESP3 clients another), started on first use.
 pub struct Routers {
     by_worker: Mutex<HashMap<(usize, u8), mpsc::UnboundedSender<Submit>>>,
+    /// Which session threads the shared clients run on.
+    balance: Arc<Balance>,
     /// `--multiplex-max-batches`: batches a shared connection may have owed replies before
     /// new requests are held for the next one; 0: no limit.
     max_batches: usize,
 }
 
 impl Routers {
-    pub fn new(max_batches: usize) -> Routers {
+    /// `consolidate`: `--multiplex-consolidate` with more than one session thread.
+    pub fn new(max_batches: usize, consolidate: bool) -> Routers {
         Routers {
             by_worker: Mutex::default(),
+            balance: Arc::new(Balance::new(consolidate)),
             max_batches,
+        }
+    }
+
+    /// Whether a new client of this target should start on the home thread.
+    pub fn gathering(&self) -> bool {
+        self.balance.consolidated()
+    }
+
+    /// The session thread a shared client on `worker` should move to, if any: the home
+    /// thread while consolidated, a thread with fewer sessions while spread (and moving
+    /// leaves the threads more even).
+    fn destination(&self, worker: usize, workers: &Workers) -> Option<usize> {
+        if !self.balance.enabled() {
+            None
+        } else if self.balance.consolidated() {
+            (worker != Workers::HOME).then_some(Workers::HOME)
+        } else {
+            workers.lighter_than(worker)
         }
     }
 
@@ -325,7 +352,11 @@ impl Routers {
             return tx.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let router = Router::new(proto, self.max_batches, rx);
+        let mut router = Router::new(proto, self.max_batches, rx);
+        router.balance = Some((
+            self.balance.clone(),
+            balance::Tally::new(worker == Workers::HOME),
+        ));
         tokio::spawn(route(router, shared.clone(), target.clone()));
         map.insert((worker, proto), tx.clone());
         tx
@@ -352,32 +383,59 @@ enum Phase {
     /// Serve the rest on a connection of its own speaking this protocol and named so (the
     /// client's `CLIENT SETNAME`), these bytes first.
     Pin(BytesMut, u8, Option<Bytes>),
+    /// Go on on this session thread.
+    Move(usize, Carry),
+}
+
+/// What a shared client carries to the session thread it moves to.
+pub struct Carry {
+    /// A request it has begun to send.
+    cin: BytesMut,
+    proto: u8,
+    name: Option<Bytes>,
+}
+
+/// How [`serve`] ended.
+pub enum Served<C> {
+    Done(Outcome),
+    /// Nothing is owed to the client, and it goes on on session thread `to`
+    /// ([`balance`]): serve it there, with `carry`.
+    Move {
+        client: C,
+        to: usize,
+        carry: Carry,
+    },
 }
 
 /// Serves a client with multiplexing: shared while it sends only [`shareable`] commands,
 /// pinned to a session of its own from its first other command on. `worker`: the session
-/// thread this runs on (`workers.rs`), whose shared connection it uses.
+/// thread this runs on (`workers.rs`), whose shared connection it uses; `carry`: what the
+/// client had when it moved here from another thread.
 pub async fn serve<C>(
     mut client: C,
     shared: &Arc<Shared>,
     target: &Arc<Target>,
     worker: usize,
-) -> Outcome
+    workers: &Workers,
+    carry: Option<Carry>,
+) -> Served<C>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let routers = match &target.mux {
         // A local password: its AUTH and NOAUTH rules are the pinned session's.
         Some(routers) if shared.local_password.is_none() => routers,
-        _ => return session::serve(client, shared, target).await,
+        _ => return Served::Done(session::serve(client, shared, target).await),
     };
     let router = |proto| routers.get(worker, proto, shared, target);
+    let destination = || routers.destination(worker, workers);
     let m = crate::metrics::handles();
     let sharing = crate::metrics::Active::new(&m.mux_shared, false);
-    let phase = shared_phase(&mut client, shared, router).await;
+    let phase = shared_phase(&mut client, shared, router, destination, carry).await;
     drop(sharing);
     match phase {
-        Phase::Done(outcome) => outcome,
+        Phase::Done(outcome) => Served::Done(outcome),
+        Phase::Move(to, carry) => Served::Move { client, to, carry },
         Phase::Pin(rest, proto, name) => {
             m.mux_pinned.increment(1);
             tracing::debug!(
@@ -386,47 +444,57 @@ where
                 "pinned: a connection of its own from now on"
             );
             // The client's connection state starts clean, in the protocol it said it speaks.
-            session::serve_with(
-                Prefixed {
-                    first: rest,
-                    inner: client,
-                },
-                shared,
-                target,
-                proto,
-                name.as_deref(),
+            Served::Done(
+                session::serve_with(
+                    Prefixed {
+                        first: rest,
+                        inner: client,
+                    },
+                    shared,
+                    target,
+                    proto,
+                    name.as_deref(),
+                )
+                .await,
             )
-            .await
         }
     }
 }
 
 /// The shared phase of one client. `router(proto)`: the router of this thread for protocol
-/// `proto`.
+/// `proto`; `destination()`: the thread the client should move to, if any; `carry`: the
+/// state it moved here with.
 async fn shared_phase<C>(
     client: &mut C,
     shared: &Shared,
     router: impl Fn(u8) -> mpsc::UnboundedSender<Submit>,
+    destination: impl Fn() -> Option<usize>,
+    carry: Option<Carry>,
 ) -> Phase
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let (to_me, mut replies) = mpsc::unbounded_channel();
-    let mut c = SharedClient {
+    let carry = carry.unwrap_or(Carry {
         cin: BytesMut::new(),
+        proto: 2,
+        name: None,
+    });
+    let mut c = SharedClient {
+        cin: carry.cin,
         chunk: READ_START,
         parser: RequestParser::new(),
         asked: 0,
         received: 0,
         locals: VecDeque::new(),
         out: VecDeque::new(),
-        name: None,
+        name: carry.name,
         unsent: 0,
         pin: false,
-        proto: 2,
+        proto: carry.proto,
         switch: None,
         reading: true,
-        router: router(2),
+        router: router(carry.proto),
         to_me,
     };
     let idle = shared.client_idle_timeout;
@@ -457,6 +525,19 @@ where
                 } else {
                     Outcome::ClientClosed
                 });
+            }
+            if c.switch.is_none() {
+                if let Some(to) = destination() {
+                    // Nothing owed, nothing to write: the client can go on elsewhere.
+                    return Phase::Move(
+                        to,
+                        Carry {
+                            cin: std::mem::take(&mut c.cin),
+                            proto: c.proto,
+                            name: c.name.take(),
+                        },
+                    );
+                }
             }
         }
         // Redis's `timeout`, and the limit on one incomplete request, both while nothing is
@@ -868,6 +949,8 @@ struct Router {
     scanner: ReplyScanner,
     /// The frame being scanned is a push (RESP3 `>`), which answers no request.
     push: bool,
+    /// Where the traffic is counted for placing the shared clients (`None` in unit tests).
+    balance: Option<(Arc<Balance>, balance::Tally)>,
 }
 
 impl Router {
@@ -895,6 +978,7 @@ impl Router {
             scanned: 0,
             scanner: ReplyScanner::new(),
             push: false,
+            balance: None,
         }
     }
 
@@ -967,6 +1051,9 @@ impl Router {
                     // The next batch may go.
                     self.batches.pop_front();
                     self.answered_in = Some(self.polls.load(Ordering::Relaxed));
+                    if let Some((balance, tally)) = &mut self.balance {
+                        tally.batch_answered(balance);
+                    }
                 }
             }
             let Some(route) = self.routes.front_mut() else {
@@ -1004,6 +1091,9 @@ impl Router {
             return;
         }
         self.batches.push_back(self.held_replies);
+        if let Some((_, tally)) = &mut self.balance {
+            tally.count(self.held_replies, self.held_bytes);
+        }
         self.out.append(&mut self.held);
         (self.held_replies, self.held_bytes) = (0, 0);
         crate::metrics::handles().mux_batches.increment(1);
@@ -1016,6 +1106,9 @@ impl Router {
             .front_mut()
             .expect("replies are counted against the front route");
         let frames = self.rin.split_to(run).freeze();
+        if let Some((_, tally)) = &mut self.balance {
+            tally.count(0, run);
+        }
         let _ = route.to.send(Delivery::Replies(frames, replies));
         route.replies -= replies;
         self.scanned -= run;

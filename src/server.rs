@@ -16,8 +16,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cluster::NodeListener;
+use crate::mux::Served;
 use crate::session::{self, Outcome, Shared, Target};
-use crate::workers::{Portable, Workers};
+use crate::workers::{Placement, Portable, Workers};
 
 /// Redis's own reply when `maxclients` is reached, so clients recognise it.
 const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
@@ -173,7 +174,11 @@ where
         );
         return;
     };
-    let placement = ctx.workers.place();
+    // Multiplexed clients start where the shared ones are gathered, if they are.
+    let placement = match &target.mux {
+        Some(routers) if routers.gathering() => ctx.workers.at(Workers::HOME),
+        _ => ctx.workers.place(),
+    };
     let handoff = if placement.local {
         Handoff::Here(stream)
     } else {
@@ -185,13 +190,47 @@ where
             }
         }
     };
-    let shared = ctx.shared.clone();
     target.clients.fetch_add(1, Ordering::Relaxed);
-    let counted = Counted(target.clone());
-    let tracker = ctx.tracker.clone();
+    let conn = Conn {
+        shared: ctx.shared.clone(),
+        counted: Counted(target.clone()),
+        _permit: permit,
+        tracker: ctx.tracker.clone(),
+        workers: ctx.workers.clone(),
+        span,
+    };
+    run(conn, placement, handoff, None);
+}
+
+/// What a client connection holds for its whole life, across the session threads it may be
+/// served on.
+struct Conn {
+    shared: Arc<Shared>,
+    counted: Counted,
+    /// The connection's slot under `--max-connections`.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    tracker: TaskTracker,
+    workers: Arc<Workers>,
+    span: tracing::Span,
+}
+
+/// Serves a connection on `placement`'s worker, from its start or, with `carry`, from where
+/// a multiplexed client left off on another worker; a client that moves again goes on in a
+/// new task on its new worker.
+fn run<S>(
+    conn: Conn,
+    placement: Placement<'_>,
+    handoff: Handoff<S>,
+    carry: Option<crate::mux::Carry>,
+) where
+    S: Portable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let worker = placement.index;
+    let tracker = conn.tracker.clone();
+    let span = conn.span.clone();
     placement.spawn(move |live| tracker.track_future(async move {
         let _live = live;
+        let first = carry.is_none();
         let stream = match handoff.open() {
             Ok(stream) => stream,
             Err(e) => {
@@ -199,18 +238,35 @@ where
                 return;
             }
         };
-        tracing::debug!("accepted");
         let m = crate::metrics::handles();
-        metrics::counter!(crate::metrics::CLIENT_CONNECTIONS_TOTAL, "outcome" => "served")
-            .increment(1);
+        if first {
+            tracing::debug!("accepted");
+            metrics::counter!(crate::metrics::CLIENT_CONNECTIONS_TOTAL, "outcome" => "served")
+                .increment(1);
+        }
         // A bug that panics in one session unwinds only that connection's task (tokio
         // contains it; its sockets close): the guard keeps the gauge right and logs and
         // counts that close too.
-        let _active = crate::metrics::Active::new(&m.client_active, true);
-        let outcome = crate::mux::serve(stream, &shared, &counted.0, worker).await;
-        log_outcome(&outcome);
-        drop(permit);
-        drop(counted);
+        let active = crate::metrics::Active::new(&m.client_active, true);
+        let served = crate::mux::serve(stream, &conn.shared, &conn.counted.0, worker, &conn.workers, carry).await;
+        match served {
+            Served::Done(outcome) => log_outcome(&outcome),
+            Served::Move { client, to, carry } => {
+                drop(active);
+                match client.into_std() {
+                    Ok(std) => {
+                        tracing::trace!(from = worker, to, "moved to another session thread");
+                        m.mux_moves.increment(1);
+                        let workers = conn.workers.clone();
+                        return run(conn, workers.at(to), Handoff::<S>::Moved(std), Some(carry));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "closed: cannot move the connection to another session thread");
+                    }
+                }
+            }
+        }
+        drop(conn);
     }.instrument(span)));
 }
 

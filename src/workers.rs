@@ -94,6 +94,32 @@ impl Workers {
         })
     }
 
+    /// The caller's runtime, worker 0: where multiplexed clients gather while their requests
+    /// are small (`mux::balance`).
+    pub const HOME: usize = 0;
+
+    /// Worker `index` (`index` < the number of workers).
+    pub fn at(&self, index: usize) -> Placement<'_> {
+        Placement {
+            worker: &self.workers[index],
+            index,
+            local: index == 0,
+        }
+    }
+
+    /// A worker with fewer live sessions than worker `from` has, by more than one: moving a
+    /// session there leaves the workers more even.
+    pub fn lighter_than(&self, from: usize) -> Option<usize> {
+        let live = |w: &Worker| w.live.load(Ordering::Relaxed);
+        let here = live(self.workers.get(from)?);
+        let (index, lightest) = self
+            .workers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, w)| live(w))?;
+        (live(lightest) + 1 < here).then_some(index)
+    }
+
     /// The worker with the fewest live sessions (the first of equals, so a lone connection
     /// stays on the caller's runtime).
     pub fn place(&self) -> Placement<'_> {
@@ -213,6 +239,17 @@ mod tests {
             .map(|w| w.live.load(Ordering::Relaxed))
             .collect();
         assert_eq!(lives, [2, 2, 2]);
+        assert_eq!(workers.lighter_than(1), None, "even: nothing to gain by moving");
+        // Two more on worker 0: a session there would leave it for the lightest, worker 1.
+        for _ in 0..2 {
+            let release = release.clone();
+            workers.at(Workers::HOME).spawn(|live| async move {
+                let _live = live;
+                release.cancelled().await;
+            });
+        }
+        assert_eq!(workers.lighter_than(0), Some(1));
+        assert_eq!((workers.lighter_than(1), workers.lighter_than(2)), (None, None));
         // Sessions on the started threads are dropped with their runtimes.
         let (w0, others) = (
             workers.workers[0].live.clone(),
@@ -222,7 +259,7 @@ mod tests {
             .await
             .expect("threads stop");
         assert_eq!(others.load(Ordering::Relaxed), 0);
-        assert_eq!(w0.load(Ordering::Relaxed), 2);
+        assert_eq!(w0.load(Ordering::Relaxed), 4);
         release.cancel();
     }
 }
