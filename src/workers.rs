@@ -239,7 +239,11 @@ mod tests {
             .map(|w| w.live.load(Ordering::Relaxed))
             .collect();
         assert_eq!(lives, [2, 2, 2]);
-        assert_eq!(workers.lighter_than(1), None, "even: nothing to gain by moving");
+        assert_eq!(
+            workers.lighter_than(1),
+            None,
+            "even: nothing to gain by moving"
+        );
         // Two more on worker 0: a session there would leave it for the lightest, worker 1.
         for _ in 0..2 {
             let release = release.clone();
@@ -249,7 +253,10 @@ mod tests {
             });
         }
         assert_eq!(workers.lighter_than(0), Some(1));
-        assert_eq!((workers.lighter_than(1), workers.lighter_than(2)), (None, None));
+        assert_eq!(
+            (workers.lighter_than(1), workers.lighter_than(2)),
+            (None, None)
+        );
         // Sessions on the started threads are dropped with their runtimes.
         let (w0, others) = (
             workers.workers[0].live.clone(),
