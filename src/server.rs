@@ -248,8 +248,8 @@ fn run<S>(
         // contains it; its sockets close): the guard keeps the gauge right and logs and
         // counts that close too.
         let active = crate::metrics::Active::new(&m.client_active, true);
-        let served = crate::mux::serve(stream, &conn.shared, &conn.counted.0, worker, &conn.workers, carry).await;
-        match served {
+        let (shared, target) = (&conn.shared, &conn.counted.0);
+        match crate::mux::serve(stream, shared, target, worker, &conn.workers, carry).await {
             Served::Done(outcome) => log_outcome(&outcome),
             Served::Move { client, to, carry } => {
                 drop(active);
@@ -260,9 +260,10 @@ fn run<S>(
                         let workers = conn.workers.clone();
                         return run(conn, workers.at(to), Handoff::<S>::Moved(std), Some(carry));
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "closed: cannot move the connection to another session thread");
-                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "closed: cannot move the connection to another session thread"
+                    ),
                 }
             }
         }

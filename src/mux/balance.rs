@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How often the home router decides.
-pub const INTERVAL: Duration = Duration::from_millis(250);
+pub const INTERVAL: Duration = Duration::from_millis(100);
 /// Mean bytes per request (request and reply together) under which clients consolidate.
 pub const SMALL: u64 = 1024;
 /// Mean bytes per request over which clients spread.
@@ -34,7 +34,12 @@ pub const SATURATED: f64 = 0.93;
 /// After a saturation, consolidate again only below this share of the rate it happened at.
 const RESATURATE_MARGIN: f64 = 0.7;
 /// Routers add their counts to the shared ones at most this often.
-const FLUSH: Duration = Duration::from_millis(50);
+const FLUSH: Duration = Duration::from_millis(20);
+/// Gathered, the home router spreads the clients at once, without waiting for the interval,
+/// once this many large requests (over [`LARGE`] bytes on average) went through it: a
+/// thread that cannot keep up with large values should not be left alone with them for
+/// long. Gathering again always waits for a whole interval.
+const LARGE_AT_ONCE: u64 = 32;
 
 /// The placement state of one target's shared clients.
 pub struct Balance {
@@ -117,18 +122,20 @@ impl Balance {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Called by the home router: decides once [`INTERVAL`] has passed since the last time.
-    fn maybe_decide(&self, now: Instant) {
+    /// Called by the home router: decides once [`INTERVAL`] has passed since the last time,
+    /// or at once when `large` requests came while gathered.
+    fn maybe_decide(&self, now: Instant, large: bool) {
         let Ok(mut d) = self.decider.try_lock() else {
             return;
         };
         let elapsed = now.saturating_duration_since(d.last);
-        if elapsed < INTERVAL {
+        if elapsed < INTERVAL && !large {
             return;
         }
         let cpu = thread_cpu();
         let busy = match (cpu, d.cpu) {
-            (Some(now), Some(then)) => {
+            // Over a short window the share is too rough to call saturation.
+            (Some(now), Some(then)) if elapsed >= INTERVAL => {
                 Some(now.saturating_sub(then).as_secs_f64() / elapsed.as_secs_f64())
             }
             _ => None,
@@ -197,14 +204,18 @@ impl Tally {
         if !balance.enabled {
             return;
         }
+        let large = self.home
+            && self.requests >= LARGE_AT_ONCE
+            && self.bytes / self.requests > LARGE
+            && balance.consolidated();
         let now = Instant::now();
-        if now.saturating_duration_since(self.flushed) < FLUSH {
+        if now.saturating_duration_since(self.flushed) < FLUSH && !large {
             return;
         }
         balance.add(self.requests, self.bytes);
         (self.requests, self.bytes, self.flushed) = (0, 0, now);
         if self.home {
-            balance.maybe_decide(now);
+            balance.maybe_decide(now, large);
         }
     }
 }
@@ -267,6 +278,30 @@ mod tests {
             decide(false, sample(50_000, 60, Some(0.3)), &mut sat),
             Some(true)
         );
+    }
+
+    #[test]
+    fn gathered_large_requests_spread_the_clients_at_once() {
+        let balance = Balance::new(true);
+        balance.consolidated.store(true, Ordering::Relaxed);
+        let mut tally = Tally::new(true);
+        // A few large requests: they wait for the interval.
+        tally.count(
+            LARGE_AT_ONCE as usize - 1,
+            16_400 * (LARGE_AT_ONCE as usize - 1),
+        );
+        tally.batch_answered(&balance);
+        assert!(balance.consolidated());
+        // Enough of them: spread now, well within the interval.
+        tally.count(1, 16_400);
+        tally.batch_answered(&balance);
+        assert!(!balance.consolidated());
+        // Only the home router decides.
+        balance.consolidated.store(true, Ordering::Relaxed);
+        let mut other = Tally::new(false);
+        other.count(1000, 16_400_000);
+        other.batch_answered(&balance);
+        assert!(balance.consolidated());
     }
 
     #[test]
