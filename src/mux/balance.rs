@@ -11,9 +11,10 @@
 //! decides, every [`INTERVAL`]:
 //! - consolidate when requests and replies average under [`SMALL`] bytes a request and the
 //!   request rate is below what made the home thread saturate before (if it ever did);
-//! - spread when they average over [`LARGE`] bytes, or when the home thread, with every
-//!   shared client on it, was on a CPU [`SATURATED`] of the time: one thread no longer keeps
-//!   up, and the rate at which it happened is remembered.
+//! - spread when they average over [`LARGE`] bytes (at once after [`LARGE_AT_ONCE`] such
+//!   requests), or when the home thread, with every shared client on it, was on a CPU
+//!   [`SATURATED`] of the time: one thread no longer keeps up, and the rate at which it
+//!   happened is remembered.
 //!
 //! Clients move between threads only when nothing is owed to them and nothing is waiting to
 //! be written to them (`mux::shared_phase`), so a move cannot reorder or lose a reply.
