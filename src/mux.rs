@@ -399,7 +399,7 @@ pub struct Carry {
 pub enum Served<C> {
     Done(Outcome),
     /// Nothing is owed to the client, and it goes on on session thread `to`
-    /// ([`balance`]): serve it there, with `carry`.
+    /// (`--multiplex-consolidate`): serve it there, with `carry`.
     Move {
         client: C,
         to: usize,

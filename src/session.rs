@@ -177,7 +177,7 @@ where
 }
 
 /// Serves the in-memory client of a shared connection (`--multiplex`), which speaks
-/// `proto`: like [`serve_with`], but reading up to [`SHARED_READ_CHUNK`] of its requests at
+/// `proto`: like [`serve_with`], but reading up to `SHARED_READ_CHUNK` of its requests at
 /// once, so that the requests of many clients go to the server in few, large writes.
 pub async fn serve_shared<C>(client: C, shared: &Shared, target: &Target, proto: u8) -> Outcome
 where
