@@ -1,9 +1,13 @@
-//! Session threads: each client connection lives on one thread for its whole life.
+//! Session threads: each client connection lives on one thread, and its session with its
+//! upstream connection runs there until it ends.
 //!
 //! Every thread runs a single-threaded tokio runtime. The runtime that calls [`Workers::start`]
 //! (the one running the accept loops, the token refresher and the admin endpoint) is worker 0;
 //! the others are started here. An accepted connection goes to the worker with the fewest
-//! live sessions, and its session, with its upstream connection, runs there until it ends.
+//! live sessions. The one exception is a multiplexed client while it shares: it has no
+//! upstream connection of its own and may move between workers when nothing is owed to it
+//! (`mux::balance`), to the home worker ([`Workers::HOME`]) or to a lighter one
+//! ([`Workers::lighter_than`]).
 //!
 //! Why not tokio's work-stealing runtime: a session is one task whose two sockets wake it
 //! alternately, and the shared scheduler wakes other threads to steal it, with cross-thread
