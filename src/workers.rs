@@ -39,6 +39,12 @@ struct Worker {
     live: Arc<AtomicUsize>,
 }
 
+impl Worker {
+    fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
 /// Where a connection was placed: run its session with [`Placement::spawn`].
 pub struct Placement<'a> {
     worker: &'a Worker,
@@ -114,30 +120,24 @@ impl Workers {
     /// A worker with fewer live sessions than worker `from` has, by more than one: moving a
     /// session there leaves the workers more even.
     pub fn lighter_than(&self, from: usize) -> Option<usize> {
-        let live = |w: &Worker| w.live.load(Ordering::Relaxed);
-        let here = live(self.workers.get(from)?);
-        let (index, lightest) = self
-            .workers
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, w)| live(w))?;
-        (live(lightest) + 1 < here).then_some(index)
+        let here = self.workers.get(from)?.live();
+        let lightest = self.lightest();
+        (self.workers[lightest].live() + 1 < here).then_some(lightest)
     }
 
     /// The worker with the fewest live sessions (the first of equals, so a lone connection
     /// stays on the caller's runtime).
     pub fn place(&self) -> Placement<'_> {
-        let (index, worker) = self
-            .workers
+        self.at(self.lightest())
+    }
+
+    /// The index of the worker with the fewest live sessions, the first of equals.
+    fn lightest(&self) -> usize {
+        self.workers
             .iter()
             .enumerate()
-            .min_by_key(|(_, w)| w.live.load(Ordering::Relaxed))
-            .expect("there is always worker 0");
-        Placement {
-            worker,
-            index,
-            local: index == 0,
-        }
+            .min_by_key(|(_, w)| w.live())
+            .map_or(0, |(index, _)| index)
     }
 
     /// Ends the started threads' runtimes (tasks still on them are dropped) and waits for
