@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -494,14 +495,17 @@ where
         proto: carry.proto,
         switch: None,
         reading: true,
+        last_input: tokio::time::Instant::now(),
         router: router(carry.proto),
         to_me,
     };
     let idle = shared.client_idle_timeout;
     let partial = shared.partial_request_timeout;
-    let mut last_input = tokio::time::Instant::now();
+    // Made once: the loop turns at every change that matters to it, and a new wait on the
+    // shutdown at each turn would cost a registration and a removal under its lock.
+    let mut stop = std::pin::pin!(shared.shutdown.cancelled());
+    let mut draining = shared.shutdown.is_cancelled();
     loop {
-        let draining = shared.shutdown.is_cancelled();
         if draining {
             c.reading = false;
         }
@@ -540,29 +544,27 @@ where
                 }
             }
         }
-        // Redis's `timeout`, and the limit on one incomplete request, both while nothing is
-        // owed to the client (the wait is then the client's).
-        let owed_nothing = c.owed() == 0 && c.out.is_empty();
-        let deadline = match (owed_nothing, c.cin.is_empty()) {
-            (false, _) => None,
-            (true, true) => idle.map(|t| (t, CloseReason::ClientIdle(t))),
-            (true, false) => partial.map(|t| (t, CloseReason::PartialRequest(t))),
-        };
+        let deadline = c.deadline(idle, partial);
         let step = tokio::select! {
+            biased;
             step = poll_fn(|cx| c.poll(cx, client, &mut replies)) => step,
-            _ = shared.shutdown.cancelled(), if !draining => continue,
-            _ = sleep_until(deadline.as_ref().map(|(t, _)| last_input + *t)) => {
-                // Nothing is owed (a partial request gets no reply), as in the session's close.
-                if let Some((_, reason)) = deadline {
-                    return Phase::Done(Outcome::Closed(reason));
-                }
+            _ = &mut stop, if !draining => {
+                draining = true;
                 continue;
             }
+            _ = sleep_until(deadline.as_ref().map(|(at, _)| *at)) => {
+                // The deadline may have passed while the loop was not looking: it holds only
+                // if it still would.
+                match c.deadline(idle, partial) {
+                    Some((at, reason)) if at <= tokio::time::Instant::now() => {
+                        return Phase::Done(Outcome::Closed(reason));
+                    }
+                    _ => continue,
+                }
+            }
         };
-        match step {
-            Step::Moved { input: true } => last_input = tokio::time::Instant::now(),
-            Step::Moved { input: false } => {}
-            Step::Done(outcome) => return Phase::Done(outcome),
+        if let Some(outcome) = step {
+            return Phase::Done(outcome);
         }
     }
 }
@@ -572,14 +574,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-enum Step {
-    /// Bytes moved; `input`: some came from the client (the timers restart).
-    Moved {
-        input: bool,
-    },
-    Done(Outcome),
 }
 
 /// A client in its shared phase. Its bytes are counted in the metrics by the sessions that
@@ -611,6 +605,8 @@ struct SharedClient {
     switch: Option<u8>,
     /// Still reading the client (not closed by it, not draining).
     reading: bool,
+    /// When bytes last came from the client.
+    last_input: tokio::time::Instant,
     router: mpsc::UnboundedSender<Submit>,
     to_me: mpsc::UnboundedSender<Delivery>,
 }
@@ -652,18 +648,36 @@ impl SharedClient {
         }
     }
 
-    /// Moves bytes until nothing more can move now (`Pending`), or something the loop must see
-    /// happened.
+    /// Redis's `timeout` (`idle`), or the limit on one incomplete request (`partial`), with
+    /// the close it brings: they run while nothing is owed to the client (the wait is then the
+    /// client's), from its last input.
+    fn deadline(
+        &self,
+        idle: Option<Duration>,
+        partial: Option<Duration>,
+    ) -> Option<(tokio::time::Instant, CloseReason)> {
+        if self.owed() > 0 || !self.out.is_empty() {
+            return None;
+        }
+        if self.cin.is_empty() {
+            idle.map(|t| (self.last_input + t, CloseReason::ClientIdle(t)))
+        } else {
+            partial.map(|t| (self.last_input + t, CloseReason::PartialRequest(t)))
+        }
+    }
+
+    /// Moves bytes until nothing more can move now (`Pending`). `Ready(None)`: bytes moved and
+    /// nothing is owed any more, which the loop must look at (an end, a move, a pin, a
+    /// protocol switch, a timer); `Ready(Some)`: the end.
     fn poll<C>(
         &mut self,
         cx: &mut Context<'_>,
         client: &mut C,
         replies: &mut mpsc::UnboundedReceiver<Delivery>,
-    ) -> Poll<Step>
+    ) -> Poll<Option<Outcome>>
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut input = false;
         let mut moved = false;
         loop {
             let mut progress = false;
@@ -679,7 +693,7 @@ impl SharedClient {
                         progress = true;
                     }
                     Some(Delivery::Lost) | None => {
-                        return Poll::Ready(Step::Done(Outcome::UpstreamClosed));
+                        return Poll::Ready(Some(Outcome::UpstreamClosed));
                     }
                 }
             }
@@ -693,7 +707,7 @@ impl SharedClient {
                 }
                 match Pin::new(&mut *client).poll_write_vectored(cx, &slices[..count]) {
                     Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Step::Done(Outcome::ClientError(
+                        return Poll::Ready(Some(Outcome::ClientError(
                             io::ErrorKind::WriteZero.into(),
                         )))
                     }
@@ -710,7 +724,7 @@ impl SharedClient {
                             }
                         }
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Step::Done(Outcome::ClientError(e))),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::ClientError(e))),
                     Poll::Pending => break,
                 }
             }
@@ -725,19 +739,20 @@ impl SharedClient {
                         if n >= self.chunk {
                             self.chunk = (self.chunk * 2).min(READ_MAX);
                         }
+                        self.last_input = tokio::time::Instant::now();
                         self.submit();
-                        input = true;
                         progress = true;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Step::Done(Outcome::ClientError(e))),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::ClientError(e))),
                     Poll::Pending => {}
                 }
             }
             moved |= progress;
             if !progress {
-                // Whatever moved, the loop looks again: timers, pinning, the end.
-                return if moved {
-                    Poll::Ready(Step::Moved { input })
+                // While replies are owed, what the loop decides stays as it was (its timers
+                // run only while nothing is owed), and they will wake this task again.
+                return if moved && self.owed() == 0 {
+                    Poll::Ready(None)
                 } else {
                     Poll::Pending
                 };

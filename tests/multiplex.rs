@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use redis_entra_proxy::devenv::RespConn;
 use support::*;
+use tokio::io::AsyncReadExt;
 
 async fn multiplexed(opts: ProxyOptions) -> Proxy {
     Proxy::start_with(ProxyOptions {
@@ -360,6 +361,54 @@ async fn the_idle_timeout_closes_a_shared_client() {
         .expect("closed in time");
     assert!(closed.is_err(), "closed: {closed:?}");
     assert!(started.elapsed() >= Duration::from_millis(400));
+    proxy.stop().await;
+}
+
+/// Requests keep a shared client open past its idle timeout many times over; a request left
+/// incomplete closes it after the partial-request limit, even after replies were owed.
+#[tokio::test]
+async fn shared_clients_timers_follow_their_requests() {
+    let limit = Duration::from_millis(400);
+    let proxy = multiplexed(ProxyOptions {
+        client_idle_timeout: Some(limit),
+        partial_request_timeout: Some(limit),
+        ..Default::default()
+    })
+    .await;
+    let mut busy = proxy.client().await;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < limit * 4 {
+        let reply = tokio::time::timeout(STEP, busy.command(&[b"GET", b"timers:busy"]))
+            .await
+            .expect("answered in time");
+        assert_eq!(
+            reply.unwrap(),
+            Reply::Bulk(None),
+            "open after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(limit / 4).await;
+    }
+
+    // A bulk announced and never sent, after requests that were answered.
+    let mut stalled = proxy.raw().await;
+    stalled
+        .send(b"GET timers:a\r\nGET timers:b\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000\r\nabc")
+        .await;
+    stalled.expect(b"$-1\r\n$-1\r\n").await;
+    let started = tokio::time::Instant::now();
+    let mut sink = [0u8; 64];
+    let read = tokio::time::timeout(limit * 4, stalled.0.read(&mut sink))
+        .await
+        .expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed: {read:?}");
+    assert!(started.elapsed() >= limit - Duration::from_millis(100));
+
+    // The busy client, silent now, is closed as idle.
+    let closed = tokio::time::timeout(limit * 4, busy.read_reply())
+        .await
+        .expect("closed in time");
+    assert!(closed.is_err(), "closed: {closed:?}");
     proxy.stop().await;
 }
 
