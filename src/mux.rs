@@ -191,8 +191,9 @@ pub fn shareable(name: &[u8]) -> bool {
 
 /// What a shared client's request gets.
 enum Plan {
-    /// Goes over the shared connection, answered with this many replies.
-    Share(usize),
+    /// Goes over the shared connection, answered with this many replies; `plain`: a command
+    /// that shares, which the shared session only forwards (see [`session::Framing`]).
+    Share { replies: usize, plain: bool },
     /// Answered by the proxy.
     Local(Bytes),
     /// `HELLO` in the current protocol with `SETNAME`: the proxy keeps the name, and a bare
@@ -368,6 +369,8 @@ impl Routers {
 struct Submit {
     frames: Bytes,
     replies: usize,
+    /// Every request is plain (a command that shares), so `replies` is also their number.
+    plain: bool,
     to: mpsc::UnboundedSender<Delivery>,
 }
 
@@ -481,24 +484,8 @@ where
         proto: 2,
         name: None,
     });
-    let mut c = SharedClient {
-        cin: carry.cin,
-        chunk: READ_START,
-        parser: RequestParser::new(),
-        asked: 0,
-        received: 0,
-        locals: VecDeque::new(),
-        out: VecDeque::new(),
-        name: carry.name,
-        unsent: 0,
-        pin: false,
-        proto: carry.proto,
-        switch: None,
-        reading: true,
-        last_input: tokio::time::Instant::now(),
-        router: router(carry.proto),
-        to_me,
-    };
+    let proto = carry.proto;
+    let mut c = SharedClient::new(carry, router(proto), to_me);
     let idle = shared.client_idle_timeout;
     let partial = shared.partial_request_timeout;
     // Made once: the loop turns at every change that matters to it, and a new wait on the
@@ -612,6 +599,31 @@ struct SharedClient {
 }
 
 impl SharedClient {
+    fn new(
+        carry: Carry,
+        router: mpsc::UnboundedSender<Submit>,
+        to_me: mpsc::UnboundedSender<Delivery>,
+    ) -> SharedClient {
+        SharedClient {
+            chunk: READ_START,
+            parser: RequestParser::new(),
+            asked: 0,
+            received: 0,
+            locals: VecDeque::new(),
+            out: VecDeque::new(),
+            name: carry.name,
+            unsent: 0,
+            pin: false,
+            proto: carry.proto,
+            switch: None,
+            reading: true,
+            last_input: tokio::time::Instant::now(),
+            router,
+            to_me,
+            cin: carry.cin,
+        }
+    }
+
     /// Replies submitted for and not yet received.
     fn owed(&self) -> u64 {
         self.asked - self.received
@@ -767,16 +779,25 @@ impl SharedClient {
     fn submit(&mut self) {
         let mut end = 0;
         let mut replies = 0;
+        // Every request in `..end` is plain.
+        let mut plain = true;
         while !self.pin && self.switch.is_none() {
             match self.parser.parse(&self.cin[end..]) {
                 Ok(Some(frame)) => {
                     let plan = match &frame {
                         // Nothing is answered for an empty request: it goes along, ignored.
-                        Frame::Empty { .. } => Plan::Share(0),
+                        Frame::Empty { .. } => Plan::Share {
+                            replies: 0,
+                            plain: false,
+                        },
                         _ => {
                             let cmd = self.parser.command(&self.cin[end..], &frame);
                             match cmd.arg(0) {
-                                Some(name) if shareable(name) => Plan::Share(1),
+                                Some(name) if shareable(name) => Plan::Share {
+                                    replies: 1,
+                                    // An inline command is re-encoded by the session.
+                                    plain: matches!(frame, Frame::Multibulk { .. }),
+                                },
                                 _ if client_setinfo(&cmd) || client_auth(&cmd) => {
                                     Plan::Local(Bytes::from_static(OK))
                                 }
@@ -793,7 +814,10 @@ impl SharedClient {
                                         Some(Hello { proto, .. }) if proto != self.proto => {
                                             Plan::Switch(proto)
                                         }
-                                        Some(Hello { name: None, .. }) => Plan::Share(1),
+                                        Some(Hello { name: None, .. }) => Plan::Share {
+                                            replies: 1,
+                                            plain: false,
+                                        },
                                         Some(Hello {
                                             name: Some(name), ..
                                         }) => Plan::Named(name),
@@ -804,14 +828,18 @@ impl SharedClient {
                         }
                     };
                     match plan {
-                        Plan::Share(n) => {
+                        Plan::Share {
+                            replies: n,
+                            plain: p,
+                        } => {
                             end += frame.len();
                             replies += n;
+                            plain &= p;
                         }
                         Plan::Local(reply) => {
                             // The requests before it go first; its reply comes after theirs.
-                            self.send(end, replies);
-                            (end, replies) = (0, 0);
+                            self.send(end, replies, plain);
+                            (end, replies, plain) = (0, 0, true);
                             self.cin.advance(frame.len());
                             // The only client bytes no session sees (see `SharedClient`).
                             let m = crate::metrics::handles();
@@ -823,8 +851,8 @@ impl SharedClient {
                         }
                         Plan::Named(name) => {
                             // `HELLO <protocol>` goes in its place, alone: the name stays here.
-                            self.send(end, replies);
-                            (end, replies) = (0, 0);
+                            self.send(end, replies, plain);
+                            (end, replies, plain) = (0, 0, true);
                             self.cin.advance(frame.len());
                             self.name = name;
                             let mut hello = BytesMut::new();
@@ -833,7 +861,7 @@ impl SharedClient {
                             crate::metrics::handles()
                                 .client_in
                                 .increment(frame.len().saturating_sub(hello.len()) as u64);
-                            self.submit_frames(hello.freeze(), 1);
+                            self.submit_frames(hello.freeze(), 1, false);
                         }
                         Plan::Switch(proto) => self.switch = Some(proto),
                         Plan::Pin => self.pin = true,
@@ -843,7 +871,7 @@ impl SharedClient {
                 Err(_) => self.pin = true,
             }
         }
-        self.send(end, replies);
+        self.send(end, replies, plain);
         if self.pin || self.switch.is_some() {
             // The parser may hold state for a request it has not finished: the pinned
             // session (or the next call, on the other connection) parses the bytes again
@@ -852,12 +880,14 @@ impl SharedClient {
         }
     }
 
-    /// Submits whole requests answered with `replies` replies, in one submission.
-    fn submit_frames(&mut self, frames: Bytes, replies: usize) {
+    /// Submits whole requests answered with `replies` replies, in one submission; `plain`:
+    /// they are all plain (one reply each).
+    fn submit_frames(&mut self, frames: Bytes, replies: usize, plain: bool) {
         self.asked += replies as u64;
         let sent = self.router.send(Submit {
             frames,
             replies,
+            plain,
             to: self.to_me.clone(),
         });
         if sent.is_err() {
@@ -867,12 +897,12 @@ impl SharedClient {
     }
 
     /// Submits the first `end` bytes of `cin`, whole requests answered with `replies`
-    /// replies, in one submission.
-    fn send(&mut self, end: usize, replies: usize) {
+    /// replies, in one submission; `plain`: they are all plain.
+    fn send(&mut self, end: usize, replies: usize, plain: bool) {
         if end > 0 {
             let frames = self.cin.split_to(end).freeze();
             if replies > 0 {
-                self.submit_frames(frames, replies);
+                self.submit_frames(frames, replies, plain);
             } else {
                 // Empty requests only: nothing to send, no session sees them.
                 crate::metrics::handles()
@@ -901,9 +931,13 @@ async fn route(mut r: Router, shared: Arc<Shared>, target: Arc<Target>) {
             return;
         }
         let (proto, polls) = (r.proto, r.polls.clone());
+        // The session starts with nothing read.
+        r.framing = session::Framing::default();
+        let framing = r.framing.clone();
         let outcome = {
-            let mut session =
-                std::pin::pin!(session::serve_shared(&mut r, &shared, &target, proto));
+            let mut session = std::pin::pin!(session::serve_shared(
+                &mut r, &shared, &target, proto, framing
+            ));
             // Counts the polls of this task for the router (see `Router::answered_in`).
             poll_fn(|cx| {
                 polls.fetch_add(1, Ordering::Relaxed);
@@ -937,10 +971,12 @@ struct Router {
     /// The session shut its end (it is closing): reads see the end of the stream, and
     /// submissions wait for the next session.
     shut: bool,
-    /// Requests of released batches not yet read by the session.
-    out: VecDeque<Bytes>,
-    /// Requests submitted since the last batch was released, with their reply count and size.
-    held: VecDeque<Bytes>,
+    /// Requests of released batches not yet read by the session, each with the number of
+    /// plain requests it is (0: not all plain, or partly read already).
+    out: VecDeque<(Bytes, usize)>,
+    /// Requests submitted since the last batch was released (as in `out`), with their reply
+    /// count and size.
+    held: VecDeque<(Bytes, usize)>,
     held_replies: usize,
     held_bytes: usize,
     /// Replies still owed for each released batch, oldest first.
@@ -958,6 +994,9 @@ struct Router {
     max_batches: usize,
     /// Who is owed the next replies, in order.
     routes: VecDeque<Route>,
+    /// What the session is told of the bytes it reads (which are plain requests); a new one
+    /// for each session.
+    framing: session::Framing,
     rin: BytesMut,
     /// Bytes at the front of `rin` scanned as part of a reply frame not yet complete.
     scanned: usize,
@@ -989,6 +1028,7 @@ impl Router {
                 max_batches
             },
             routes: VecDeque::new(),
+            framing: session::Framing::default(),
             rin: BytesMut::new(),
             scanned: 0,
             scanner: ReplyScanner::new(),
@@ -1090,7 +1130,8 @@ impl Router {
     fn hold(&mut self, s: Submit) {
         self.held_bytes += s.frames.len();
         self.held_replies += s.replies;
-        self.held.push_back(s.frames);
+        self.held
+            .push_back((s.frames, if s.plain { s.replies } else { 0 }));
         self.routes.push_back(Route {
             to: s.to,
             replies: s.replies,
@@ -1177,7 +1218,8 @@ impl AsyncRead for Router {
                 Poll::Pending
             };
         }
-        while let Some(front) = r.out.front_mut() {
+        let mut runs = r.framing.lock();
+        while let Some((front, plain)) = r.out.front_mut() {
             let n = front.len().min(buf.remaining());
             if n == 0 {
                 break;
@@ -1185,7 +1227,12 @@ impl AsyncRead for Router {
             buf.put_slice(&front[..n]);
             front.advance(n);
             if front.is_empty() {
+                runs.handed(n, *plain);
                 r.out.pop_front();
+            } else {
+                // Split: neither part is whole requests.
+                runs.handed(n, 0);
+                *plain = 0;
             }
         }
         Poll::Ready(Ok(()))
@@ -1447,6 +1494,7 @@ mod tests {
             tx.send(Submit {
                 frames: frames.into(),
                 replies,
+                plain: true,
                 to,
             })
             .unwrap();
@@ -1461,6 +1509,15 @@ mod tests {
         let mut buf = vec![0; 1024];
         let n = r.read(&mut buf).await.unwrap();
         assert_eq!(buf[..n], [get("a"), get("b1"), get("b2")].concat());
+        // The session is told which bytes are plain requests, submission by submission.
+        {
+            let mut runs = r.framing.lock();
+            assert_eq!(runs.plain_front(), Some((get("a").len(), 1)));
+            runs.took(get("a").len());
+            assert_eq!(runs.plain_front(), Some((n - get("a").len(), 2)));
+            runs.took(n - get("a").len());
+            assert_eq!(runs.plain_front(), None);
+        }
         r.write_all(b"$2\r\nva\r\n$2\r\nvb\r\n").await.unwrap();
         assert_eq!(collect(&mut a), (b"$2\r\nva\r\n".to_vec(), 1));
         assert_eq!(collect(&mut b), (b"$2\r\nvb\r\n".to_vec(), 1));
@@ -1475,15 +1532,62 @@ mod tests {
         );
         r.lost();
         assert!(matches!(b.try_recv(), Ok(Delivery::Lost)));
-        // c goes to the next session, whole.
+        // c goes to the next session, whole, read in two parts: neither is whole requests.
         assert!(poll_fn(|cx| r.wait(cx, false)).await);
-        let n = r.read(&mut buf).await.unwrap();
-        assert_eq!(buf[..n], get("c"));
+        r.framing = session::Framing::default();
+        let n = r.read(&mut buf[..5]).await.unwrap();
+        let rest = r.read(&mut buf[n..]).await.unwrap();
+        assert_eq!(buf[..n + rest], get("c"));
+        assert_eq!(r.framing.lock().plain_front(), None);
+        r.framing.lock().took(n + rest);
         r.write_all(b":1\r\n").await.unwrap();
         assert_eq!(collect(&mut c), (b":1\r\n".to_vec(), 1));
 
         // A reply nobody asked for ends the session with an error.
         assert!(r.write_all(b"+OK\r\n").await.is_err());
+    }
+
+    /// A submission is plain when every request in it is a multibulk command that shares;
+    /// an inline one, an empty one or a `HELLO` makes it not.
+    #[tokio::test]
+    async fn submissions_say_whether_their_requests_are_plain() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (to_me, _replies) = mpsc::unbounded_channel();
+        let carry = Carry {
+            cin: BytesMut::new(),
+            proto: 2,
+            name: None,
+        };
+        let mut c = SharedClient::new(carry, tx, to_me);
+        let mut submitted = |c: &mut SharedClient, bytes: &str| {
+            c.cin.extend_from_slice(bytes.as_bytes());
+            c.submit();
+            let mut got = Vec::new();
+            while let Ok(s) = rx.try_recv() {
+                got.push((
+                    String::from_utf8(s.frames.to_vec()).unwrap(),
+                    s.replies,
+                    s.plain,
+                ));
+            }
+            got
+        };
+        let get = |k: &str| format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
+        let two = format!("{}{}", get("a"), get("b"));
+        assert_eq!(submitted(&mut c, &two), [(two.clone(), 2, true)]);
+        let inline = format!("{}GET b\r\n", get("a"));
+        assert_eq!(submitted(&mut c, &inline), [(inline.clone(), 2, false)]);
+        let empty = format!("*0\r\n{}", get("a"));
+        assert_eq!(submitted(&mut c, &empty), [(empty.clone(), 1, false)]);
+        let hello = format!("*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n{}", get("a"));
+        assert_eq!(submitted(&mut c, &hello), [(hello.clone(), 2, false)]);
+        // A request the proxy answers splits the submissions; each is plain again.
+        let setname = "*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$1\r\nn\r\n";
+        let around = format!("{}{setname}{}", get("a"), get("b"));
+        assert_eq!(
+            submitted(&mut c, &around),
+            [(get("a"), 1, true), (get("b"), 1, true)]
+        );
     }
 
     /// With `--multiplex-max-batches 1`, requests held while a batch is owed go once it is
@@ -1500,6 +1604,7 @@ mod tests {
             tx.send(Submit {
                 frames: frames.into(),
                 replies: 1,
+                plain: true,
                 to,
             })
             .unwrap();
@@ -1633,6 +1738,7 @@ mod tests {
             r.hold(Submit {
                 frames: frames.into(),
                 replies,
+                plain: true,
                 to,
             });
             r.release_due();
@@ -1640,7 +1746,7 @@ mod tests {
         };
         let get = |k: &str| format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()).into_bytes();
         let written =
-            |r: &mut Router| -> Vec<u8> { r.out.drain(..).flat_map(|b| b.to_vec()).collect() };
+            |r: &mut Router| -> Vec<u8> { r.out.drain(..).flat_map(|b| b.0.to_vec()).collect() };
 
         let mut r = router(2, 1);
         let mut a = submit(&mut r, get("a"), 1);

@@ -7,6 +7,7 @@
 
 mod commands;
 pub mod core;
+mod framing;
 mod ledger;
 mod no_token;
 mod state;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use self::commands::{valid_client_name, MAINT};
 pub use self::core::{CloseReason, Core};
+pub use self::framing::Framing;
 use crate::admin::Health;
 use crate::credentials::refresh::CredentialsRx;
 use crate::metrics;
@@ -173,17 +175,34 @@ pub async fn serve_with<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    serve_inner(client, shared, target, proto, name, READ_CHUNK).await
+    serve_inner(client, shared, target, proto, name, READ_CHUNK, None).await
 }
 
 /// Serves the in-memory client of a shared connection (`--multiplex`), which speaks
 /// `proto`: like [`serve_with`], but reading up to `SHARED_READ_CHUNK` of its requests at
 /// once, so that the requests of many clients go to the server in few, large writes.
-pub async fn serve_shared<C>(client: C, shared: &Shared, target: &Target, proto: u8) -> Outcome
+/// `framing`: the client's word on which of its bytes are plain requests, kept in step by
+/// both sides (see [`Framing`]).
+pub async fn serve_shared<C>(
+    client: C,
+    shared: &Shared,
+    target: &Target,
+    proto: u8,
+    framing: Framing,
+) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    serve_inner(client, shared, target, proto, None, SHARED_READ_CHUNK).await
+    serve_inner(
+        client,
+        shared,
+        target,
+        proto,
+        None,
+        SHARED_READ_CHUNK,
+        Some(framing),
+    )
+    .await
 }
 
 /// `read_max`: the most bytes read from the client at once.
@@ -194,6 +213,7 @@ async fn serve_inner<C>(
     proto: u8,
     name: Option<&[u8]>,
     read_max: usize,
+    framing: Option<Framing>,
 ) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -228,7 +248,15 @@ where
         core.name_connection(name);
     }
     let active = metrics::Active::new(&m.upstream_active, false);
-    let outcome = pump(&mut client, &mut upstream, &mut core, shared, read_max).await;
+    let outcome = pump(
+        &mut client,
+        &mut upstream,
+        &mut core,
+        shared,
+        read_max,
+        framing,
+    )
+    .await;
     drop(active);
     // The proxy closes: FIN, then unread input is drained, so that the close does not turn
     // into a reset that destroys replies the client has not read yet.
@@ -331,6 +359,7 @@ async fn pump<C, U>(
     core: &mut Core,
     shared: &Shared,
     read_max: usize,
+    framing: Option<Framing>,
 ) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -351,6 +380,7 @@ where
         shrunk: false,
         upstream_unflushed: false,
         track_idle: shared.client_idle_timeout.is_some(),
+        framing,
     };
     let mut creds = shared.credentials.clone();
     // The core started with the credentials current when the client connected; catch up with
@@ -474,6 +504,9 @@ where
                         io.partial_since = io.partial_since.map(|_| Instant::now());
                     } else if io.partial_since.is_some_and(|since| since.elapsed() >= timeout) {
                         io.cin.clear();
+                        if let Some(framing) = &io.framing {
+                            framing.lock().clear();
+                        }
                         io.partial_since = None;
                         core.close_after_replies(CloseReason::PartialRequest(timeout));
                     }
@@ -537,6 +570,8 @@ struct Io {
     /// request, and every flip costs a turn of the driver's loop (its futures and timer set up
     /// again), so it is left out when nothing waits on it.
     track_idle: bool,
+    /// What the client says of the bytes in `cin` (the router of shared clients).
+    framing: Option<Framing>,
     cin: BytesMut,
     uin: BytesMut,
     /// False once the client half-closed or the proxy is draining.
@@ -582,7 +617,14 @@ impl Io {
     fn feed_client(&mut self, core: &mut Core) -> bool {
         let before = self.cin.len();
         let commands = core.stats.commands;
-        core.client_input(&mut self.cin);
+        match &self.framing {
+            Some(framing) => {
+                let mut runs = framing.lock();
+                core.client_input_framed(&mut self.cin, Some(&mut runs));
+                debug_assert_eq!(runs.pending(), self.cin.len(), "runs out of step");
+            }
+            None => core.client_input(&mut self.cin),
+        }
         metrics::handles()
             .commands
             .increment(core.stats.commands - commands);

@@ -190,6 +190,11 @@ impl RequestParser {
         }
     }
 
+    /// No request begun: the next byte parsed starts one.
+    pub fn at_start(&self) -> bool {
+        self.state == State::Start
+    }
+
     /// Apply Redis's limits for clients that still have to authenticate (at most 10
     /// arguments, bulks of at most 16 KiB).
     pub fn set_auth_required(&mut self, required: bool) {

@@ -16,8 +16,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use super::framing::Runs;
 use super::ledger::{Effect, Expect, Injected, Ledger, SubKind};
-use super::state::ConnState;
+use super::state::{ConnState, ReplyMode};
 use crate::credentials::Credentials;
 use crate::resp::reply::{peek_head, First, Head, ReplyScanner};
 use crate::resp::request::{Frame, ProtocolError, RequestParser};
@@ -361,7 +362,25 @@ impl Core {
 
     /// Frames and handles every complete command in `buf`, removing them from it.
     pub fn client_input(&mut self, buf: &mut BytesMut) {
+        self.client_input_framed(buf, None);
+    }
+
+    /// [`Core::client_input`], with what the client said of its bytes (`runs`, kept in step
+    /// with what is taken from `buf`): a run of whole plain requests goes upstream as it is,
+    /// without being parsed again.
+    pub fn client_input_framed(&mut self, buf: &mut BytesMut, mut runs: Option<&mut Runs>) {
         while self.wants_client_input() {
+            if let Some((len, requests)) = runs.as_deref().and_then(Runs::plain_front) {
+                if len <= buf.len() && self.plain_ready() {
+                    self.plain(&buf[..len], requests);
+                    buf.advance(len);
+                    if let Some(runs) = runs.as_deref_mut() {
+                        runs.took(len);
+                    }
+                    self.maybe_reauth();
+                    continue;
+                }
+            }
             let frame = match self.parser.parse(buf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
@@ -374,6 +393,9 @@ impl Core {
                     self.state.quit = true;
                     self.closing_reason_after_drain(CloseReason::ClientProtocol(e));
                     buf.clear();
+                    if let Some(runs) = runs.as_deref_mut() {
+                        runs.clear();
+                    }
                     break;
                 }
             };
@@ -390,9 +412,36 @@ impl Core {
                     .set_auth_required(self.local_password.is_some() && !self.client_authenticated);
             }
             buf.advance(frame.len());
+            if let Some(runs) = runs.as_deref_mut() {
+                runs.took(frame.len());
+            }
             self.maybe_reauth();
         }
         self.drain_local();
+    }
+
+    /// Whether a plain request would be forwarded as it is, its reply relayed, with no other
+    /// effect: what [`Core::plain`] does in its place.
+    fn plain_ready(&self) -> bool {
+        self.parser.at_start()
+            && self.client_authenticated
+            && self.state.reply_mode == ReplyMode::On
+            && !self.state.wsubs.any()
+    }
+
+    /// `requests` whole plain requests (`bytes`), forwarded as `on_command` forwards each.
+    fn plain(&mut self, bytes: &[u8], requests: usize) {
+        self.stats.commands += requests as u64;
+        self.relay_current = true;
+        self.to_upstream.extend_from_slice(bytes);
+        self.state.one_shot = false;
+        self.ledger.push_many(
+            Expect::Reply {
+                effect: Effect::None,
+                relay: true,
+            },
+            requests,
+        );
     }
 
     /// Scans replies in `buf`, relaying, dropping or swallowing each.

@@ -135,6 +135,28 @@ impl Ledger {
         self.entries.push_back((e, 1));
     }
 
+    /// `n` entries `e` (`e` mergeable), as `n` pushes would.
+    pub fn push_many(&mut self, e: Expect, n: usize) {
+        debug_assert!(mergeable(&e));
+        self.total += n;
+        if !counts_for_client(&e) {
+            self.not_client += n;
+        }
+        let mut left = n;
+        if let Some((last, count)) = self.entries.back_mut() {
+            if *last == e {
+                let add = left.min((u32::MAX - *count) as usize);
+                *count += add as u32;
+                left -= add;
+            }
+        }
+        while left > 0 {
+            let add = left.min(u32::MAX as usize);
+            self.entries.push_back((e.clone(), add as u32));
+            left -= add;
+        }
+    }
+
     pub fn front(&self) -> Option<&Expect> {
         self.entries.front().map(|(e, _)| e)
     }

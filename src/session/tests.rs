@@ -73,7 +73,15 @@ async fn requests_held_back_while_the_upstream_stalls_are_served_without_more_in
         let mut client = proxy_side;
         let mut upstream = proxy_up;
         let mut core = Core::new(creds(), None);
-        pump(&mut client, &mut upstream, &mut core, &shared, READ_CHUNK).await
+        pump(
+            &mut client,
+            &mut upstream,
+            &mut core,
+            &shared,
+            READ_CHUNK,
+            None,
+        )
+        .await
     });
 
     // Well past the upstream-side high-water mark, written at once, then nothing more.
