@@ -42,6 +42,7 @@ pub mod config;
 pub mod credentials;
 pub mod dev;
 pub mod devenv;
+mod gated;
 pub mod metrics;
 pub mod mux;
 pub mod pool;

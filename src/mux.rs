@@ -35,6 +35,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
+use crate::gated::Gated;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, RequestParser};
 use crate::session::{self, CloseReason, Outcome, Shared, Target};
@@ -489,8 +490,9 @@ where
     let idle = shared.client_idle_timeout;
     let partial = shared.partial_request_timeout;
     // Made once: the loop turns at every change that matters to it, and a new wait on the
-    // shutdown at each turn would cost a registration and a removal under its lock.
-    let mut stop = std::pin::pin!(shared.shutdown.cancelled());
+    // shutdown at each turn would cost a registration and a removal under its lock; gated,
+    // the polls at every wake of the task cost no lock either.
+    let mut stop = Gated::new(Box::pin(shared.shutdown.cancelled()));
     let mut draining = shared.shutdown.is_cancelled();
     loop {
         if draining {

@@ -29,6 +29,7 @@ pub use self::core::{CloseReason, Core};
 pub use self::framing::Framing;
 use crate::admin::Health;
 use crate::credentials::refresh::CredentialsRx;
+use crate::gated::Gated;
 use crate::metrics;
 use crate::secret::Secret;
 use crate::upstream::Connector;
@@ -447,7 +448,7 @@ where
                 }
                 Some(other) => return other,
             },
-            changed = creds.changed(), if creds_open => match changed {
+            changed = Gated::new(Box::pin(creds.changed())), if creds_open => match changed {
                 Ok(()) => {
                     if let Some(c) = creds.borrow_and_update().clone() {
                         // Spread over the window, but finish within a quarter of the old
@@ -464,7 +465,7 @@ where
                 }
                 Err(_) => creds_open = false,
             },
-            _ = shared.shutdown.cancelled(), if !io.draining => {
+            _ = Gated::new(Box::pin(shared.shutdown.cancelled())), if !io.draining => {
                 io.draining = true;
             }
             // One timer for all deadlines (a sleep each would make every session's task
