@@ -245,63 +245,74 @@ impl RequestParser {
         self.parse_multibulk(buf)
     }
 
+    /// The state lives in locals while the frame is read and goes back into `self` only when
+    /// the bytes run out (the common case, a whole frame in `buf`, writes it once).
     fn parse_multibulk(&mut self, buf: &[u8]) -> Result<Option<Frame>, ProtocolError> {
-        while let State::Multibulk { remaining, bulk } = self.state {
+        let State::Multibulk {
+            mut remaining,
+            mut bulk,
+        } = self.state
+        else {
+            return Ok(None);
+        };
+        let mut pos = self.pos;
+        loop {
             let len = match bulk {
                 Some(len) => len,
                 None => {
-                    let Some(cr) = self.find_line_end(buf, self.pos, b'\r') else {
-                        if buf.len() - self.pos > INLINE_MAX {
+                    self.pos = pos;
+                    let Some(cr) = self.find_line_end(buf, pos, b'\r') else {
+                        if buf.len() - pos > INLINE_MAX {
                             return Err(ProtocolError::TooBigBulkCount);
                         }
+                        self.state = State::Multibulk { remaining, bulk };
                         return Ok(None);
                     };
                     if cr + 2 > buf.len() {
+                        self.state = State::Multibulk { remaining, bulk };
                         return Ok(None);
                     }
-                    if buf[self.pos] != b'$' {
-                        return Err(ProtocolError::ExpectedDollar(buf[self.pos]));
+                    if buf[pos] != b'$' {
+                        return Err(ProtocolError::ExpectedDollar(buf[pos]));
                     }
-                    let len = match string2ll(&buf[self.pos + 1..cr]) {
-                        Some(n) if (0..=BULK_MAX).contains(&n) => n,
+                    let len = match string2ll(&buf[pos + 1..cr]) {
+                        Some(n) if (0..=BULK_MAX).contains(&n) => n as usize,
                         _ => return Err(ProtocolError::InvalidBulkLength),
                     };
-                    if len > UNAUTH_BULK_MAX && self.auth_required {
+                    if len as i64 > UNAUTH_BULK_MAX && self.auth_required {
                         return Err(ProtocolError::UnauthenticatedBulkLength);
                     }
-                    self.pos = cr + 2;
-                    self.state = State::Multibulk {
-                        remaining,
-                        bulk: Some(len as usize),
-                    };
-                    len as usize
+                    pos = cr + 2;
+                    bulk = Some(len);
+                    len
                 }
             };
             // Redis skips the two bytes after the payload without looking at them; so must
             // we, or the two framings could disagree.
-            if buf.len() - self.pos < len + 2 {
+            if buf.len() - pos < len + 2 {
+                self.pos = pos;
+                self.state = State::Multibulk { remaining, bulk };
                 return Ok(None);
             }
             if self.ranges.len() < KEPT_ARGS {
-                self.ranges.push(self.pos..self.pos + len);
+                self.ranges.push(pos..pos + len);
             }
-            self.pos += len + 2;
-            self.scan_from = self.pos;
+            pos += len + 2;
+            self.scan_from = pos;
             if remaining == 1 {
+                self.pos = pos;
                 let frame = Frame::Multibulk {
-                    len: self.pos,
+                    len: pos,
                     argc: self.argc,
                 };
                 return Ok(Some(self.finish(frame)));
             }
-            self.state = State::Multibulk {
-                remaining: remaining - 1,
-                bulk: None,
-            };
+            remaining -= 1;
+            bulk = None;
         }
-        Ok(None)
     }
 
+    #[inline(never)]
     fn parse_inline(&mut self, buf: &[u8]) -> Result<Option<Frame>, ProtocolError> {
         let Some(nl) = self.find_line_end(buf, 0, b'\n') else {
             if buf.len() > INLINE_MAX {
