@@ -1508,6 +1508,8 @@ mod tests {
             poll_fn(|cx| r.wait(cx, false)).await,
             "requests wait: a session must start"
         );
+        // As the session's pump does when it starts.
+        r.framing.lock().start();
         let mut buf = vec![0; 1024];
         let n = r.read(&mut buf).await.unwrap();
         assert_eq!(buf[..n], [get("a"), get("b1"), get("b2")].concat());
@@ -1537,6 +1539,7 @@ mod tests {
         // c goes to the next session, whole, read in two parts: neither is whole requests.
         assert!(poll_fn(|cx| r.wait(cx, false)).await);
         r.framing = session::Framing::default();
+        r.framing.lock().start();
         let n = r.read(&mut buf[..5]).await.unwrap();
         let rest = r.read(&mut buf[n..]).await.unwrap();
         assert_eq!(buf[..n + rest], get("c"));

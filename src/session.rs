@@ -366,6 +366,9 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    if let Some(framing) = &framing {
+        framing.lock().start();
+    }
     let mut io = Io {
         cin: BytesMut::new(),
         uin: BytesMut::new(),

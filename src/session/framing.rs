@@ -23,6 +23,10 @@ pub struct Runs {
     runs: VecDeque<Run>,
     /// Bytes of the front run already taken.
     taken: usize,
+    /// The session's byte pump runs: before it (while the session connects, or answers
+    /// without a token, reading into buffers of its own), nothing is recorded, so nothing
+    /// piles up that no pump will take.
+    started: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -34,10 +38,16 @@ struct Run {
 }
 
 impl Runs {
+    /// The session's byte pump starts, with nothing read yet.
+    pub fn start(&mut self) {
+        self.clear();
+        self.started = true;
+    }
+
     /// The client handed over `len` more bytes: `plain` whole plain requests, or 0 when
     /// they are anything else (part of a request among them).
     pub fn handed(&mut self, len: usize, plain: usize) {
-        if len == 0 {
+        if len == 0 || !self.started {
             return;
         }
         if plain == 0 {
@@ -94,6 +104,10 @@ mod tests {
     #[test]
     fn runs_follow_the_bytes_taken() {
         let mut r = Runs::default();
+        // Before the pump starts, nothing is recorded.
+        r.handed(30, 2);
+        assert_eq!((r.plain_front(), r.pending()), (None, 0));
+        r.start();
         r.handed(30, 2);
         r.handed(10, 0);
         r.handed(5, 0);

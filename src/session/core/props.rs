@@ -151,6 +151,7 @@ fn run_proxied(ops: &[Op], framed: bool) -> (Vec<u8>, Model, Core, Vec<u8>) {
     let mut cin = BytesMut::new();
     let mut uin = BytesMut::new();
     let mut runs = Runs::default();
+    runs.start();
     let mut sent = Vec::new();
     for op in ops {
         match op {
