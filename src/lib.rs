@@ -21,7 +21,10 @@
 //! - [`mux`]: `--multiplex`: plain commands of many clients over one shared session per thread.
 //! - [`session`]: the per-connection driver; `session/core.rs` the sans-IO core,
 //!   `session/commands.rs` client command handling, `session/ledger.rs` the reply FIFO,
-//!   `session/state.rs` the tracked connection state.
+//!   `session/state.rs` the tracked connection state, `session/framing.rs` what the router of
+//!   shared clients tells its session of the requests it hands over (parsed once).
+//! - `gated.rs`: a future polled only once it woke (a session's shutdown and credentials
+//!   waits).
 //! - [`resp`]: request parser (RESP + inline), reply scanner (RESP2/RESP3), encoders, and
 //!   reply trees for the few replies the proxy edits.
 //! - [`cluster`]: OSS cluster mode: a local listener per node, node addresses in topology
