@@ -11,8 +11,9 @@
 #
 # Measures, for each target, in ROUNDS interleaved rounds (the order rotates each round):
 # throughput and latency (redis-benchmark --csv) for 50 clients (RESP2, and RESP3: `-3`), 50
-# clients pipelining 16, 16 KiB values, a single client, and a new connection per request
-# (the proxy with a warm pool of WARM_CONNECTIONS, default 32); CPU per request of the process
+# clients pipelining 16, 16 KiB values, a single client (as the processes fall on the CPUs,
+# and again with all three on CPU 0), and a new connection per request (the proxy with a
+# warm pool of WARM_CONNECTIONS, default 32); CPU per request of the process
 # in the middle (utime + stime from /proc/PID/stat around each run); and, once, on fresh
 # processes, resident memory per idle connection (IDLE_CONNS connections each sent one PING,
 # VmRSS before and after).
@@ -21,6 +22,8 @@
 # Usage: benches/compare.sh            (about 10 minutes on a 2-core machine)
 #        PROXY_ARGS="--worker-threads 1" benches/compare.sh   (more options for the proxy)
 #        ROUNDS=1 QUICK=1 benches/compare.sh   (a smoke run: one round, a tenth of the requests)
+#        CASES="c1" ROUNDS=9 benches/compare.sh   (some cases only: c50 c50_resp3 c50_p16 v16k c1
+#                                                  c1_pinned churn)
 # Needs root or the packages already installed (redis-server, redis-tools, stunnel4, haproxy,
 # openssl, python3: installed with apt-get when missing). Uses only 127.0.0.1, ports chosen by
 # the system. Every process it starts is stopped by PID on exit; its files live in a temporary
@@ -46,7 +49,7 @@ die() { log "error: $*"; exit 1; }
 # --- packages -----------------------------------------------------------------------------
 missing=()
 for pair in redis-server:redis-server redis-benchmark:redis-tools redis-cli:redis-tools \
-    stunnel4:stunnel4 haproxy:haproxy openssl:openssl python3:python3; do
+    stunnel4:stunnel4 haproxy:haproxy openssl:openssl python3:python3 taskset:util-linux; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if ((${#missing[@]})); then
@@ -271,7 +274,8 @@ for t in proxy stunnel haproxy; do
 done
 
 # --- throughput, latency, CPU -------------------------------------------------------------
-CASES=(c50 c50_resp3 c50_p16 v16k c1 churn)
+# CASES="c1 v16k" runs only those (the report then says n/a for the others).
+read -r -a CASES <<<"${CASES:-c50 c50_resp3 c50_p16 v16k c1 c1_pinned churn}"
 declare -A CASE_ARGS=(
     [c50]="-c 50 -n $((100000 / SCALE)) -t set,get"
     # Clients that say HELLO 3 first (go-redis v9, Lettuce, redis-py with protocol=3).
@@ -279,6 +283,12 @@ declare -A CASE_ARGS=(
     [c50_p16]="-c 50 -P 16 -n $((500000 / SCALE)) -t set,get"
     [v16k]="-c 50 -d 16384 -n $((20000 / SCALE)) -t set,get"
     [c1]="-c 1 -n $((20000 / SCALE)) -t set,get"
+    # The same with redis-benchmark, redis-server and the process in the middle all on CPU 0.
+    # One request in flight is a chain of wake-ups, one process at a time: spread over idle
+    # CPUs, each wake-up costs an inter-processor interrupt and a CPU leaving its idle state,
+    # which on a virtual machine cost more than the work of all three processes, and vary with
+    # where the scheduler happens to put them. On one CPU, the figures are the processes' own.
+    [c1_pinned]="-c 1 -n $((40000 / SCALE)) -t set,get"
     # A new connection for every request (`-k 0`): what the warm pool is for.
     [churn]="-c 10 -k 0 -n $((4000 / SCALE)) -t set,get"
 )
@@ -317,17 +327,27 @@ for ((round = 1; round <= ROUNDS; round++)); do
         for t in "${order[@]}"; do
             log "round $round/$ROUNDS: $c via $t"
             mid=${PID_OF[$t]}
+            pin=()
+            if [[ "$c" == c1_pinned ]]; then
+                pin=(taskset -c 0)
+                for pid in "$PID_REDIS" "$mid"; do taskset -a -p -c 0 "$pid" >/dev/null; done
+            fi
             read -r tot0 busy0 < <(machine_ticks)
             # `times` must run in this shell: a subshell does not see its parent's children.
             times >"$WORK/times0"
             m0=$(cpu_ticks "$mid") r0=$(cpu_ticks "$PID_REDIS")
+            ok=1
             # shellcheck disable=SC2086
-            if ! out=$(timeout "$RUN_TIMEOUT" redis-benchmark ${FLAGS[$t]} ${CASE_ARGS[$c]} -q --csv 2>"$WORK/bench.err"); then
+            out=$(timeout "$RUN_TIMEOUT" "${pin[@]}" redis-benchmark ${FLAGS[$t]} ${CASE_ARGS[$c]} -q --csv 2>"$WORK/bench.err") || ok=
+            m1=$(cpu_ticks "$mid") r1=$(cpu_ticks "$PID_REDIS")
+            times >"$WORK/times1"
+            if ((${#pin[@]})); then
+                for pid in "$PID_REDIS" "$mid"; do taskset -a -p -c "0-$(($(nproc) - 1))" "$pid" >/dev/null; done
+            fi
+            if [[ -z "$ok" ]]; then
                 log "warning: $c via $t failed or timed out: $(tail -n 2 "$WORK/bench.err")"
                 continue
             fi
-            m1=$(cpu_ticks "$mid") r1=$(cpu_ticks "$PID_REDIS")
-            times >"$WORK/times1"
             b0=$(children_ticks "$WORK/times0") b1=$(children_ticks "$WORK/times1")
             read -r tot1 busy1 < <(machine_ticks)
             ours=$(((r1 - r0) + (b1 - b0)))
@@ -357,6 +377,7 @@ T = ["direct", "proxy", "stunnel", "haproxy"]
 CASES = [("c50", "50 clients"), ("c50_resp3", "50 clients, RESP3"),
          ("c50_p16", "50 clients, pipeline 16"),
          ("v16k", "50 clients, 16 KiB values"), ("c1", "1 client"),
+         ("c1_pinned", "1 client, all on one CPU"),
          ("churn", "10 clients, a new connection per request")]
 vals = defaultdict(list)
 for row in csv.DictReader(open(results), delimiter="\t"):
@@ -391,13 +412,14 @@ for c, name in CASES:
               f" | {ratio(r['proxy'], r['direct'])} | {ratio(r['proxy'], r['haproxy'])} | {ratio(r['proxy'], r['stunnel'])} |")
 
 print("\n### Latency, 1 client (ms)\n")
-print("| test | percentile | direct TLS | proxy | stunnel | haproxy | proxy/direct | proxy/haproxy |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
-for test in ("SET", "GET"):
-    for k, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-        r = {t: med(t, "c1", test, k) for t in T}
-        print(f"| {test} | {label} | " + " | ".join(fmt(r[t], 3) for t in T) +
-              f" | {ratio(r['proxy'], r['direct'])} | {ratio(r['proxy'], r['haproxy'])} |")
+print("| case | test | percentile | direct TLS | proxy | stunnel | haproxy | proxy/direct | proxy/haproxy |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+for c, name in (("c1", "1 client"), ("c1_pinned", "one CPU")):
+    for test in ("SET", "GET"):
+        for k, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            r = {t: med(t, c, test, k) for t in T}
+            print(f"| {name} | {test} | {label} | " + " | ".join(fmt(r[t], 3) for t in T) +
+                  f" | {ratio(r['proxy'], r['direct'])} | {ratio(r['proxy'], r['haproxy'])} |")
 
 print("\n### CPU per request (µs, user + system, of the process in the middle; SET and GET together)\n")
 print("| case | proxy | stunnel | haproxy | proxy/haproxy | redis-server, direct TLS | redis-server, via proxy |")
@@ -456,11 +478,11 @@ for c, name in CASES:
     m, met = check(v, lambda v: v < 1)
     print(f"| CPU per request below haproxy, {name} | {m}× | {met} |")
 
-def latency_gap(other, k, ms):
+def latency_gap(other, k, ms, c="c1"):
     # The worse of SET and GET: proxy minus other, in µs.
     gaps = []
     for test in ("SET", "GET"):
-        a, b = med("proxy", "c1", test, k), med(other, "c1", test, k)
+        a, b = med("proxy", c, test, k), med(other, c, test, k)
         if a is not None and b is not None:
             gaps.append((a - b) * ms)
     return max(gaps) if gaps else None
@@ -468,9 +490,10 @@ def latency_gap(other, k, ms):
 v = latency_gap("direct", "p50_ms", 1000)
 m, met = ("n/a", "?") if v is None else (f"{v:+.0f} µs", "yes" if v <= 60 else "**no**")
 print(f"| 1 client: p50 within 60 µs of direct TLS | {m} | {met} |")
-v = latency_gap("haproxy", "p99_ms", 1000)
-m, met = ("n/a", "?") if v is None else (f"{v:+.0f} µs", "yes" if v < 0 else "**no**")
-print(f"| 1 client: p99 below haproxy's | {m} | {met} |")
+for c, name in (("c1", "1 client"), ("c1_pinned", "1 client, one CPU")):
+    v = latency_gap("haproxy", "p99_ms", 1000, c)
+    m, met = ("n/a", "?") if v is None else (f"{v:+.0f} µs", "yes" if v < 0 else "**no**")
+    print(f"| {name}: p99 below haproxy's | {m} | {met} |")
 if "proxy" in mem:
     per = mem["proxy"][2]
     print(f"| ≤ 20 KB per idle connection | {per * 1.024:.1f} KB | {'yes' if per * 1.024 <= 20 else '**no**'} |")
