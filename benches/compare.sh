@@ -12,7 +12,7 @@
 # Measures, for each target, in ROUNDS interleaved rounds (the order rotates each round):
 # throughput and latency (redis-benchmark --csv) for 50 clients (RESP2, and RESP3: `-3`), 50
 # clients pipelining 16, 16 KiB values, a single client (as the processes fall on the CPUs,
-# and again with all three on CPU 0), and a new connection per request (the proxy with a
+# and again with all three on one CPU), and a new connection per request (the proxy with a
 # warm pool of WARM_CONNECTIONS, default 32); CPU per request of the process
 # in the middle (utime + stime from /proc/PID/stat around each run); and, once, on fresh
 # processes, resident memory per idle connection (IDLE_CONNS connections each sent one PING,
@@ -283,7 +283,7 @@ declare -A CASE_ARGS=(
     [c50_p16]="-c 50 -P 16 -n $((500000 / SCALE)) -t set,get"
     [v16k]="-c 50 -d 16384 -n $((20000 / SCALE)) -t set,get"
     [c1]="-c 1 -n $((20000 / SCALE)) -t set,get"
-    # The same with redis-benchmark, redis-server and the process in the middle all on CPU 0.
+    # The same with redis-benchmark, redis-server and the process in the middle all on one CPU.
     # One request in flight is a chain of wake-ups, one process at a time: spread over idle
     # CPUs, each wake-up costs an inter-processor interrupt and a CPU leaving its idle state,
     # which on a virtual machine cost more than the work of all three processes, and vary with
@@ -293,6 +293,10 @@ declare -A CASE_ARGS=(
     [churn]="-c 10 -k 0 -n $((4000 / SCALE)) -t set,get"
 )
 TCK=$(getconf CLK_TCK)
+# The CPUs this script may use (its processes inherit them): `c1_pinned` runs on the first,
+# and gives the processes all of them back afterwards.
+CPUS=$(taskset -c -p $$ | sed 's/.*: //')
+FIRST_CPU=${CPUS%%[,-]*}
 cpu_ticks() { # utime + stime of the whole process (all threads)
     local stat
     stat=$(<"/proc/$1/stat")
@@ -329,8 +333,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
             mid=${PID_OF[$t]}
             pin=()
             if [[ "$c" == c1_pinned ]]; then
-                pin=(taskset -c 0)
-                for pid in "$PID_REDIS" "$mid"; do taskset -a -p -c 0 "$pid" >/dev/null; done
+                pin=(taskset -c "$FIRST_CPU")
+                for pid in "$PID_REDIS" "$mid"; do taskset -a -p -c "$FIRST_CPU" "$pid" >/dev/null; done
             fi
             read -r tot0 busy0 < <(machine_ticks)
             # `times` must run in this shell: a subshell does not see its parent's children.
@@ -342,7 +346,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
             m1=$(cpu_ticks "$mid") r1=$(cpu_ticks "$PID_REDIS")
             times >"$WORK/times1"
             if ((${#pin[@]})); then
-                for pid in "$PID_REDIS" "$mid"; do taskset -a -p -c "0-$(($(nproc) - 1))" "$pid" >/dev/null; done
+                for pid in "$PID_REDIS" "$mid"; do taskset -a -p -c "$CPUS" "$pid" >/dev/null; done
             fi
             if [[ -z "$ok" ]]; then
                 log "warning: $c via $t failed or timed out: $(tail -n 2 "$WORK/bench.err")"
