@@ -14,7 +14,9 @@
 # clients pipelining 16, 16 KiB values, a single client (as the processes fall on the CPUs,
 # and again with all three on one CPU), and a new connection per request (the proxy with a
 # warm pool of WARM_CONNECTIONS, default 32); CPU per request of the process
-# in the middle (utime + stime from /proc/PID/stat around each run); and, once, on fresh
+# in the middle (utime + stime from /proc/PID/stat around each run); for the single client,
+# latency again with every request timed to the nanosecond (benches/latency.rs: the buckets of
+# redis-benchmark's histogram are 8 µs wide); and, once, on fresh
 # processes, resident memory per idle connection (IDLE_CONNS connections each sent one PING,
 # VmRSS before and after).
 # Prints one markdown report: medians, and ratios to direct TLS and to the peers.
@@ -64,6 +66,14 @@ log "building the proxy (release)"
 timeout 1500 cargo build --release --quiet
 BIN="$ROOT/target/release/redis-entra-proxy"
 [[ -x "$BIN" ]] || die "no $BIN"
+log "building the latency probe (benches/latency.rs)"
+PROBE=$(timeout 1500 cargo bench --bench latency --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "latency" and m.get("executable"):
+        print(m["executable"])')
+[[ -x "$PROBE" ]] || die "the latency probe did not build: cargo bench --bench latency --no-run"
 
 # --- scratch space and cleanup ------------------------------------------------------------
 WORK="$(mktemp -d /tmp/redis-entra-compare.XXXXXX)"
@@ -204,6 +214,13 @@ declare -A FLAGS=(
     [stunnel]="-h 127.0.0.1 -p $P_STUNNEL --user bench -a $TOKEN"
     [haproxy]="-h 127.0.0.1 -p $P_HAPROXY --user bench -a $TOKEN"
 )
+# The same connections for the latency probe.
+declare -A PROBE_FLAGS=(
+    [direct]="127.0.0.1:$P_REDIS --tls $WORK/ca.pem localhost --user bench --pass $TOKEN"
+    [proxy]="127.0.0.1:$P_PROXY"
+    [stunnel]="127.0.0.1:$P_STUNNEL --user bench --pass $TOKEN"
+    [haproxy]="127.0.0.1:$P_HAPROXY --user bench --pass $TOKEN"
+)
 declare -A PID_OF=([direct]=$PID_REDIS [proxy]=$PID_PROXY [stunnel]=$PID_STUNNEL [haproxy]=$PID_HAPROXY)
 declare -A PORT_OF=([proxy]=$P_PROXY [stunnel]=$P_STUNNEL [haproxy]=$P_HAPROXY)
 
@@ -322,6 +339,7 @@ children_ticks() { # user + system of waited-for children, from the output of `t
 }
 
 printf 'round\ttarget\tcase\ttest\trps\tp50_ms\tp99_ms\tmid_cpu_us_per_req\tredis_cpu_us_per_req\tothers_busy_pct\n' >"$WORK/results.tsv"
+printf 'round\ttarget\tcase\ttest\trps\tp50_ms\tp99_ms\tp999_ms\tmax_ms\n' >"$WORK/latency.tsv"
 for ((round = 1; round <= ROUNDS; round++)); do
     order=()
     for ((k = 0; k < ${#TARGETS[@]}; k++)); do
@@ -345,6 +363,16 @@ for ((round = 1; round <= ROUNDS; round++)); do
             out=$(timeout "$RUN_TIMEOUT" "${pin[@]}" redis-benchmark ${FLAGS[$t]} ${CASE_ARGS[$c]} -q --csv 2>"$WORK/bench.err") || ok=
             m1=$(cpu_ticks "$mid") r1=$(cpu_ticks "$PID_REDIS")
             times >"$WORK/times1"
+            read -r tot1 busy1 < <(machine_ticks)
+            if [[ -n "$ok" && "$c" == c1* ]]; then
+                # Latency once more, every request timed (same placement, after the CPU figures).
+                # shellcheck disable=SC2086
+                if lat=$(timeout "$RUN_TIMEOUT" "${pin[@]}" "$PROBE" ${PROBE_FLAGS[$t]} -n "$((20000 / SCALE))" 2>"$WORK/probe.err"); then
+                    awk -v r="$round" -v t="$t" -v c="$c" '{ print r "\t" t "\t" c "\t" $0 }' <<<"$lat" >>"$WORK/latency.tsv"
+                else
+                    log "warning: latency probe, $c via $t: $(tail -n 2 "$WORK/probe.err")"
+                fi
+            fi
             if ((${#pin[@]})); then
                 for pid in "$PID_REDIS" "$mid"; do taskset -a -p -c "$CPUS" "$pid" >/dev/null; done
             fi
@@ -353,7 +381,6 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 continue
             fi
             b0=$(children_ticks "$WORK/times0") b1=$(children_ticks "$WORK/times1")
-            read -r tot1 busy1 < <(machine_ticks)
             ours=$(((r1 - r0) + (b1 - b0)))
             [[ "$t" == direct ]] || ours=$((ours + m1 - m0))
             others=$(((busy1 - busy0 - ours) * 100 / (tot1 - tot0 > 0 ? tot1 - tot0 : 1)))
@@ -376,7 +403,7 @@ cat >"$WORK/report.py" <<'EOF'
 import csv, statistics, sys
 from collections import defaultdict
 
-results, memory, rounds, idle = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+results, memory, rounds, idle, latency = sys.argv[1:6]
 T = ["direct", "proxy", "stunnel", "haproxy"]
 CASES = [("c50", "50 clients"), ("c50_resp3", "50 clients, RESP3"),
          ("c50_p16", "50 clients, pipeline 16"),
@@ -388,6 +415,10 @@ for row in csv.DictReader(open(results), delimiter="\t"):
     for k in ("rps", "p50_ms", "p99_ms", "mid_cpu_us_per_req", "redis_cpu_us_per_req"):
         if row[k]:
             vals[(row["target"], row["case"], row["test"], k)].append(float(row[k]))
+# The latency probe's figures, under keys of their own ("probe_p50_ms", ...).
+for row in csv.DictReader(open(latency), delimiter="\t"):
+    for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms"):
+        vals[(row["target"], row["case"], row["test"], "probe_" + k)].append(float(row[k]))
 
 def med(t, c, test, k):
     v = vals.get((t, c, test, k))
@@ -415,7 +446,22 @@ for c, name in CASES:
         print(f"| {name} | {test} | " + " | ".join(fmt(r[t]) for t in T) +
               f" | {ratio(r['proxy'], r['direct'])} | {ratio(r['proxy'], r['haproxy'])} | {ratio(r['proxy'], r['stunnel'])} |")
 
-print("\n### Latency, 1 client (ms)\n")
+print("\n### Latency, 1 client (µs, every request timed by benches/latency.rs)\n")
+print("| case | test | percentile | direct TLS | proxy | stunnel | haproxy | proxy − direct | proxy − haproxy |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+
+def gap(a, b):
+    return "n/a" if a is None or b is None else f"{(a - b) * 1000:+.1f}"
+
+for c, name in (("c1", "1 client"), ("c1_pinned", "one CPU")):
+    for test in ("SET", "GET"):
+        for k, label in (("probe_p50_ms", "p50"), ("probe_p99_ms", "p99"), ("probe_p999_ms", "p99.9")):
+            r = {t: med(t, c, test, k) for t in T}
+            print(f"| {name} | {test} | {label} | " +
+                  " | ".join("n/a" if r[t] is None else f"{r[t] * 1000:.1f}" for t in T) +
+                  f" | {gap(r['proxy'], r['direct'])} | {gap(r['proxy'], r['haproxy'])} |")
+
+print("\n### Latency, 1 client, as redis-benchmark reports it (ms; its buckets are 8 µs wide)\n")
 print("| case | test | percentile | direct TLS | proxy | stunnel | haproxy | proxy/direct | proxy/haproxy |")
 print("|---|---|---|---:|---:|---:|---:|---:|---:|")
 for c, name in (("c1", "1 client"), ("c1_pinned", "one CPU")):
@@ -482,21 +528,24 @@ for c, name in CASES:
     m, met = check(v, lambda v: v < 1)
     print(f"| CPU per request below haproxy, {name} | {m}× | {met} |")
 
-def latency_gap(other, k, ms, c="c1"):
-    # The worse of SET and GET: proxy minus other, in µs.
+def latency_gap(other, k, c="c1"):
+    # The worse of SET and GET: proxy minus other, in µs; the probe's figures, or
+    # redis-benchmark's when the probe has none.
     gaps = []
     for test in ("SET", "GET"):
-        a, b = med("proxy", c, test, k), med(other, c, test, k)
-        if a is not None and b is not None:
-            gaps.append((a - b) * ms)
+        for key in ("probe_" + k, k):
+            a, b = med("proxy", c, test, key), med(other, c, test, key)
+            if a is not None and b is not None:
+                gaps.append((a - b) * 1000)
+                break
     return max(gaps) if gaps else None
 
-v = latency_gap("direct", "p50_ms", 1000)
-m, met = ("n/a", "?") if v is None else (f"{v:+.0f} µs", "yes" if v <= 60 else "**no**")
+v = latency_gap("direct", "p50_ms")
+m, met = ("n/a", "?") if v is None else (f"{v:+.1f} µs", "yes" if v <= 60 else "**no**")
 print(f"| 1 client: p50 within 60 µs of direct TLS | {m} | {met} |")
 for c, name in (("c1", "1 client"), ("c1_pinned", "1 client, one CPU")):
-    v = latency_gap("haproxy", "p99_ms", 1000, c)
-    m, met = ("n/a", "?") if v is None else (f"{v:+.0f} µs", "yes" if v < 0 else "**no**")
+    v = latency_gap("haproxy", "p99_ms", c)
+    m, met = ("n/a", "?") if v is None else (f"{v:+.1f} µs", "yes" if v < 0 else "**no**")
     print(f"| {name}: p99 below haproxy's | {m} | {met} |")
 if "proxy" in mem:
     per = mem["proxy"][2]
@@ -505,8 +554,9 @@ EOF
 echo
 echo "## redis-entra-proxy compared ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), $(stunnel4 -version 2>&1 | grep -o 'stunnel [0-9.]*' | head -n 1), haproxy $(haproxy -v | head -n 1 | awk '{print $3}'))"
 echo
-python3 "$WORK/report.py" "$WORK/results.tsv" "$WORK/memory.tsv" "$ROUNDS" "$IDLE_CONNS"
+python3 "$WORK/report.py" "$WORK/results.tsv" "$WORK/memory.tsv" "$ROUNDS" "$IDLE_CONNS" "$WORK/latency.tsv"
 if [[ -n "${KEEP_RESULTS:-}" ]]; then
     cp "$WORK/results.tsv" "$KEEP_RESULTS.results.tsv"
     cp "$WORK/memory.tsv" "$KEEP_RESULTS.memory.tsv"
+    cp "$WORK/latency.tsv" "$KEEP_RESULTS.latency.tsv"
 fi
