@@ -6,6 +6,11 @@
 //! unsubscribe-all, PING while subscribed, commands refused while subscribed), HELLO
 //! switches, CLIENT REPLY, blocking commands with short timeouts, inline commands and errors.
 //! Seeds are printed so a failure can be replayed with `DIFF_SEED=<n>`.
+//!
+//! With `--multiplex`, several clients run their scripts at once, each in a namespace of its
+//! own (keys, channels, patterns), mostly with commands that share: every client's replies
+//! must match what the same script gets alone on a direct connection, while the others share
+//! its upstream connection, move between threads and protocols, and pin.
 mod support;
 
 use std::time::Duration;
@@ -15,9 +20,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const END: &[u8] = b"$7\r\n__end__\r\n";
 
+/// Commands of `Gen::step` that a multiplexed client sends over the shared connection
+/// (`SET` … `HGETALL`, `ECHO`, `PING`, `HELLO`, `CLIENT SETNAME`/`GETNAME`, `EXISTS`).
+const SHARING: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 20, 22, 24, 25, 29];
+
 #[derive(Default)]
 struct Gen {
     rng: fastrand::Rng,
+    /// Prefix of every key, channel and pattern: clients running at once stay apart.
+    ns: String,
+    /// Nine steps in ten are commands that share (see [`SHARING`]).
+    sharing: bool,
     in_multi: bool,
     subscribed: bool,
     resp3: bool,
@@ -50,16 +63,24 @@ impl Gen {
     }
 
     fn step(&mut self) {
-        let key = ["k1", "k2", "l1", "h1"][self.rng.usize(..4)];
+        let ns = std::mem::take(&mut self.ns);
+        let name = |n: &str| format!("{ns}{n}");
+        let key = &name(["k1", "k2", "l1", "h1"][self.rng.usize(..4)]);
         let val = format!("v {}", self.rng.u16(..1000));
-        match self.rng.u8(..30) {
+        let (c1, c2, pattern) = (&name("c1"), &name("c2"), &name("c*"));
+        let code = if self.sharing && self.rng.u8(..10) < 9 {
+            SHARING[self.rng.usize(..SHARING.len())]
+        } else {
+            self.rng.u8(..30)
+        };
+        match code {
             0..=2 => self.cmd(&["SET", key, &val]),
             3..=4 => self.cmd(&["GET", key]),
-            5 => self.cmd(&["INCR", "counter"]),
+            5 => self.cmd(&["INCR", &name("counter")]),
             6 => self.cmd(&["LPUSH", key, &val]),
             7 => self.cmd(&["LRANGE", key, "0", "-1"]),
-            8 => self.cmd(&["HSET", "h1", "f", &val]),
-            9 => self.cmd(&["HGETALL", "h1"]),
+            8 => self.cmd(&["HSET", &name("h1"), "f", &val]),
+            9 => self.cmd(&["HGETALL", &name("h1")]),
             // Known deviation: a RESP2 subscriber sending an unknown command gets the proxy's
             // "Can't execute" error where Redis says "unknown command" (README, Limitations).
             10 if !self.subscribed || self.resp3 => self.cmd(&["NOSUCHCOMMAND", key]),
@@ -76,17 +97,17 @@ impl Gen {
             }
             15 if !self.in_multi => self.cmd(&["WATCH", key]),
             16 if !self.in_multi => {
-                self.cmd(&["SUBSCRIBE", "c1", "c2"]);
+                self.cmd(&["SUBSCRIBE", c1, c2]);
                 self.subscribed = true;
             }
             17 if !self.in_multi => {
-                self.cmd(&["PSUBSCRIBE", "c*"]);
+                self.cmd(&["PSUBSCRIBE", pattern]);
                 self.subscribed = true;
             }
             18 if !self.in_multi => self.cmd(&["UNSUBSCRIBE"]),
             19 if !self.in_multi => self.cmd(&["PUNSUBSCRIBE"]),
             20 => self.cmd(&["PING"]),
-            21 if self.resp3 => self.cmd(&["PUBLISH", "c1", &val]),
+            21 if self.resp3 => self.cmd(&["PUBLISH", c1, &val]),
             22 if !self.in_multi => {
                 let v = if self.rng.bool() { "3" } else { "2" };
                 self.cmd(&["HELLO", v]);
@@ -107,12 +128,20 @@ impl Gen {
             // by design, where Redis would refuse it.
             _ => self.cmd(&["EXISTS", key]),
         }
+        self.ns = ns;
     }
 
     /// A script of `n` random commands that ends in a known state with the end marker.
     fn script(seed: u64, n: usize) -> Vec<u8> {
+        Gen::script_in(seed, n, "", false)
+    }
+
+    /// [`Gen::script`] with its names prefixed by `ns`, mostly sharing commands if `sharing`.
+    fn script_in(seed: u64, n: usize, ns: &str, sharing: bool) -> Vec<u8> {
         let mut g = Gen {
             rng: fastrand::Rng::with_seed(seed),
+            ns: ns.to_owned(),
+            sharing,
             ..Default::default()
         };
         for _ in 0..n {
@@ -181,6 +210,50 @@ fn normalize(bytes: &[u8]) -> String {
     out
 }
 
+/// Panics, showing where, unless the proxy's replies (`got`) are Redis's (`want`).
+fn assert_same(seed: u64, got: &[u8], want: &[u8], script: &[u8]) {
+    let (got, want) = (normalize(got), normalize(want));
+    if got != want {
+        let at = got
+            .bytes()
+            .zip(want.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let from = at.saturating_sub(300);
+        panic!(
+            "seed {seed}: replies differ at byte {at} (replay with DIFF_SEED={seed})\n\
+             proxy: {:?}\nredis: {:?}\nscript: {:?}",
+            &got[from..(at + 300).min(got.len())],
+            &want[from..(at + 300).min(want.len())],
+            String::from_utf8_lossy(script)
+        );
+    }
+}
+
+/// The first seed and how many runs: `DIFF_SEED` replays one, from that seed; otherwise
+/// `runs` from seed 1.
+fn seeds(runs: u64) -> (u64, u64) {
+    match std::env::var("DIFF_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(seed) => (seed, 1),
+        None => (1, runs),
+    }
+}
+
+/// A direct connection to the stand-in server, authenticated as its admin.
+async fn direct(proxy: &Proxy) -> redis_entra_proxy::devenv::RespConn {
+    let mut direct = proxy.redis.connect().await.expect("direct connection");
+    let auth = [
+        &b"AUTH"[..],
+        b"admin",
+        proxy.redis.admin_password().as_bytes(),
+    ];
+    assert_eq!(
+        direct.command(&auth).await.expect("admin auth"),
+        Reply::Simple("OK".into())
+    );
+    direct
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_replies_match_redis_under_rotation() {
     let proxy = Proxy::start_with(ProxyOptions {
@@ -188,27 +261,10 @@ async fn proxy_replies_match_redis_under_rotation() {
         ..Default::default()
     })
     .await;
-    let first: u64 = std::env::var("DIFF_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let scripts = if std::env::var("DIFF_SEED").is_ok() {
-        1
-    } else {
-        40
-    };
+    let (first, scripts) = seeds(40);
     for seed in first..first + scripts {
         let script = Gen::script(seed, 120);
-        let mut direct = proxy.redis.connect().await.expect("direct connection");
-        let auth = [
-            &b"AUTH"[..],
-            b"admin",
-            proxy.redis.admin_password().as_bytes(),
-        ];
-        assert_eq!(
-            direct.command(&auth).await.expect("admin auth"),
-            Reply::Simple("OK".into())
-        );
+        let mut direct = direct(&proxy).await;
         proxy.redis.command(&[b"FLUSHALL"]).await.expect("flush");
         let want = run(direct.stream_mut(), &script, seed).await;
         proxy.redis.command(&[b"FLUSHALL"]).await.expect("flush");
@@ -216,22 +272,7 @@ async fn proxy_replies_match_redis_under_rotation() {
             .await
             .expect("connect proxy");
         let got = run(&mut via, &script, seed).await;
-        let (got, want) = (normalize(&got), normalize(&want));
-        if got != want {
-            let at = got
-                .bytes()
-                .zip(want.bytes())
-                .take_while(|(a, b)| a == b)
-                .count();
-            let from = at.saturating_sub(300);
-            panic!(
-                "seed {seed}: replies differ at byte {at} (replay with DIFF_SEED={seed})\n\
-                 proxy: {:?}\nredis: {:?}\nscript: {:?}",
-                &got[from..(at + 300).min(got.len())],
-                &want[from..(at + 300).min(want.len())],
-                String::from_utf8_lossy(&script)
-            );
-        }
+        assert_same(seed, &got, &want, &script);
     }
     let gens = proxy.redis.client_list().await.expect("client list");
     eprintln!(
@@ -240,4 +281,81 @@ async fn proxy_replies_match_redis_under_rotation() {
             .filter_map(|c| c.get("user"))
             .collect::<Vec<_>>()
     );
+}
+
+/// Clients that run their scripts at once through a multiplexing proxy.
+const AT_ONCE: u64 = 8;
+
+/// Every client of a group runs its script at once, each in its own namespace, first on
+/// direct connections, then through the multiplexing proxy; each must get the replies it got
+/// directly. Tokens rotate every 1.3 s, so shared connections re-authenticate meanwhile.
+/// Returns the shared batches the proxy sent.
+async fn multiplexed_replies_match_redis(max_batches: Option<usize>) -> f64 {
+    let proxy = Proxy::start_with(ProxyOptions {
+        token_lifetime: Duration::from_millis(1333),
+        multiplex: true,
+        multiplex_max_batches: max_batches,
+        admin: true,
+        ..Default::default()
+    })
+    .await;
+    let admin = proxy.admin_addr.expect("admin endpoint");
+    let batches = || async move {
+        let (_, body) = http_get(admin, "/metrics").await;
+        support::cluster::sum_metric(&body, "redis_entra_proxy_multiplex_batches_total", "")
+    };
+    let before = batches().await;
+    let (first, groups) = seeds(5);
+    for group in 0..groups {
+        let seeds: Vec<u64> = (0..AT_ONCE).map(|i| first + group * AT_ONCE + i).collect();
+        let scripts: Vec<Vec<u8>> = seeds
+            .iter()
+            .map(|&seed| Gen::script_in(seed, 120, &format!("s{seed}:"), true))
+            .collect();
+
+        proxy.redis.command(&[b"FLUSHALL"]).await.expect("flush");
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (&seed, script)) in seeds.iter().zip(&scripts).enumerate() {
+            let mut conn = direct(&proxy).await;
+            let script = script.clone();
+            tasks.spawn(async move { (i, run(conn.stream_mut(), &script, seed).await) });
+        }
+        let mut want = vec![Vec::new(); scripts.len()];
+        while let Some(done) = tasks.join_next().await {
+            let (i, replies) = done.expect("direct client");
+            want[i] = replies;
+        }
+
+        proxy.redis.command(&[b"FLUSHALL"]).await.expect("flush");
+        for (i, (&seed, script)) in seeds.iter().zip(&scripts).enumerate() {
+            let mut via = tokio::net::TcpStream::connect(proxy.addr)
+                .await
+                .expect("connect proxy");
+            let script = script.clone();
+            tasks.spawn(async move { (i, run(&mut via, &script, seed).await) });
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (i, got) = done.expect("client through the proxy");
+            assert_same(seeds[i], &got, &want[i], &scripts[i]);
+        }
+    }
+    let sent = batches().await - before;
+    proxy.stop().await;
+    sent
+}
+
+/// Both batching policies, one after the other: the other test of this file does not
+/// multiplex, so the process-wide batch counter moves only for the proxy of this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiplexed_clients_get_the_replies_redis_gives_them() {
+    for max_batches in [None, Some(1)] {
+        let sent = multiplexed_replies_match_redis(max_batches).await;
+        eprintln!("--multiplex-max-batches {max_batches:?}: {sent} shared batches");
+        // Most commands of the scripts share: each client's first ones at least, in batches
+        // of their own unless they arrive together.
+        assert!(
+            sent >= AT_ONCE as f64,
+            "the clients hardly shared ({sent} batches)"
+        );
+    }
 }

@@ -40,7 +40,6 @@ const MAX_BULK: i64 = 512 * 1024 * 1024;
 /// Bytes reserved before each socket read.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Anything a `RespConn` can run over: a plain TCP stream or a TLS stream on top of one.
 /// A byte stream a [`RespConn`] runs over (TCP or TLS).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
