@@ -12,6 +12,11 @@
 //! unread bytes go to that session first, so nothing is lost or reordered, and the client's
 //! own connection state starts clean, in the protocol it chose.
 //!
+//! With a local password (`--local-password`), a client shares only once it has given the
+//! right one ([`credentials`]): anything it sends before, and any wrong password, pins it, and
+//! its own session answers as Redis does (NOAUTH, WRONGPASS). A client pinned after giving the
+//! password starts its session authenticated.
+//!
 //! The shared upstream session is an ordinary session ([`session::serve_shared`]) whose client is
 //! the router itself, run in the router's task: the session reads the requests from the router
 //! and writes the replies to it, with no pipe or other task between them. Authentication,
@@ -38,6 +43,7 @@ use tokio::sync::mpsc;
 use crate::gated::Gated;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, RequestParser};
+use crate::secret::Secret;
 use crate::session::{self, CloseReason, Outcome, Shared, Target};
 use crate::workers::Workers;
 
@@ -222,8 +228,9 @@ struct Hello {
 /// the protocol it leaves the connection in (`current` for a bare `HELLO`) and the name. A
 /// shared client moves to the shared connection speaking that protocol, where the server
 /// answers a `HELLO <protocol>` for it; the name stays with the proxy, like `CLIENT SETNAME`'s.
-/// (Without a local password, which multiplexing needs, any AUTH pair is accepted and never
-/// forwarded, as on every session.) Any other `HELLO` pins the client.
+/// The AUTH pair is never forwarded: without a local password any is accepted, as on every
+/// session; with one, only the right one shares (see [`credentials`]). Any other `HELLO` pins
+/// the client.
 fn hello(cmd: &crate::resp::request::Command<'_>, current: u8) -> Option<Hello> {
     if !cmd.arg_is(0, "hello") {
         return None;
@@ -264,11 +271,41 @@ fn client_maint(cmd: &crate::resp::request::Command<'_>) -> bool {
     cmd.arg_is(0, "client") && cmd.arg_is(1, "maint_notifications")
 }
 
-/// `AUTH [user] password`: without a local password (multiplexing needs none), the proxy
-/// answers `+OK` to every well-formed AUTH, shared or not (applications configured with a
-/// password go on sharing).
+/// `AUTH [user] password`: the proxy answers `+OK` to it, shared or not (applications
+/// configured with a password go on sharing): to every well-formed AUTH without a local
+/// password, as on every session; with one, to the right password (see [`credentials`]).
 fn client_auth(cmd: &crate::resp::request::Command<'_>) -> bool {
     cmd.arg_is(0, "auth") && (2..=3).contains(&cmd.argc())
+}
+
+/// The user and password a request authenticates with: `AUTH [user] password` (the user is
+/// `default` when not given) or `HELLO … AUTH user password`.
+fn credentials<'a>(cmd: &'a crate::resp::request::Command<'_>) -> Option<(&'a [u8], &'a [u8])> {
+    if client_auth(cmd) {
+        return match cmd.argc() {
+            2 => Some((b"default", cmd.arg(1)?)),
+            _ => Some((cmd.arg(1)?, cmd.arg(2)?)),
+        };
+    }
+    if !cmd.arg_is(0, "hello") {
+        return None;
+    }
+    // The options as `hello` reads them: a `SETNAME` value is never taken for `AUTH`.
+    let mut i = 2;
+    while i < cmd.argc() {
+        if cmd.arg_is(i, "auth") && i + 2 < cmd.argc() {
+            return Some((cmd.arg(i + 1)?, cmd.arg(i + 2)?));
+        }
+        i += if cmd.arg_is(i, "setname") { 2 } else { 1 };
+    }
+    None
+}
+
+/// A request parser with Redis's limits for unauthenticated clients unless `authenticated`.
+fn parser_for(authenticated: bool) -> RequestParser {
+    let mut parser = RequestParser::new();
+    parser.set_auth_required(!authenticated);
+    parser
 }
 
 const OK: &[u8] = b"+OK\r\n";
@@ -386,8 +423,9 @@ enum Delivery {
 enum Phase {
     Done(Outcome),
     /// Serve the rest on a connection of its own speaking this protocol and named so (the
-    /// client's `CLIENT SETNAME`), these bytes first.
-    Pin(BytesMut, u8, Option<Bytes>),
+    /// client's `CLIENT SETNAME`), these bytes first; `true`: the client gave the local
+    /// password.
+    Pin(BytesMut, u8, Option<Bytes>, bool),
     /// Go on on this session thread.
     Move(usize, Carry),
 }
@@ -398,6 +436,8 @@ pub struct Carry {
     cin: BytesMut,
     proto: u8,
     name: Option<Bytes>,
+    /// It gave the local password.
+    authenticated: bool,
 }
 
 /// How [`serve`] ended.
@@ -427,10 +467,8 @@ pub async fn serve<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let routers = match &target.mux {
-        // A local password: its AUTH and NOAUTH rules are the pinned session's.
-        Some(routers) if shared.local_password.is_none() => routers,
-        _ => return Served::Done(session::serve(client, shared, target).await),
+    let Some(routers) = &target.mux else {
+        return Served::Done(session::serve(client, shared, target).await);
     };
     let router = |proto| routers.get(worker, proto, shared, target);
     let destination = || routers.destination(worker, workers);
@@ -441,7 +479,7 @@ where
     match phase {
         Phase::Done(outcome) => Served::Done(outcome),
         Phase::Move(to, carry) => Served::Move { client, to, carry },
-        Phase::Pin(rest, proto, name) => {
+        Phase::Pin(rest, proto, name, authenticated) => {
             m.mux_pinned.increment(1);
             tracing::debug!(
                 command = %PinnedBy(&rest),
@@ -459,6 +497,7 @@ where
                     target,
                     proto,
                     name.as_deref(),
+                    authenticated,
                 )
                 .await,
             )
@@ -484,9 +523,11 @@ where
         cin: BytesMut::new(),
         proto: 2,
         name: None,
+        authenticated: false,
     });
     let proto = carry.proto;
-    let mut c = SharedClient::new(carry, router(proto), to_me);
+    let password = shared.local_password.clone();
+    let mut c = SharedClient::new(carry, password, router(proto), to_me);
     let idle = shared.client_idle_timeout;
     let partial = shared.partial_request_timeout;
     // Made once: the loop turns at every change that matters to it, and a new wait on the
@@ -510,7 +551,12 @@ where
         }
         if c.owed() == 0 && c.out.is_empty() {
             if c.pin {
-                return Phase::Pin(std::mem::take(&mut c.cin), c.proto, c.name.take());
+                return Phase::Pin(
+                    std::mem::take(&mut c.cin),
+                    c.proto,
+                    c.name.take(),
+                    c.authenticated,
+                );
             }
             if !c.reading {
                 return Phase::Done(if draining {
@@ -528,6 +574,7 @@ where
                             cin: std::mem::take(&mut c.cin),
                             proto: c.proto,
                             name: c.name.take(),
+                            authenticated: c.authenticated,
                         },
                     );
                 }
@@ -594,6 +641,10 @@ struct SharedClient {
     switch: Option<u8>,
     /// Still reading the client (not closed by it, not draining).
     reading: bool,
+    /// `--local-password`, which the client must give before anything it sends shares.
+    password: Option<Arc<Secret>>,
+    /// The client gave it (or there is none).
+    authenticated: bool,
     /// When bytes last came from the client.
     last_input: tokio::time::Instant,
     router: mpsc::UnboundedSender<Submit>,
@@ -603,12 +654,14 @@ struct SharedClient {
 impl SharedClient {
     fn new(
         carry: Carry,
+        password: Option<Arc<Secret>>,
         router: mpsc::UnboundedSender<Submit>,
         to_me: mpsc::UnboundedSender<Delivery>,
     ) -> SharedClient {
+        let authenticated = carry.authenticated || password.is_none();
         SharedClient {
             chunk: READ_START,
-            parser: RequestParser::new(),
+            parser: parser_for(authenticated),
             asked: 0,
             received: 0,
             locals: VecDeque::new(),
@@ -619,6 +672,8 @@ impl SharedClient {
             proto: carry.proto,
             switch: None,
             reading: true,
+            password,
+            authenticated,
             last_input: tokio::time::Instant::now(),
             router,
             to_me,
@@ -784,6 +839,9 @@ impl SharedClient {
         // Every request in `..end` is plain.
         let mut plain = true;
         while !self.pin && self.switch.is_none() {
+            // Redis's limits on what an unauthenticated client may announce hold until the
+            // request that authenticates it (the parser is between requests then).
+            self.parser.set_auth_required(!self.authenticated);
             match self.parser.parse(&self.cin[end..]) {
                 Ok(Some(frame)) => {
                     let plan = match &frame {
@@ -792,9 +850,26 @@ impl SharedClient {
                             replies: 0,
                             plain: false,
                         },
-                        _ => {
+                        _ => 'plan: {
                             let cmd = self.parser.command(&self.cin[end..], &frame);
-                            match cmd.arg(0) {
+                            // With a local password, the proxy answers only what needs no
+                            // more than the right password; Redis's NOAUTH and WRONGPASS,
+                            // and everything an unauthenticated client sends, are the
+                            // pinned session's.
+                            let mut authenticates = false;
+                            if let Some(password) = &self.password {
+                                match credentials(&cmd) {
+                                    Some((user, pass))
+                                        if user == b"default" && password.matches(pass) =>
+                                    {
+                                        authenticates = true;
+                                    }
+                                    Some(_) => break 'plan Plan::Pin,
+                                    None if !self.authenticated => break 'plan Plan::Pin,
+                                    None => {}
+                                }
+                            }
+                            let plan = match cmd.arg(0) {
                                 Some(name) if shareable(name) => Plan::Share {
                                     replies: 1,
                                     // An inline command is re-encoded by the session.
@@ -826,7 +901,11 @@ impl SharedClient {
                                         None => Plan::Pin,
                                     },
                                 },
+                            };
+                            if authenticates && !matches!(plan, Plan::Pin) {
+                                self.authenticated = true;
                             }
+                            plan
                         }
                     };
                     match plan {
@@ -878,7 +957,7 @@ impl SharedClient {
             // The parser may hold state for a request it has not finished: the pinned
             // session (or the next call, on the other connection) parses the bytes again
             // from the start.
-            self.parser = RequestParser::new();
+            self.parser = parser_for(self.authenticated);
         }
     }
 
@@ -1562,8 +1641,9 @@ mod tests {
             cin: BytesMut::new(),
             proto: 2,
             name: None,
+            authenticated: false,
         };
-        let mut c = SharedClient::new(carry, tx, to_me);
+        let mut c = SharedClient::new(carry, None, tx, to_me);
         let mut submitted = |c: &mut SharedClient, bytes: &str| {
             c.cin.extend_from_slice(bytes.as_bytes());
             c.submit();
@@ -1593,6 +1673,68 @@ mod tests {
             submitted(&mut c, &around),
             [(get("a"), 1, true), (get("b"), 1, true)]
         );
+    }
+
+    /// With a local password, nothing a client sends is submitted before it gives the right
+    /// one: its first other request, a wrong password, and any later wrong one pin it, and the
+    /// pinned session answers them as Redis would.
+    #[tokio::test]
+    async fn with_a_local_password_only_authenticated_requests_share() {
+        let client = |authenticated| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (to_me, _replies) = mpsc::unbounded_channel();
+            let carry = Carry {
+                cin: BytesMut::new(),
+                proto: 2,
+                name: None,
+                authenticated,
+            };
+            let password = Some(Arc::new(Secret::new("pw")));
+            (SharedClient::new(carry, password, tx, to_me), rx, _replies)
+        };
+        let feed = |c: &mut SharedClient, rx: &mut mpsc::UnboundedReceiver<Submit>, s: &str| {
+            c.cin.extend_from_slice(s.as_bytes());
+            c.submit();
+            let mut got = Vec::new();
+            while let Ok(s) = rx.try_recv() {
+                got.push(String::from_utf8(s.frames.to_vec()).unwrap());
+            }
+            got
+        };
+        let get = "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+
+        let (mut c, mut rx, _r) = client(false);
+        assert!(feed(&mut c, &mut rx, get).is_empty());
+        assert!(c.pin && !c.authenticated);
+        assert_eq!(&c.cin[..], get.as_bytes(), "left for the pinned session");
+
+        let (mut c, mut rx, _r) = client(false);
+        assert!(feed(&mut c, &mut rx, &format!("AUTH nope\r\n{get}")).is_empty());
+        assert!(c.pin && !c.authenticated);
+
+        let (mut c, mut rx, _r) = client(false);
+        assert_eq!(
+            feed(&mut c, &mut rx, &format!("AUTH default pw\r\n{get}")),
+            [get]
+        );
+        assert!(c.authenticated && !c.pin);
+        assert_eq!(c.out.iter().map(|b| &b[..]).collect::<Vec<_>>(), [OK]);
+        // Authenticated, a wrong password pins, and the client stays authenticated there.
+        assert!(feed(&mut c, &mut rx, "AUTH x\r\n").is_empty());
+        assert!(c.pin && c.authenticated);
+
+        // HELLO … AUTH: the right pair authenticates, a wrong one pins.
+        let (mut c, mut rx, _r) = client(false);
+        let hello = "HELLO 2 AUTH default pw\r\n";
+        assert_eq!(feed(&mut c, &mut rx, hello), [hello]);
+        assert!(c.authenticated);
+        let (mut c, mut rx, _r) = client(false);
+        assert!(feed(&mut c, &mut rx, "HELLO 2 AUTH default pwx\r\n").is_empty());
+        assert!(c.pin && !c.authenticated);
+
+        // A client that moved here authenticated stays so.
+        let (mut c, mut rx, _r) = client(true);
+        assert_eq!(feed(&mut c, &mut rx, get), [get]);
     }
 
     /// With `--multiplex-max-batches 1`, requests held while a batch is owed go once it is
@@ -1730,6 +1872,41 @@ mod tests {
             &[b"CLIENT", b"NAME", b"x"],
         ] {
             assert_eq!(setname(args), (None, false), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn credentials_of_auth_and_hello() {
+        let creds = |args: &[&[u8]]| {
+            with_command(args, |cmd| {
+                credentials(cmd).map(|(u, p)| (u.to_vec(), p.to_vec()))
+            })
+        };
+        let pair = |u: &[u8], p: &[u8]| Some((u.to_vec(), p.to_vec()));
+        assert_eq!(creds(&[b"AUTH", b"pw"]), pair(b"default", b"pw"));
+        assert_eq!(creds(&[b"auth", b"u", b"pw"]), pair(b"u", b"pw"));
+        assert_eq!(
+            creds(&[b"HELLO", b"3", b"AUTH", b"default", b"pw"]),
+            pair(b"default", b"pw")
+        );
+        assert_eq!(
+            creds(&[b"hello", b"2", b"SETNAME", b"n", b"auth", b"u", b"pw"]),
+            pair(b"u", b"pw")
+        );
+        // A name that reads "auth" is a name.
+        assert_eq!(
+            creds(&[b"HELLO", b"3", b"SETNAME", b"auth", b"AUTH", b"u", b"pw"]),
+            pair(b"u", b"pw")
+        );
+        for args in [
+            &[&b"AUTH"[..]][..],
+            &[b"AUTH", b"a", b"b", b"c"],
+            &[b"HELLO", b"3"],
+            &[b"HELLO", b"3", b"AUTH", b"u"],
+            &[b"HELLO", b"3", b"SETNAME", b"auth"],
+            &[b"GET", b"auth"],
+        ] {
+            assert_eq!(creds(args), None, "{args:?}");
         }
     }
 

@@ -158,25 +158,42 @@ pub async fn serve<C>(client: C, shared: &Shared, target: &Target) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    serve_with(client, shared, target, 2, None).await
+    serve_with(client, shared, target, 2, None, false).await
 }
 
 /// Serves one client connection to the end, its upstream connection switched to protocol
 /// `proto` (2 or 3) and named `name` before the client's first command: what a client that
 /// already said `HELLO 3` or `CLIENT SETNAME` elsewhere (a multiplexed client, pinned)
 /// expects, and what a RESP3 shared connection speaks. The replies of the injected `HELLO`
-/// and `CLIENT SETNAME` are swallowed.
+/// and `CLIENT SETNAME` are swallowed. `authenticated`: the client already gave the local
+/// password (`--local-password`) where it was served before.
 pub async fn serve_with<C>(
     client: C,
     shared: &Shared,
     target: &Target,
     proto: u8,
     name: Option<&[u8]>,
+    authenticated: bool,
 ) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    serve_inner(client, shared, target, proto, name, READ_CHUNK, None).await
+    let client_is = Client {
+        proto,
+        name,
+        authenticated,
+    };
+    serve_inner(client, shared, target, client_is, READ_CHUNK, None).await
+}
+
+/// What the proxy already knows of a client when its session starts.
+struct Client<'a> {
+    /// The protocol it speaks (2 or 3).
+    proto: u8,
+    /// The name it gave itself.
+    name: Option<&'a [u8]>,
+    /// It gave the local password.
+    authenticated: bool,
 }
 
 /// Serves the in-memory client of a shared connection (`--multiplex`), which speaks
@@ -194,12 +211,17 @@ pub async fn serve_shared<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    // The router checked the local password of every client it serves.
+    let client_is = Client {
+        proto,
+        name: None,
+        authenticated: true,
+    };
     serve_inner(
         client,
         shared,
         target,
-        proto,
-        None,
+        client_is,
         SHARED_READ_CHUNK,
         Some(framing),
     )
@@ -211,8 +233,7 @@ async fn serve_inner<C>(
     mut client: C,
     shared: &Shared,
     target: &Target,
-    proto: u8,
-    name: Option<&[u8]>,
+    client_is: Client<'_>,
     read_max: usize,
     framing: Option<Framing>,
 ) -> Outcome
@@ -242,11 +263,14 @@ where
         },
     };
     core.set_rewriter(target.rewriter.clone());
-    if proto == 3 {
+    if client_is.proto == 3 {
         core.speak_resp3();
     }
-    if let Some(name) = name {
+    if let Some(name) = client_is.name {
         core.name_connection(name);
+    }
+    if client_is.authenticated {
+        core.client_authenticated();
     }
     let active = metrics::Active::new(&m.upstream_active, false);
     let outcome = pump(

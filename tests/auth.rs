@@ -1,6 +1,6 @@
 //! Client credentials at the proxy: `AUTH` answered locally (with or without
-//! `--local-password`), `HELLO … AUTH` rewritten, and the client's secrets never reaching
-//! Redis (checked in `CLIENT LIST` and `ACL LOG`).
+//! `--local-password`, with or without `--multiplex`), `HELLO … AUTH` rewritten, and the
+//! client's secrets never reaching Redis (checked in `CLIENT LIST` and `ACL LOG`).
 //!
 //! Not covered here: re-authentication as tokens rotate (`rotation.rs`); Redis refusing the
 //! proxy's token and the token never reaching clients (`upstream_faults.rs`, which has the
@@ -34,6 +34,11 @@ struct PwProxy {
 }
 
 async fn with_password() -> PwProxy {
+    with_password_on(false).await
+}
+
+/// [`with_password`], with `--multiplex` if `multiplex`.
+async fn with_password_on(multiplex: bool) -> PwProxy {
     let redis = Arc::new(
         RedisServer::start(RedisOptions::default())
             .await
@@ -44,7 +49,14 @@ async fn with_password() -> PwProxy {
         Duration::from_secs(3600),
         "oid",
     ));
-    let bare = start_bare(redis.addr(), redis.ca_file(), source, Some("s3cret")).await;
+    let bare = start_bare(
+        redis.addr(),
+        redis.ca_file(),
+        source,
+        Some("s3cret"),
+        multiplex,
+    )
+    .await;
     let ready = first_session_output(bare.addr, b"AUTH s3cret\r\nPING\r\nQUIT\r\n").await;
     assert_eq!(text(&ready), "+OK\r\n+PONG\r\n+OK\r\n");
     PwProxy {
@@ -225,7 +237,17 @@ async fn auth_without_local_password_is_answered_locally() {
 
 #[tokio::test]
 async fn local_password_works_like_requirepass() {
-    let proxy = with_password().await;
+    works_like_requirepass(with_password().await).await;
+}
+
+/// A shared client gives the password as a client of its own does, and gets every reply a
+/// client of its own gets, byte for byte.
+#[tokio::test]
+async fn local_password_works_like_requirepass_when_multiplexing() {
+    works_like_requirepass(with_password_on(true).await).await;
+}
+
+async fn works_like_requirepass(proxy: PwProxy) {
     let mut c = Conn::connect(proxy.addr).await;
     c.exchange(&[
         ("*1\r\n$4\r\nPING\r\n", NOAUTH),
@@ -253,7 +275,15 @@ async fn local_password_works_like_requirepass() {
 
 #[tokio::test]
 async fn hello_before_auth_is_refused() {
-    let proxy = with_password().await;
+    hello_before_auth(with_password().await).await;
+}
+
+#[tokio::test]
+async fn hello_before_auth_is_refused_when_multiplexing() {
+    hello_before_auth(with_password_on(true).await).await;
+}
+
+async fn hello_before_auth(proxy: PwProxy) {
     let mut c = Conn::connect(proxy.addr).await;
     let reply = text(&c.cmd(&[b"HELLO", b"3"]).await);
     assert!(reply.starts_with("-NOAUTH HELLO must be called"), "{reply}");
@@ -269,7 +299,15 @@ async fn hello_before_auth_is_refused() {
 /// longer than 16 KiB; the proxy must do the same rather than buffer its input.
 #[tokio::test]
 async fn unauthenticated_limits_close_like_redis() {
-    let proxy = with_password().await;
+    unauthenticated_limits(with_password().await).await;
+}
+
+#[tokio::test]
+async fn unauthenticated_limits_close_like_redis_when_multiplexing() {
+    unauthenticated_limits(with_password_on(true).await).await;
+}
+
+async fn unauthenticated_limits(proxy: PwProxy) {
     let cases: [(&str, &[u8], &[u8]); 2] = [
         (
             "multibulk count",
@@ -379,6 +417,94 @@ async fn hello_auth_checks_the_local_password() {
     assert!(failed_auth_entries(&proxy.redis).await.is_empty());
 }
 
+/// With `--multiplex`, clients that gave the right password share the server's connections,
+/// however they gave it (`AUTH [default] …` alone or pipelined with their first commands,
+/// `HELLO 2|3 AUTH default … [SETNAME …]`). What an unauthenticated client sends never runs,
+/// and no password reaches the server.
+#[tokio::test]
+async fn authenticated_clients_share_when_multiplexing() {
+    let proxy = with_password_on(true).await;
+    let mut thief = Conn::connect(proxy.addr).await;
+    thief
+        .exchange(&[
+            ("SET stolen 1\r\n", NOAUTH),
+            (
+                "AUTH default nope\r\nGET x\r\n",
+                &format!("{WRONGPASS}{NOAUTH}"),
+            ),
+        ])
+        .await;
+
+    const CLIENTS: usize = 8;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut c = Conn::connect(proxy.addr).await;
+        let (k, v) = (format!("k{i}"), format!("v{i}"));
+        let set_get = format!("SET {k} {v}\r\nGET {k}\r\n");
+        let stored = format!("+OK\r\n${}\r\n{v}\r\n", v.len());
+        match i % 4 {
+            0 => {
+                c.exchange(&[(
+                    &format!("AUTH s3cret\r\n{set_get}"),
+                    &format!("+OK\r\n{stored}"),
+                )])
+                .await
+            }
+            1 => {
+                c.exchange(&[("AUTH default s3cret\r\n", "+OK\r\n"), (&set_get, &stored)])
+                    .await
+            }
+            2 => {
+                let map = c
+                    .cmd(&[b"HELLO", b"3", b"AUTH", b"default", b"s3cret"])
+                    .await;
+                assert_eq!(
+                    hello_field(&map, "proto"),
+                    Some(&b":3\r\n"[..]),
+                    "{}",
+                    text(&map)
+                );
+                c.exchange(&[(&set_get, &stored)]).await;
+            }
+            _ => {
+                let name = format!("n{i}");
+                let reply = c
+                    .cmd(&[
+                        b"HELLO",
+                        b"2",
+                        b"AUTH",
+                        b"default",
+                        b"s3cret",
+                        b"SETNAME",
+                        name.as_bytes(),
+                    ])
+                    .await;
+                assert_eq!(
+                    hello_field(&reply, "proto"),
+                    Some(&b":2\r\n"[..]),
+                    "{}",
+                    text(&reply)
+                );
+                let named = format!("${}\r\n{name}\r\n", name.len());
+                c.exchange(&[("CLIENT GETNAME\r\n", &named), (&set_get, &stored)])
+                    .await;
+            }
+        }
+        clients.push(c);
+    }
+    clients[0]
+        .exchange(&[("GET stolen\r\nGET k7\r\n", "$-1\r\n$2\r\nv7\r\n")])
+        .await;
+    // Shared connections (two session threads, two protocols at most) and the thief's own.
+    let upstream = token_connections(&proxy.redis).await;
+    assert!(
+        upstream.len() <= 5,
+        "{CLIENTS} authenticated clients did not share: {} upstream connections",
+        upstream.len()
+    );
+    assert!(failed_auth_entries(&proxy.redis).await.is_empty());
+}
+
 #[tokio::test]
 async fn hello_errors_match_redis() {
     let proxy = Proxy::start().await;
@@ -480,6 +606,7 @@ async fn start_bare(
     ca: Option<&std::path::Path>,
     source: Arc<dyn TokenSource>,
     local_password: Option<&str>,
+    multiplex: bool,
 ) -> Bare {
     let options = redis_entra_proxy::cli::Options {
         listen: Some("127.0.0.1:0".into()),
@@ -488,6 +615,7 @@ async fn start_bare(
         upstream_ca_file: ca.map(|p| p.to_path_buf()),
         upstream_server_name: Some("localhost".into()),
         local_password: local_password.map(Secret::new),
+        multiplex: Some(multiplex),
         admin_listen: Some("none".into()),
         ..Default::default()
     };

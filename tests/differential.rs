@@ -289,16 +289,22 @@ const AT_ONCE: u64 = 8;
 /// Every client of a group runs its script at once, each in its own namespace, first on
 /// direct connections, then through the multiplexing proxy; each must get the replies it got
 /// directly. Tokens rotate every 1.3 s, so shared connections re-authenticate meanwhile.
-/// Returns the shared batches the proxy sent.
-async fn multiplexed_replies_match_redis(max_batches: Option<usize>) -> f64 {
+/// With a local `password`, each client gives it first. Returns the shared batches the proxy
+/// sent.
+async fn multiplexed_replies_match_redis(
+    max_batches: Option<usize>,
+    password: Option<&str>,
+) -> f64 {
     let proxy = Proxy::start_with(ProxyOptions {
         token_lifetime: Duration::from_millis(1333),
         multiplex: true,
         multiplex_max_batches: max_batches,
+        local_password: password.map(str::to_owned),
         admin: true,
         ..Default::default()
     })
     .await;
+    let auth = password.map(|p| format!("AUTH {p}\r\n"));
     let admin = proxy.admin_addr.expect("admin endpoint");
     let batches = || async move {
         let (_, body) = http_get(admin, "/metrics").await;
@@ -331,6 +337,12 @@ async fn multiplexed_replies_match_redis(max_batches: Option<usize>) -> f64 {
             let mut via = tokio::net::TcpStream::connect(proxy.addr)
                 .await
                 .expect("connect proxy");
+            if let Some(auth) = &auth {
+                via.write_all(auth.as_bytes()).await.expect("write AUTH");
+                let mut ok = [0u8; 5];
+                via.read_exact(&mut ok).await.expect("AUTH reply");
+                assert_eq!(&ok, b"+OK\r\n");
+            }
             let script = script.clone();
             tasks.spawn(async move { (i, run(&mut via, &script, seed).await) });
         }
@@ -344,13 +356,17 @@ async fn multiplexed_replies_match_redis(max_batches: Option<usize>) -> f64 {
     sent
 }
 
-/// Both batching policies, one after the other: the other test of this file does not
-/// multiplex, so the process-wide batch counter moves only for the proxy of this one.
+/// Both batching policies, and a local password, one after the other: the other test of
+/// this file does not multiplex, so the process-wide batch counter moves only for the proxy
+/// of this one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multiplexed_clients_get_the_replies_redis_gives_them() {
-    for max_batches in [None, Some(1)] {
-        let sent = multiplexed_replies_match_redis(max_batches).await;
-        eprintln!("--multiplex-max-batches {max_batches:?}: {sent} shared batches");
+    for (max_batches, password) in [(None, None), (Some(1), None), (None, Some("s3cret"))] {
+        let sent = multiplexed_replies_match_redis(max_batches, password).await;
+        eprintln!(
+            "--multiplex-max-batches {max_batches:?}, local password {}: {sent} shared batches",
+            password.is_some()
+        );
         // Most commands of the scripts share: each client's first ones at least, in batches
         // of their own unless they arrive together.
         assert!(

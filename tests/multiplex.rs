@@ -28,14 +28,7 @@ async fn multiplexed_on_one_thread() -> Proxy {
 
 /// The server's connections from the proxy (authenticated as a token's user, `oid-N`).
 async fn proxy_conns(proxy: &Proxy) -> Vec<std::collections::HashMap<String, String>> {
-    proxy
-        .redis
-        .client_list()
-        .await
-        .expect("CLIENT LIST")
-        .into_iter()
-        .filter(|c| c.get("user").is_some_and(|u| u.starts_with("oid-")))
-        .collect()
+    token_connections(&proxy.redis).await
 }
 
 fn bulk(s: &str) -> Reply {

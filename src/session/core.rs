@@ -547,6 +547,13 @@ impl Core {
         self.state.emulating = emulate;
     }
 
+    /// The client gave the local password before this session started (while it shared a
+    /// connection): its commands run at once, as after its `AUTH`.
+    pub fn client_authenticated(&mut self) {
+        self.client_authenticated = true;
+        self.parser.set_auth_required(false);
+    }
+
     /// Switches the upstream connection to RESP3 for a client that speaks RESP3 from its first
     /// command on (it said `HELLO 3` on a shared connection before it pinned): `HELLO 3`,
     /// swallowed, as if the client had sent it.

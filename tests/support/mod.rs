@@ -345,6 +345,20 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// The server's connections from a proxy: those authenticated as a token's user (`oid-N`,
+/// from the dev issuer).
+pub async fn token_connections(
+    redis: &RedisServer,
+) -> Vec<std::collections::HashMap<String, String>> {
+    redis
+        .client_list()
+        .await
+        .expect("CLIENT LIST")
+        .into_iter()
+        .filter(|c| c.get("user").is_some_and(|u| u.starts_with("oid-")))
+        .collect()
+}
+
 /// A bounded HTTP/1.1 GET; returns (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect admin");
