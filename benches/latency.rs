@@ -42,7 +42,12 @@ fn usage() -> String {
     "usage: latency HOST:PORT [-n N] [--tls CA_FILE SNI] [--user USER --pass PASS]".to_string()
 }
 
-fn parse_args() -> Result<Args, String> {
+/// `Ok(None)`: run with no arguments at all, as `cargo test --all-targets` runs every bench
+/// target to check that it starts: there is nothing to measure.
+fn parse_args() -> Result<Option<Args>, String> {
+    if std::env::args().len() == 1 {
+        return Ok(None);
+    }
     // `cargo bench` passes `--bench` to harness-less targets; it means nothing here.
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     let addr = it.next().ok_or_else(usage)?;
@@ -65,7 +70,7 @@ fn parse_args() -> Result<Args, String> {
         (None, None) => None,
         _ => return Err("--user and --pass go together".into()),
     };
-    Ok(Args { addr, n, tls, auth })
+    Ok(Some(Args { addr, n, tls, auth }))
 }
 
 /// A blocking connection, plain or TLS, that sends a request and reads its whole reply.
@@ -145,7 +150,10 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
 }
 
 fn run() -> Result<(), String> {
-    let args = parse_args()?;
+    let Some(args) = parse_args()? else {
+        eprintln!("latency: no address given, nothing measured\n{}", usage());
+        return Ok(());
+    };
     let mut conn = Conn::open(&args)?;
     if let Some((user, pass)) = &args.auth {
         let reply = conn.call(&command(&["AUTH", user, pass]))?;

@@ -117,20 +117,19 @@ mod tests {
             polls: polls.clone(),
             ready: ready.clone(),
         });
-        let mut probe = tokio::spawn(async move {
+        tokio::spawn(async move {
             for _ in 0..3 {
                 assert!(
                     poll_fn(|cx| Poll::Ready(Pin::new(&mut probe).poll(cx).is_pending())).await
                 );
             }
-            probe
+            assert_eq!(polls.load(Ordering::Relaxed), 1);
+            // Polled from another task (another waker), it is polled again.
+            ready.store(true, Ordering::Relaxed);
+            tokio::spawn(probe).await.unwrap();
+            assert_eq!(polls.load(Ordering::Relaxed), 2);
         })
         .await
         .unwrap();
-        assert_eq!(polls.load(Ordering::Relaxed), 1);
-        // Polled from another task (another waker), it is polled again.
-        ready.store(true, Ordering::Relaxed);
-        tokio::spawn(probe).await.unwrap();
-        assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 }
