@@ -581,6 +581,12 @@ where
             }
         }
         let deadline = c.deadline(idle, partial);
+        let wake = deadline
+            .as_ref()
+            .map(|(at, _)| *at)
+            .into_iter()
+            .chain(c.shrink_at())
+            .min();
         let step = tokio::select! {
             biased;
             step = poll_fn(|cx| c.poll(cx, client, &mut replies)) => step,
@@ -588,7 +594,10 @@ where
                 draining = true;
                 continue;
             }
-            _ = sleep_until(deadline.as_ref().map(|(at, _)| *at)) => {
+            _ = sleep_until(wake) => {
+                if c.shrink_at().is_some_and(|at| at <= tokio::time::Instant::now()) {
+                    c.shrink();
+                }
                 // The deadline may have passed while the loop was not looking: it holds only
                 // if it still would.
                 match c.deadline(idle, partial) {
@@ -647,6 +656,8 @@ struct SharedClient {
     authenticated: bool,
     /// When bytes last came from the client.
     last_input: tokio::time::Instant,
+    /// Its buffers were given back, and nothing came since ([`SharedClient::shrink`]).
+    shrunk: bool,
     router: mpsc::UnboundedSender<Submit>,
     to_me: mpsc::UnboundedSender<Delivery>,
 }
@@ -675,6 +686,7 @@ impl SharedClient {
             password,
             authenticated,
             last_input: tokio::time::Instant::now(),
+            shrunk: false,
             router,
             to_me,
             cin: carry.cin,
@@ -715,6 +727,27 @@ impl SharedClient {
             self.unsent += reply.len();
             self.out.push_back(reply);
         }
+    }
+
+    /// When an idle client gives its buffers back (as sessions do, after
+    /// [`session::IDLE_SHRINK`] with nothing sent, nothing owed, nothing to write): thousands
+    /// of idle shared clients then cost little memory, and a busy one allocates nothing per
+    /// request. `None` while there is nothing to give back.
+    fn shrink_at(&self) -> Option<tokio::time::Instant> {
+        let idle = self.cin.is_empty()
+            && self.owed() == 0
+            && self.out.is_empty()
+            && self.locals.is_empty();
+        (idle && !self.shrunk).then(|| self.last_input + session::IDLE_SHRINK)
+    }
+
+    /// The next read allocates a buffer of [`READ_START`] again.
+    fn shrink(&mut self) {
+        self.cin = BytesMut::new();
+        self.chunk = READ_START;
+        self.out = VecDeque::new();
+        self.locals = VecDeque::new();
+        self.shrunk = true;
     }
 
     /// Redis's `timeout` (`idle`), or the limit on one incomplete request (`partial`), with
@@ -809,6 +842,7 @@ impl SharedClient {
                             self.chunk = (self.chunk * 2).min(READ_MAX);
                         }
                         self.last_input = tokio::time::Instant::now();
+                        self.shrunk = false;
                         self.submit();
                         progress = true;
                     }
@@ -1735,6 +1769,68 @@ mod tests {
         // A client that moved here authenticated stays so.
         let (mut c, mut rx, _r) = client(true);
         assert_eq!(feed(&mut c, &mut rx, get), [get]);
+    }
+
+    /// An idle shared client gives its buffers back, once, `IDLE_SHRINK` after its last input
+    /// and never while replies are owed to it; its next input starts the count again.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_shared_client_gives_its_buffers_back() {
+        use tokio::io::AsyncWriteExt;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (to_me, mut replies) = mpsc::unbounded_channel();
+        let carry = Carry {
+            cin: BytesMut::new(),
+            proto: 2,
+            name: None,
+            authenticated: false,
+        };
+        let mut c = SharedClient::new(carry, None, tx, to_me.clone());
+        let (mut app, mut client) = tokio::io::duplex(64 * 1024);
+        let mut step = |c: &mut SharedClient| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            c.poll(&mut cx, &mut client, &mut replies).is_pending()
+        };
+        let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        // More than a first read holds: the reads grow.
+        app.write_all(&get.repeat(200)).await.unwrap();
+        step(&mut c);
+        let submitted: usize = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|s| s.replies)
+            .sum();
+        assert_eq!(submitted, 200);
+        assert!(c.chunk > READ_START && c.cin.capacity() > 0);
+        assert_eq!(c.shrink_at(), None, "replies are owed");
+
+        to_me
+            .send(Delivery::Replies(Bytes::from("$-1\r\n".repeat(200)), 200))
+            .unwrap();
+        step(&mut c);
+        assert_eq!(c.owed(), 0);
+        let at = c.shrink_at().expect("idle, it will give its buffers back");
+        assert_eq!(at, c.last_input + session::IDLE_SHRINK);
+        tokio::time::advance(session::IDLE_SHRINK).await;
+        assert!(at <= tokio::time::Instant::now());
+        c.shrink();
+        assert_eq!((c.cin.capacity(), c.chunk), (0, READ_START));
+        assert_eq!(c.out.capacity() + c.locals.capacity(), 0);
+        assert_eq!(c.shrink_at(), None, "once");
+        // Waiting for input again takes a first-size buffer only, and starts no timer.
+        step(&mut c);
+        assert_eq!(c.cin.capacity(), READ_START);
+        assert_eq!(c.shrink_at(), None);
+
+        // New input: shared as before, and idle again later.
+        app.write_all(get).await.unwrap();
+        step(&mut c);
+        assert_eq!(rx.try_recv().unwrap().replies, 1);
+        to_me
+            .send(Delivery::Replies(Bytes::from_static(b"$-1\r\n"), 1))
+            .unwrap();
+        step(&mut c);
+        assert_eq!(
+            c.shrink_at(),
+            Some(tokio::time::Instant::now() + session::IDLE_SHRINK)
+        );
     }
 
     /// With `--multiplex-max-batches 1`, requests held while a batch is owed go once it is

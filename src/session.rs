@@ -60,7 +60,7 @@ const LINGER: Duration = Duration::from_secs(1);
 /// A connection with no traffic for this long gives its buffers back to the allocator, so
 /// that thousands of idle pooled connections cost little memory; a busy one keeps them and
 /// allocates nothing per command.
-const IDLE_SHRINK: Duration = Duration::from_secs(2);
+pub(crate) const IDLE_SHRINK: Duration = Duration::from_secs(2);
 
 /// What every session shares.
 pub struct Shared {

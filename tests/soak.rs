@@ -14,6 +14,14 @@
 //! newest token generation, every connection still answering `PING`, and the proxy's RSS per
 //! connection, idle and under traffic, printed and bounded.
 //!
+//! The same soak runs twice, one after the other: with a connection of its own per client
+//! (the default), and with `--multiplex --local-password`, where every client gives the
+//! password and then shares the upstream connections of its session thread, except one in
+//! [`PIN_EVERY`], whose transactions pin it to a connection of its own in the middle of the
+//! traffic. There the upstream connections are few: what is checked is that all of them move
+//! to every new token, that no shared client ever gets a reply that is not its own, and what a
+//! shared client costs.
+//!
 //! Size and length come from the environment: `SOAK_CONNECTIONS` (default 1,000) and
 //! `SOAK_SECS` (default 15), so that `cargo test --test soak` is a CI-sized run and
 //! `scripts/soak` runs 10,000 connections for 120 s in release mode. The proxy holds two file
@@ -73,6 +81,26 @@ const IDLE_PER_CONN_KIB: u64 = 64;
 /// allows that on every connection at once, with room to spare, and still catches buffers
 /// that grow with traffic or rotations.
 const PEAK_PER_CONN_KIB: u64 = 128;
+
+/// The local password of the multiplexed soak.
+const PASSWORD: &str = "soak-local-password";
+/// In the multiplexed soak, one client in this many runs transactions (and is pinned by its
+/// first); the others run large `SET`s instead.
+const PIN_EVERY: usize = 50;
+/// The two soaks run one after the other: each sizes itself for the whole machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How clients reach Redis through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A connection of its own per client (the default).
+    Own,
+    /// `--multiplex --local-password`: clients authenticate, then share.
+    Multiplexed,
+}
+
+const SHARED_CLIENTS: &str = "redis_entra_proxy_multiplex_shared_clients";
+const PINNED_TOTAL: &str = "redis_entra_proxy_multiplex_pinned_total";
 
 fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -145,8 +173,8 @@ struct DevProxy {
 }
 
 impl DevProxy {
-    async fn start(max_connections: u64) -> DevProxy {
-        Self::start_with(max_connections, ROTATE_EVERY, REFRESH_RATIO, &[]).await
+    async fn start(max_connections: u64, extra: &[&str]) -> DevProxy {
+        Self::start_with(max_connections, ROTATE_EVERY, REFRESH_RATIO, extra).await
     }
 
     /// With a rotation period, refresh ratio and more options of the caller's.
@@ -165,7 +193,7 @@ impl DevProxy {
         if let Some(server) = std::env::var_os("REDIS_SERVER") {
             cmd.env("REDIS_SERVER", server);
         }
-        let mut child = cmd
+        let child = cmd
             .args(["dev", "--rotate-every", rotate_every])
             .args(["--refresh-ratio", refresh_ratio])
             .args(extra)
@@ -180,13 +208,28 @@ impl DevProxy {
             .spawn()
             .expect("proxy binary runs");
         let pid = child.id().expect("pid");
+        // Made before it is ready, so that a panic below stops it as `Drop` does, its
+        // redis-server child with it.
+        let mut proxy = DevProxy {
+            child,
+            pid,
+            addr,
+            admin,
+            dir,
+        };
+        let password = extra
+            .iter()
+            .position(|&a| a == "--local-password")
+            .map(|i| extra[i + 1]);
         let deadline = Instant::now() + STEP;
         loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
-                panic!("proxy exited: {status}\n{log}");
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                panic!("proxy exited: {status}\n{}", proxy.log());
             }
             if let Ok(mut c) = RespConn::connect_plain(addr).await {
+                if let Some(password) = password {
+                    let _ = timeout(STEP, c.command(&[b"AUTH", password.as_bytes()])).await;
+                }
                 if let Ok(Ok(Reply::Simple(s))) = timeout(STEP, c.command(&[b"PING"])).await {
                     if s == "PONG" {
                         break;
@@ -196,13 +239,7 @@ impl DevProxy {
             assert!(Instant::now() < deadline, "proxy not ready within {STEP:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        DevProxy {
-            child,
-            pid,
-            addr,
-            admin,
-            dir,
-        }
+        proxy
     }
 
     /// `VmRSS` in KiB, and `VmHWM` (peak RSS) in KiB.
@@ -357,6 +394,8 @@ async fn generations(ctl: &mut RespConn) -> Vec<u64> {
 #[derive(Debug, Default, Clone)]
 struct ConnStats {
     ops: u64,
+    /// Transactions run (in the multiplexed soak, the first pins the client).
+    transactions: u64,
     commands: u64,
     idles: u64,
     slowest: Duration,
@@ -448,7 +487,7 @@ fn bulk(out: &mut Vec<u8>, v: &[u8]) {
 
 /// One connection's traffic until `until`: a random mix of operations, every reply checked.
 /// Returns the connection (still open) for the checks after the soak.
-async fn traffic(mut c: Conn, until: Instant) -> Result<(Conn, ConnStats), Failure> {
+async fn traffic(mut c: Conn, until: Instant, mode: Mode) -> Result<(Conn, ConnStats), Failure> {
     let mut rng = fastrand::Rng::with_seed(c.id as u64);
     let key = format!("soak:{}", c.id);
     let counter = format!("soak:{}:n", c.id);
@@ -492,7 +531,8 @@ async fn traffic(mut c: Conn, until: Instant) -> Result<(Conn, ConnStats), Failu
                 commands = 8;
             }
             // A transaction: an injected AUTH must wait for its end.
-            75..=84 => {
+            75..=84 if mode == Mode::Own || c.id.is_multiple_of(PIN_EVERY) => {
+                stats.transactions += 1;
                 n += 1;
                 cmd(&mut req, &[b"MULTI"]);
                 cmd(&mut req, &[b"INCR", counter.as_bytes()]);
@@ -502,6 +542,19 @@ async fn traffic(mut c: Conn, until: Instant) -> Result<(Conn, ConnStats), Failu
                 want.extend_from_slice(format!(":{n}\r\n").as_bytes());
                 bulk(&mut want, n.to_string().as_bytes());
                 commands = 4;
+            }
+            // Shared clients: a value of 1-8 KiB, so that requests and replies span reads and
+            // batches.
+            75..=84 => {
+                let len = rng.usize(1024..8192);
+                let v: Vec<u8> = (0..len as u64)
+                    .map(|i| b'a' + ((i + op) % 26) as u8)
+                    .collect();
+                cmd(&mut req, &[b"SET", key.as_bytes(), &v]);
+                cmd(&mut req, &[b"GET", key.as_bytes()]);
+                want.extend_from_slice(b"+OK\r\n");
+                bulk(&mut want, &v);
+                commands = 2;
             }
             // Idle, often across a rotation.
             _ => {
@@ -521,9 +574,9 @@ async fn traffic(mut c: Conn, until: Instant) -> Result<(Conn, ConnStats), Failu
     Ok((c, stats))
 }
 
-/// Opens `count` connections (at most [`CONNECT_CONCURRENCY`] at a time), each answering a
-/// `PING` before it counts.
-async fn connect_all(addr: SocketAddr, count: usize) -> Vec<Conn> {
+/// Opens `count` connections (at most [`CONNECT_CONCURRENCY`] at a time), each giving the
+/// local password if there is one and answering a `PING` before it counts.
+async fn connect_all(addr: SocketAddr, count: usize, password: Option<&'static str>) -> Vec<Conn> {
     let limit = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = tokio::task::JoinSet::new();
     for id in 0..count {
@@ -540,6 +593,13 @@ async fn connect_all(addr: SocketAddr, count: usize) -> Vec<Conn> {
                 s,
                 buf: Vec::new(),
             };
+            if let Some(password) = password {
+                let mut auth = Vec::new();
+                cmd(&mut auth, &[b"AUTH", password.as_bytes()]);
+                if let Err(f) = c.round_trip(&auth, b"+OK\r\n").await {
+                    panic!("connection {id}: AUTH: {} {}", f.kind, f.detail);
+                }
+            }
             if let Err(f) = c.round_trip(b"PING\r\n", b"+PONG\r\n").await {
                 panic!("connection {id}: first PING: {} {}", f.kind, f.detail);
             }
@@ -556,14 +616,40 @@ async fn connect_all(addr: SocketAddr, count: usize) -> Vec<Conn> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_many_connections_through_rotations() {
+    soak(Mode::Own).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_multiplexed_clients_through_rotations() {
+    soak(Mode::Multiplexed).await;
+}
+
+async fn soak(mode: Mode) {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let requested = env_u64("SOAK_CONNECTIONS", 1_000);
     let secs = env_u64("SOAK_SECS", 15);
     let connections = connections_within_fd_limit(requested) as usize;
-    let proxy = DevProxy::start(connections as u64 + FD_SPARE).await;
+    let (extra, password): (&[&str], _) = match mode {
+        Mode::Own => (&[], None),
+        Mode::Multiplexed => (
+            &["--multiplex", "--local-password", PASSWORD],
+            Some(PASSWORD),
+        ),
+    };
+    let proxy = DevProxy::start(connections as u64 + FD_SPARE, extra).await;
+    eprintln!("SOAK ({mode:?}): {connections} connections, {secs} s");
 
     // The control connection: raises redis-server's client limit (its default is 10,000),
     // then watches generations. Commands through the proxy run as the token's ACL user.
+    // (Multiplexed, CONFIG pins it to a connection of its own.)
     let mut ctl = RespConn::connect_plain(proxy.addr).await.expect("connect");
+    if let Some(password) = password {
+        let ok = ctl
+            .command(&[b"AUTH", password.as_bytes()])
+            .await
+            .expect("AUTH");
+        assert_eq!(ok, Reply::Simple("OK".into()), "AUTH");
+    }
     let max = (connections as u64 + FD_SPARE).to_string();
     let set = ctl
         .command(&[b"CONFIG", b"SET", b"maxclients", max.as_bytes()])
@@ -578,7 +664,7 @@ async fn soak_many_connections_through_rotations() {
     let (baseline, _) = proxy.mem();
 
     let started = Instant::now();
-    let conns = connect_all(proxy.addr, connections).await;
+    let conns = connect_all(proxy.addr, connections, password).await;
     let connect_time = started.elapsed();
     tokio::time::sleep(SETTLE).await;
     let (idle_rss, _) = proxy.mem();
@@ -587,12 +673,24 @@ async fn soak_many_connections_through_rotations() {
         "SOAK: {connections} connections opened in {connect_time:?}; proxy holds {fds} file \
          descriptors; RSS {baseline} KiB before, {idle_rss} KiB with them idle"
     );
-    if fds < 2 * connections {
-        panic!(
+    match mode {
+        Mode::Own if fds < 2 * connections => panic!(
             "{fds} descriptors for {connections} connections: some have no upstream\n{}\n{}",
             proxy.closes().await,
             proxy.log_tail()
-        );
+        ),
+        Mode::Own => {}
+        Mode::Multiplexed => {
+            let shared = proxy.metric(SHARED_CLIENTS, &[]).await;
+            assert_eq!(
+                shared, connections as f64,
+                "every client shares after its AUTH"
+            );
+            assert!(
+                fds < connections + connections / 2,
+                "{fds} descriptors for {connections} shared clients: they do not share"
+            );
+        }
     }
 
     let gen_before = proxy
@@ -608,7 +706,7 @@ async fn soak_many_connections_through_rotations() {
     let traffic_started = Instant::now();
     let tasks: Vec<_> = conns
         .into_iter()
-        .map(|c| tokio::spawn(traffic(c, until)))
+        .map(|c| tokio::spawn(traffic(c, until, mode)))
         .collect();
     // Sample the RSS while the traffic runs (VmHWM is the exact peak; this shows the trend).
     let mut samples = Vec::new();
@@ -619,11 +717,15 @@ async fn soak_many_connections_through_rotations() {
     let mut failures = Vec::new();
     let mut survivors = Vec::new();
     let mut total = ConnStats::default();
+    // Clients that ran a transaction: multiplexed, those have a connection of their own now.
+    let mut pinned = 0;
     for t in tasks {
         // Every task ends by `until` plus at most one bounded round trip.
         match timeout(STEP * 2, t).await.expect("traffic task ends") {
             Ok(Ok((c, s))) => {
                 total.ops += s.ops;
+                total.transactions += s.transactions;
+                pinned += usize::from(s.transactions > 0);
                 total.commands += s.commands;
                 total.idles += s.idles;
                 total.slowest = total.slowest.max(s.slowest);
@@ -696,13 +798,36 @@ async fn soak_many_connections_through_rotations() {
 
     // Every upstream connection (the soak's and the control connection) re-authenticated to
     // the newest generation. A rotation may be under way: wait (bounded) for one moment when
-    // they all agree.
+    // they all agree. Multiplexed: the control connection and every pinned client have one
+    // each, and the shared clients one per session thread that has any (at most one per
+    // CPU: they all speak RESP2).
+    let expected = match mode {
+        Mode::Own => connections + 1..=connections + 1,
+        Mode::Multiplexed => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            pinned + 2..=pinned + 1 + cpus
+        }
+    };
+    if mode == Mode::Multiplexed {
+        let shared = proxy.metric(SHARED_CLIENTS, &[]).await;
+        let pins = proxy.metric(PINNED_TOTAL, &[]).await;
+        eprintln!(
+            "SOAK: {} transactions pinned {pinned} clients; {shared} clients still share",
+            total.transactions
+        );
+        assert_eq!(shared, (connections - pinned) as f64, "shared clients");
+        assert_eq!(
+            pins,
+            (pinned + 1) as f64,
+            "pinned: the clients' and the control's"
+        );
+    }
     let deadline = Instant::now() + STEP * 2;
     loop {
         let gens = generations(&mut ctl).await;
         let newest = gens.iter().copied().max().unwrap_or(0);
         let behind = gens.iter().filter(|&&g| g != newest).count();
-        if gens.len() == connections + 1 && behind == 0 {
+        if expected.contains(&gens.len()) && behind == 0 {
             eprintln!(
                 "SOAK: all {} upstream connections on generation {newest}",
                 gens.len()
@@ -712,9 +837,8 @@ async fn soak_many_connections_through_rotations() {
         assert!(
             Instant::now() < deadline,
             "upstream connections not converged: {} of them, {behind} behind generation \
-             {newest}, {} expected",
+             {newest}, {expected:?} expected",
             gens.len(),
-            connections + 1
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -823,8 +947,8 @@ async fn reauth_storm_latency() {
     ctl.command(&[b"SET", b"storm:probe", b"value"])
         .await
         .expect("SET");
-    let idle = connect_all(proxy.addr, connections).await;
-    let probes = connect_all(proxy.addr, PROBES).await;
+    let idle = connect_all(proxy.addr, connections, None).await;
+    let probes = connect_all(proxy.addr, PROBES, None).await;
     tokio::time::sleep(SETTLE).await;
 
     let started = Instant::now();
