@@ -52,6 +52,12 @@ cleanup() {
 trap cleanup EXIT
 
 PORTS=() RPIDS=() NAMES=()
+# The password redis-benchmark gives (-a), for the readiness PING of a proxy that wants one.
+CLI_AUTH=()
+read -r -a bargs <<<"$BARGS"
+for ((k = 0; k + 1 < ${#bargs[@]}; k++)); do
+    if [[ ${bargs[k]} == -a ]]; then CLI_AUTH=(-a "${bargs[k + 1]}" --no-auth-warning); fi
+done
 i=0
 for v in "$@"; do
     bin=$BIN opts=$v
@@ -63,7 +69,7 @@ for v in "$@"; do
     PIDS+=($!)
     ok=
     for ((k = 0; k < 100; k++)); do
-        if [[ "$(timeout 2 redis-cli -p "$port" PING 2>/dev/null)" == PONG ]]; then ok=1; break; fi
+        if [[ "$(timeout 2 redis-cli -p "$port" ${CLI_AUTH[@]+"${CLI_AUTH[@]}"} PING 2>/dev/null)" == PONG ]]; then ok=1; break; fi
         sleep 0.1
     done
     [[ -n "$ok" ]] || { echo "ab.sh: variant '$v' does not answer: $(tail -n 5 "$WORK/proxy-$i.log")" >&2; exit 1; }
