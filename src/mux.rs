@@ -535,6 +535,11 @@ where
     // the polls at every wake of the task cost no lock either.
     let mut stop = Gated::new(Box::pin(shared.shutdown.cancelled()));
     let mut draining = shared.shutdown.is_cancelled();
+    // Armed once per idle spell, not at every turn of the loop (one per request of a client
+    // that waits for each reply): a timer set and cancelled per request would cost more than
+    // the buffers it gives back.
+    let mut shrink = std::pin::pin!(tokio::time::sleep(session::IDLE_SHRINK));
+    let mut shrink_armed = false;
     loop {
         if draining {
             c.reading = false;
@@ -580,13 +585,13 @@ where
                 }
             }
         }
+        if !shrink_armed {
+            if let Some(at) = c.shrink_at() {
+                shrink.as_mut().reset(at);
+                shrink_armed = true;
+            }
+        }
         let deadline = c.deadline(idle, partial);
-        let wake = deadline
-            .as_ref()
-            .map(|(at, _)| *at)
-            .into_iter()
-            .chain(c.shrink_at())
-            .min();
         let step = tokio::select! {
             biased;
             step = poll_fn(|cx| c.poll(cx, client, &mut replies)) => step,
@@ -594,10 +599,15 @@ where
                 draining = true;
                 continue;
             }
-            _ = sleep_until(wake) => {
+            _ = &mut shrink, if shrink_armed => {
+                // Input since it was armed moved the moment on: it is armed again for that.
+                shrink_armed = false;
                 if c.shrink_at().is_some_and(|at| at <= tokio::time::Instant::now()) {
                     c.shrink();
                 }
+                continue;
+            }
+            _ = sleep_until(deadline.as_ref().map(|(at, _)| *at)) => {
                 // The deadline may have passed while the loop was not looking: it holds only
                 // if it still would.
                 match c.deadline(idle, partial) {
