@@ -132,7 +132,7 @@ fn describe() {
     );
     describe_counter!(
         MULTIPLEX_PINNED_TOTAL,
-        "Shared clients given an upstream connection of their own by a command that cannot share (--multiplex)."
+        "Shared clients given an upstream connection of their own by a command that cannot share, by reason: auth, transaction, pubsub, blocking, connection, script, malformed, other (--multiplex)."
     );
     describe_counter!(
         MULTIPLEX_BATCHES_TOTAL,
@@ -178,7 +178,6 @@ pub struct Handles {
     pub warm_idle: Gauge,
     pub warm_handed_out: Counter,
     pub mux_shared: Gauge,
-    pub mux_pinned: Counter,
     pub mux_batches: Counter,
     pub mux_consolidated: Gauge,
     pub mux_moves: Counter,
@@ -219,7 +218,6 @@ pub fn handles() -> &'static Handles {
             warm_idle: metrics::gauge!(WARM_CONNECTIONS),
             warm_handed_out: metrics::counter!(WARM_HANDED_OUT_TOTAL),
             mux_shared: metrics::gauge!(MULTIPLEX_SHARED_CLIENTS),
-            mux_pinned: metrics::counter!(MULTIPLEX_PINNED_TOTAL),
             mux_batches: metrics::counter!(MULTIPLEX_BATCHES_TOTAL),
             mux_consolidated: metrics::gauge!(MULTIPLEX_CONSOLIDATED),
             mux_moves: metrics::counter!(MULTIPLEX_MOVES_TOTAL),

@@ -480,9 +480,12 @@ where
         Phase::Done(outcome) => Served::Done(outcome),
         Phase::Move(to, carry) => Served::Move { client, to, carry },
         Phase::Pin(rest, proto, name, authenticated) => {
-            m.mux_pinned.increment(1);
+            let reason = pin_reason(&rest, authenticated);
+            metrics::counter!(crate::metrics::MULTIPLEX_PINNED_TOTAL, "reason" => reason)
+                .increment(1);
             tracing::debug!(
                 command = %PinnedBy(&rest),
+                reason,
                 proto,
                 "pinned: a connection of its own from now on"
             );
@@ -1413,6 +1416,45 @@ impl std::fmt::Display for PinnedBy<'_> {
     }
 }
 
+/// Why a client pinned, for the `reason` label of `multiplex_pinned_total`: a few fixed
+/// categories, so that the label stays small whatever clients send (the debug log names the
+/// command). `first` is the request that pinned it and what followed; `authenticated`, whether
+/// it had given the local password (or there is none).
+fn pin_reason(first: &[u8], authenticated: bool) -> &'static str {
+    if !authenticated {
+        return "auth";
+    }
+    let mut parser = RequestParser::new();
+    let frame = match parser.parse(first) {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return "other",
+        Err(_) => return "malformed",
+    };
+    let mut upper = [0u8; 16];
+    let upper = match parser.command(first, &frame).arg(0) {
+        Some(name) if name.len() <= upper.len() => {
+            let upper = &mut upper[..name.len()];
+            upper.copy_from_slice(name);
+            upper.make_ascii_uppercase();
+            upper
+        }
+        _ => return "other",
+    };
+    match &*upper {
+        b"AUTH" => "auth",
+        b"MULTI" | b"EXEC" | b"DISCARD" | b"WATCH" | b"UNWATCH" => "transaction",
+        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
+        | b"SUNSUBSCRIBE" | b"MONITOR" => "pubsub",
+        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+        | b"BZMPOP" | b"XREAD" | b"XREADGROUP" | b"WAIT" | b"WAITAOF" => "blocking",
+        b"SELECT" | b"CLIENT" | b"HELLO" | b"RESET" | b"READONLY" | b"READWRITE" | b"ASKING"
+        | b"SWAPDB" => "connection",
+        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" | b"SCRIPT"
+        | b"FUNCTION" => "script",
+        _ => "other",
+    }
+}
+
 /// A client stream with bytes already read from it put back in front.
 struct Prefixed<C> {
     first: BytesMut,
@@ -1779,6 +1821,43 @@ mod tests {
         // A client that moved here authenticated stays so.
         let (mut c, mut rx, _r) = client(true);
         assert_eq!(feed(&mut c, &mut rx, get), [get]);
+    }
+
+    /// The label of `multiplex_pinned_total` is one of a few categories, whatever was sent.
+    #[test]
+    fn pins_are_counted_by_a_few_reasons() {
+        let req = |args: &[&str]| {
+            let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            crate::devenv::encode(&args)
+        };
+        let cases: &[(&[u8], bool, &str)] = &[
+            (&req(&["GET", "k"]), false, "auth"),
+            (&req(&["AUTH", "wrong"]), true, "auth"),
+            (&req(&["multi"]), true, "transaction"),
+            (&req(&["WATCH", "k"]), true, "transaction"),
+            (&req(&["Subscribe", "c"]), true, "pubsub"),
+            (&req(&["BLPOP", "k", "0"]), true, "blocking"),
+            (
+                &req(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]),
+                true,
+                "blocking",
+            ),
+            (b"select 1\r\n", true, "connection"),
+            (&req(&["CLIENT", "TRACKING", "on"]), true, "connection"),
+            (&req(&["EVALSHA_RO", "abc", "0"]), true, "script"),
+            (&req(&["SCAN", "0"]), true, "other"),
+            (&req(&["A-MODULE.COMMAND-WITH-A-LONG-NAME"]), true, "other"),
+            (b"*2\r\n$3\r\nGET", true, "other"),
+            (b"*1\r\n$x\r\n", true, "malformed"),
+        ];
+        for (first, authenticated, want) in cases {
+            assert_eq!(
+                pin_reason(first, *authenticated),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(first)
+            );
+        }
     }
 
     /// An idle shared client gives its buffers back, once, `IDLE_SHRINK` after its last input

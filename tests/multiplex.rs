@@ -870,12 +870,24 @@ async fn metrics_count_shared_and_pinned_clients() {
     }
     assert!(metric("redis_entra_proxy_multiplex_shared_clients").await >= 2.0);
     assert!(metric("redis_entra_proxy_multiplex_batches_total").await >= 1.0);
+    // The registry is the process's: other tests pin clients too, so counts only grow.
+    let connection = || async {
+        let (_, body) = http_get(proxy.admin_addr.expect("admin endpoint"), "/metrics").await;
+        support::cluster::sum_metric(
+            &body,
+            "redis_entra_proxy_multiplex_pinned_total",
+            "reason=\"connection\"",
+        )
+    };
     let pinned = metric("redis_entra_proxy_multiplex_pinned_total").await;
+    let by_connection = connection().await;
     assert_eq!(
         a.command(&[b"SELECT", b"0"]).await.unwrap(),
         Reply::Simple("OK".into())
     );
     assert!(metric("redis_entra_proxy_multiplex_pinned_total").await >= pinned + 1.0);
+    // Counted by reason: SELECT changes the connection's state.
+    assert!(connection().await >= by_connection + 1.0);
     proxy.stop().await;
 }
 

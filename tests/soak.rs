@@ -821,6 +821,13 @@ async fn soak(mode: Mode) {
             (pinned + 1) as f64,
             "pinned: the clients' and the control's"
         );
+        let by_transactions = proxy
+            .metric(PINNED_TOTAL, &["reason=\"transaction\""])
+            .await;
+        assert_eq!(
+            by_transactions, pinned as f64,
+            "the clients pinned by MULTI"
+        );
     }
     let deadline = Instant::now() + STEP * 2;
     loop {
