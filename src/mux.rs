@@ -68,13 +68,9 @@ const READ_MAX: usize = 16 * 1024;
 /// written, never blocking. Anything else (and any command not listed, modules' included)
 /// pins the client to a connection of its own.
 pub fn shareable(name: &[u8]) -> bool {
-    if name.len() > 16 {
+    let Some(upper) = Upper::of(name) else {
         return false;
-    }
-    let mut upper = [0u8; 16];
-    let upper = &mut upper[..name.len()];
-    upper.copy_from_slice(name);
-    upper.make_ascii_uppercase();
+    };
     matches!(
         &*upper,
         b"GET"
@@ -301,11 +297,31 @@ fn credentials<'a>(cmd: &'a crate::resp::request::Command<'_>) -> Option<(&'a [u
     None
 }
 
-/// A request parser with Redis's limits for unauthenticated clients unless `authenticated`.
-fn parser_for(authenticated: bool) -> RequestParser {
-    let mut parser = RequestParser::new();
-    parser.set_auth_required(!authenticated);
-    parser
+/// A command name in upper case, on the stack, for matching against the names of Redis
+/// commands; none that matters here is longer than 16 bytes.
+struct Upper {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl Upper {
+    fn of(name: &[u8]) -> Option<Upper> {
+        let mut bytes = [0u8; 16];
+        let upper = bytes.get_mut(..name.len())?;
+        upper.copy_from_slice(name);
+        upper.make_ascii_uppercase();
+        Some(Upper {
+            bytes,
+            len: name.len(),
+        })
+    }
+}
+
+impl std::ops::Deref for Upper {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 const OK: &[u8] = b"+OK\r\n";
@@ -685,7 +701,7 @@ impl SharedClient {
         let authenticated = carry.authenticated || password.is_none();
         SharedClient {
             chunk: READ_START,
-            parser: parser_for(authenticated),
+            parser: RequestParser::new(),
             asked: 0,
             received: 0,
             locals: VecDeque::new(),
@@ -887,7 +903,8 @@ impl SharedClient {
         let mut plain = true;
         while !self.pin && self.switch.is_none() {
             // Redis's limits on what an unauthenticated client may announce hold until the
-            // request that authenticates it (the parser is between requests then).
+            // request that authenticates it (the parser is between requests then); set here,
+            // before every request, for a new parser as for one in use.
             self.parser.set_auth_required(!self.authenticated);
             match self.parser.parse(&self.cin[end..]) {
                 Ok(Some(frame)) => {
@@ -1004,7 +1021,7 @@ impl SharedClient {
             // The parser may hold state for a request it has not finished: the pinned
             // session (or the next call, on the other connection) parses the bytes again
             // from the start.
-            self.parser = parser_for(self.authenticated);
+            self.parser = RequestParser::new();
         }
     }
 
@@ -1394,6 +1411,17 @@ impl AsyncWrite for Router {
     }
 }
 
+/// The name of the first command in `bytes`: `None` when its request is incomplete or has no
+/// name, `Err` when it is malformed.
+fn first_command(bytes: &[u8]) -> Result<Option<Vec<u8>>, ()> {
+    let mut parser = RequestParser::new();
+    match parser.parse(bytes) {
+        Ok(Some(frame)) => Ok(parser.command(bytes, &frame).arg(0).map(<[u8]>::to_vec)),
+        Ok(None) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
 /// For the log: the name of the command that pinned a client (the first request of the bytes
 /// it hands to its own session), when it looks like one; never its arguments, which may be
 /// secrets.
@@ -1401,11 +1429,8 @@ struct PinnedBy<'a>(&'a [u8]);
 
 impl std::fmt::Display for PinnedBy<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut parser = RequestParser::new();
-        let name = match parser.parse(self.0) {
-            Ok(Some(frame)) => parser.command(self.0, &frame).arg(0).map(<[u8]>::to_vec),
-            Ok(None) => None,
-            Err(_) => return f.write_str("(malformed request)"),
+        let Ok(name) = first_command(self.0) else {
+            return f.write_str("(malformed request)");
         };
         match name {
             Some(n) if !n.is_empty() && n.len() <= 32 && n.iter().all(u8::is_ascii_alphabetic) => {
@@ -1424,21 +1449,12 @@ fn pin_reason(first: &[u8], authenticated: bool) -> &'static str {
     if !authenticated {
         return "auth";
     }
-    let mut parser = RequestParser::new();
-    let frame = match parser.parse(first) {
-        Ok(Some(frame)) => frame,
-        Ok(None) => return "other",
-        Err(_) => return "malformed",
+    let name = match first_command(first) {
+        Ok(name) => name,
+        Err(()) => return "malformed",
     };
-    let mut upper = [0u8; 16];
-    let upper = match parser.command(first, &frame).arg(0) {
-        Some(name) if name.len() <= upper.len() => {
-            let upper = &mut upper[..name.len()];
-            upper.copy_from_slice(name);
-            upper.make_ascii_uppercase();
-            upper
-        }
-        _ => return "other",
+    let Some(upper) = name.as_deref().and_then(Upper::of) else {
+        return "other";
     };
     match &*upper {
         b"AUTH" => "auth",
