@@ -6,7 +6,9 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -15,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::io::poll_read_buf;
 
 /// Idle time before the first TCP keepalive probe: well under the 10-minute idle timeout of
 /// Azure load balancers, so an idle proxied connection is not silently dropped.
@@ -129,7 +132,7 @@ impl Connector {
             None => Ok(Upstream::Plain(tcp)),
             Some((connector, name)) => {
                 let tls = connector
-                    .connect(name.clone(), tcp)
+                    .connect(name.clone(), ReadAhead::new(tcp))
                     .await
                     .map_err(|source| ConnectError::Tls {
                         addr: addr(),
@@ -156,7 +159,7 @@ pub fn tune(tcp: &TcpStream) {
 /// An upstream connection, plain or TLS.
 pub enum Upstream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<ReadAhead>>),
 }
 
 impl AsyncRead for Upstream {
@@ -196,5 +199,208 @@ impl AsyncWrite for Upstream {
             Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+/// The socket under a TLS upstream connection. rustls asks for at most 4 KiB per read (its
+/// record buffer grows by 4 KiB at a time), so a 16 KiB reply took five `recvfrom` calls. When
+/// a read fills all the room rustls gave it, more is probably waiting: the next read takes up
+/// to [`ReadAhead::SIZE`] bytes into a buffer of its own, and rustls's reads are served from
+/// it until it is empty. Reads keep going ahead while they bring more than rustls had room
+/// for, so on a connection that carries large replies a 16 KiB reply costs one system call
+/// and a copy. The buffer exists only while it holds bytes, so an idle connection costs
+/// nothing more, and small replies never use it.
+pub struct ReadAhead {
+    tcp: TcpStream,
+    /// Bytes read from the socket that rustls has not taken yet. Unallocated whenever
+    /// everything read has been taken.
+    ahead: BytesMut,
+    /// The last read from the socket filled all the room rustls gave it, or more: the next
+    /// read goes ahead.
+    filled: bool,
+}
+
+impl ReadAhead {
+    /// The most one read ahead takes: four TLS records of 16 KiB.
+    pub const SIZE: usize = 64 * 1024;
+
+    pub fn new(tcp: TcpStream) -> Self {
+        ReadAhead {
+            tcp,
+            ahead: BytesMut::new(),
+            filled: false,
+        }
+    }
+}
+
+impl AsyncRead for ReadAhead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.ahead.is_empty() {
+            let room = buf.remaining();
+            if !this.filled || room >= Self::SIZE {
+                // Straight into the caller's buffer, no copy.
+                let before = buf.filled().len();
+                ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+                let got = buf.filled().len() - before;
+                this.filled = got > 0 && got == room;
+                return Poll::Ready(Ok(()));
+            }
+            this.ahead.reserve(Self::SIZE);
+            let got = match poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.ahead) {
+                Poll::Ready(Ok(got)) => got,
+                other => {
+                    // Nothing read (nothing waiting, or failed): give the buffer back. Nothing
+                    // waiting says nothing of the next reply's size, so `filled` stays.
+                    this.ahead = BytesMut::new();
+                    return other.map_ok(|_| ());
+                }
+            };
+            // More than a direct read could have taken: stay ahead for the next reply.
+            this.filled = got > room;
+        }
+        let n = this.ahead.len().min(buf.remaining());
+        buf.put_slice(&this.ahead[..n]);
+        this.ahead.advance(n);
+        if this.ahead.is_empty() {
+            this.ahead = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ReadAhead {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (ReadAhead, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (near, far) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (ReadAhead::new(near.unwrap()), far.unwrap().0)
+    }
+
+    /// What rustls does: reads of at most 4 KiB.
+    async fn read_4k(r: &mut ReadAhead) -> Vec<u8> {
+        let mut buf = vec![0; 4096];
+        let n = r.read(&mut buf).await.unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    /// Waits until `len` bytes are in the socket's receive queue, so a read can take them all.
+    async fn queued(r: &ReadAhead, len: usize) {
+        for _ in 0..1000 {
+            let mut probe = vec![0; len];
+            if r.tcp.peek(&mut probe).await.unwrap() >= len {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("{len} bytes never arrived");
+    }
+
+    #[tokio::test]
+    async fn small_reads_go_straight_to_the_caller() {
+        let (mut r, mut far) = pair().await;
+        far.write_all(b"+OK\r\n").await.unwrap();
+        assert_eq!(read_4k(&mut r).await, b"+OK\r\n");
+        assert!(!r.filled);
+        assert_eq!(r.ahead.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_fills_its_room_makes_the_next_go_ahead_and_keeps_every_byte() {
+        let (mut r, mut far) = pair().await;
+        let sent = pattern(40_000);
+        far.write_all(&sent).await.unwrap();
+        queued(&r, sent.len()).await;
+
+        // The first read fills rustls's 4 KiB: the second takes the rest in one go.
+        let mut got = read_4k(&mut r).await;
+        assert_eq!(got.len(), 4096);
+        assert!(r.filled);
+        got.extend(read_4k(&mut r).await);
+        assert_eq!(
+            r.ahead.len(),
+            sent.len() - 8192,
+            "the rest waits in the buffer"
+        );
+        for _ in 0..sent.len() / 4096 + 1 {
+            if got.len() < sent.len() {
+                got.extend(read_4k(&mut r).await);
+            }
+        }
+        assert_eq!(got, sent);
+        assert_eq!(r.ahead.capacity(), 0, "an emptied buffer is given back");
+        assert!(
+            r.filled,
+            "it brought more than 4 KiB: the next reply goes ahead too"
+        );
+
+        // A small reply after that: read ahead, taken whole, and the next one goes direct.
+        far.write_all(b"$1\r\nx\r\n").await.unwrap();
+        assert_eq!(read_4k(&mut r).await, b"$1\r\nx\r\n");
+        assert!(!r.filled);
+        assert_eq!(r.ahead.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn bytes_read_ahead_come_before_the_end_of_the_stream() {
+        let (mut r, mut far) = pair().await;
+        let sent = pattern(10_000);
+        far.write_all(&sent).await.unwrap();
+        drop(far);
+        queued(&r, sent.len()).await;
+        let mut got = Vec::new();
+        for _ in 0..sent.len() / 4096 + 1 {
+            got.extend(read_4k(&mut r).await);
+        }
+        assert_eq!(got, sent);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.extend(read_4k(&mut r).await);
+        }
+        assert!(got.is_empty(), "then the end, every time");
     }
 }
