@@ -240,6 +240,9 @@ impl AsyncRead for ReadAhead {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if this.ahead.is_empty() {
             let room = buf.remaining();
             if !this.filled || room >= Self::SIZE {
@@ -250,6 +253,8 @@ impl AsyncRead for ReadAhead {
                 this.filled = got > 0 && got == room;
                 return Poll::Ready(Ok(()));
             }
+            // Allocate only when the socket has something to read (no system call).
+            ready!(this.tcp.poll_read_ready(cx))?;
             this.ahead.reserve(Self::SIZE);
             let got = match poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.ahead) {
                 Poll::Ready(Ok(got)) => got,
@@ -377,6 +382,27 @@ mod tests {
             r.filled,
             "it brought more than 4 KiB: the next reply goes ahead too"
         );
+
+        // Nothing waiting: no read, and the connection stays ahead for its next reply.
+        let mut room = [0u8; 4096];
+        let mut none = ReadBuf::new(&mut room);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut none).is_pending());
+        assert!(r.filled);
+        assert_eq!(r.ahead.capacity(), 0);
+        let reply = pattern(16_400);
+        far.write_all(&reply).await.unwrap();
+        queued(&r, reply.len()).await;
+        let mut got = read_4k(&mut r).await;
+        assert_eq!(
+            r.ahead.len(),
+            reply.len() - 4096,
+            "one read took the whole reply"
+        );
+        for _ in 0..4 {
+            got.extend(read_4k(&mut r).await);
+        }
+        assert_eq!(got, reply);
 
         // A small reply after that: read ahead, taken whole, and the next one goes direct.
         far.write_all(b"$1\r\nx\r\n").await.unwrap();
