@@ -60,9 +60,12 @@ const HOLD_BYTES: usize = 16 * 1024;
 /// this many reply bytes wait for it to read them.
 const MAX_OWED: usize = 1024;
 const MAX_UNSENT: usize = 256 * 1024;
-/// Reads from a shared client start at this size and double while they fill, up to 16 KiB.
+/// Reads from a shared client start at this size and double while they fill, up to 32 KiB:
+/// a request with a 16 KiB value (16.4 KB with its headers) then comes in one read into one
+/// allocation. With 16 KiB reads its last bytes made the buffer grow, copying the rest, and
+/// 16 KiB SETs cost 8 % more proxy CPU (`benches/ab.sh`, `--multiplex`).
 const READ_START: usize = 2 * 1024;
-const READ_MAX: usize = 16 * 1024;
+const READ_MAX: usize = 32 * 1024;
 
 /// Commands that may share a connection: one reply each, no connection state read or
 /// written, never blocking. Anything else (and any command not listed, modules' included)
