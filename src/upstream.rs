@@ -7,10 +7,9 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-
-use bytes::{Buf, BytesMut};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use rustls::pki_types::ServerName;
 use rustls::HandshakeKind;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
