@@ -3,6 +3,10 @@
 //! names cannot drift apart. Values stay optional here: defaults are applied after merging
 //! (see `config.rs`), which is what makes file values lose to flags and environment but win
 //! over defaults.
+//!
+//! The options' doc comments are their `--help` text, written for a terminal: `HOST[:PORT]`
+//! and bare URLs there are meant literally, not as rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::bare_urls)]
 
 use std::path::PathBuf;
 use std::str::FromStr;

@@ -13,7 +13,7 @@
 //! own connection state starts clean, in the protocol it chose.
 //!
 //! With a local password (`--local-password`), a client shares only once it has given the
-//! right one ([`credentials`]): anything it sends before, and any wrong password, pins it, and
+//! right one (see `credentials`): anything it sends before, and any wrong password, pins it, and
 //! its own session answers as Redis does (NOAUTH, WRONGPASS). A client pinned after giving the
 //! password starts its session authenticated.
 //!

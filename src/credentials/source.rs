@@ -1,4 +1,4 @@
-//! Builds the configured [`TokenSource`](super::TokenSource) from the validated configuration,
+//! Builds the configured [`TokenSource`] from the validated configuration,
 //! and decides what `--credential auto` means: an explicit token, file or command wins;
 //! otherwise the Entra chain (environment service principal, workload identity, managed
 //! identity, Azure CLI) picks from the environment.
