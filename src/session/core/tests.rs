@@ -117,6 +117,52 @@ fn client_auth_is_answered_locally_in_order() {
     assert_eq!(t.client_got(), "$-1\r\n");
 }
 
+/// Local replies between relayed ones, all answered by one read: each in its place.
+#[test]
+fn local_replies_keep_their_place_among_relayed_ones_of_one_read() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("GET a\r\nAUTH pw\r\nGET b\r\nGET c\r\nAUTH u p\r\n");
+    t.upstream_sent();
+    t.server("$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n");
+    assert_eq!(
+        t.client_got(),
+        "$1\r\na\r\n+OK\r\n$1\r\nb\r\n$1\r\nc\r\n+OK\r\n"
+    );
+}
+
+/// Replies relayed before the upstream goes out of step still reach the client.
+#[test]
+fn replies_before_a_desync_are_delivered() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("GET a\r\n");
+    t.server("$1\r\na\r\n+EXTRA\r\n");
+    assert_eq!(t.core.close_reason(), Some(&CloseReason::UpstreamDesync));
+    assert_eq!(t.client_got(), "$1\r\na\r\n");
+}
+
+/// A client that reads slowly: relaying stops at the high-water mark, counting the replies
+/// of the same read, and the rest waits in the read buffer.
+#[test]
+fn relaying_stops_at_the_high_water_mark() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client(&"GET k\r\n".repeat(4));
+    t.upstream_sent();
+    let value = "x".repeat(100 * 1024);
+    let reply = format!("${}\r\n{value}\r\n", value.len());
+    let mut read = BytesMut::from(reply.repeat(4).as_bytes());
+    t.core.upstream_input(&mut read);
+    assert_eq!(t.core.to_client.len(), 3 * reply.len());
+    assert_eq!(read.len(), reply.len(), "the fourth reply waits");
+    assert!(!t.core.wants_upstream_input());
+    t.client_got();
+    t.core.upstream_input(&mut read);
+    assert!(read.is_empty());
+    assert_eq!(t.client_got(), reply);
+}
+
 #[test]
 fn local_password_like_requirepass() {
     let mut t = T::with_password("s3cret");
