@@ -71,6 +71,14 @@ const READ_MAX: usize = 32 * 1024;
 /// written, never blocking. Anything else (and any command not listed, modules' included)
 /// pins the client to a connection of its own.
 pub fn shareable(name: &[u8]) -> bool {
+    // GET and SET, most of what most clients send, before the table (`b & !0x20` is the
+    // upper case of a letter, and equals one only for that letter in either case).
+    if let &[a, b, c] = name {
+        let upper = [a & !0x20, b & !0x20, c & !0x20];
+        if upper == *b"GET" || upper == *b"SET" {
+            return true;
+        }
+    }
     let Some(upper) = Upper::of(name) else {
         return false;
     };
