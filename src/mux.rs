@@ -1574,6 +1574,12 @@ mod tests {
             "OBJECT",
             "",
             "GETGETGETGETGETGETGET",
+            // Near GET and SET, which are decided before the table.
+            "GE",
+            "GEX",
+            "SEX",
+            "G\u{7}T",
+            "GET\0",
         ] {
             assert!(!shareable(name.as_bytes()), "{name}");
         }
