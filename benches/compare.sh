@@ -512,14 +512,14 @@ def rps_ratio(c, other):
 def check(v, ok):
     return ("n/a", "?") if v is None else (f"{v:.2f}", "yes" if ok(v) else "**no**")
 
-def spread(c, fn, worse=min, gap=False):
-    # The goal's figure in each round (the worse of SET and GET, from that round's own
+def spread(fn, worse=min, gap=False, tests=("SET", "GET")):
+    # The goal's figure in each round (the worse of `tests`, from that round's own
     # measurements), lowest to highest: how far the median sits from the round-to-round noise.
     per = defaultdict(list)
-    for test in ("SET", "GET"):
+    for test in tests:
         for r, v in fn(test).items():
             per[r].append(v)
-    xs = [worse(v) for v in per.values() if len(v) == 2]
+    xs = [worse(v) for v in per.values() if len(v) == len(tests)]
     if not xs:
         return "n/a"
     if gap:
@@ -548,15 +548,14 @@ rows = [(goal, rps_ratio(c, other), ok, c, other) for goal, c, other, ok in [
 ]]
 for goal, v, ok, c, other in rows:
     m, met = check(v, ok)
-    rounds = spread(c, round_ratios(c, "proxy", other, "rps"))
+    rounds = spread(round_ratios(c, "proxy", other, "rps"))
     print(f"| {goal} | {m}{'' if v is None else '×'} | {rounds} | {met} |")
 for c, name in CASES:
     p, h = med("proxy", c, "SET", "mid_cpu_us_per_req"), med("haproxy", c, "SET", "mid_cpu_us_per_req")
     v = p / h if p is not None and h else None
     m, met = check(v, lambda v: v < 1)
     # CPU is measured once per round for SET and GET together.
-    f = round_ratios(c, "proxy", "haproxy", "mid_cpu_us_per_req")
-    rounds = spread(c, lambda test: f("SET"), worse=max)
+    rounds = spread(round_ratios(c, "proxy", "haproxy", "mid_cpu_us_per_req"), worse=max, tests=("SET",))
     print(f"| CPU per request below haproxy, {name} | {m}{'' if v is None else '×'} | {rounds} | {met} |")
 
 def latency_gap(other, k, c="c1"):
@@ -581,12 +580,12 @@ def round_gaps(other, k, c):
 
 v = latency_gap("direct", "p50_ms")
 m, met = ("n/a", "?") if v is None else (f"{v:+.1f} µs", "yes" if v <= 60 else "**no**")
-rounds = spread("c1", round_gaps("direct", "p50_ms", "c1"), worse=max, gap=True)
+rounds = spread(round_gaps("direct", "p50_ms", "c1"), worse=max, gap=True)
 print(f"| 1 client: p50 within 60 µs of direct TLS | {m} | {rounds} | {met} |")
 for c, name in (("c1", "1 client"), ("c1_pinned", "1 client, one CPU")):
     v = latency_gap("haproxy", "p99_ms", c)
     m, met = ("n/a", "?") if v is None else (f"{v:+.1f} µs", "yes" if v < 0 else "**no**")
-    rounds = spread(c, round_gaps("haproxy", "p99_ms", c), worse=max, gap=True)
+    rounds = spread(round_gaps("haproxy", "p99_ms", c), worse=max, gap=True)
     print(f"| {name}: p99 below haproxy's | {m} | {rounds} | {met} |")
 if "proxy" in mem:
     per = mem["proxy"][2]
