@@ -17,7 +17,7 @@
 # Every process it starts is stopped by PID on exit.
 set -euo pipefail
 
-(($# >= 3)) || { sed -n '2,15p' "$0" >&2; exit 2; }
+(($# >= 3)) || { sed -n '2,/^set /{/^#/p}' "$0" >&2; exit 2; }
 ROUNDS=$1 BARGS=$2
 shift 2
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
