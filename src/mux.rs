@@ -56,6 +56,9 @@ pub use balance::Balance;
 /// each way, a pass of the server's event loop) thin, and holding it longer would only
 /// delay it.
 const HOLD_BYTES: usize = 16 * 1024;
+/// A reply frame at least this large goes to its client in parts, as it arrives, rather than
+/// whole: the router would otherwise hold all of it (a `GET` of a 100 MB value, 100 MB).
+const PASS_ON: usize = 64 * 1024;
 /// A shared client stops reading requests while this many replies are owed to it, or while
 /// this many reply bytes wait for it to read them.
 const MAX_OWED: usize = 1024;
@@ -440,7 +443,8 @@ struct Submit {
 }
 
 enum Delivery {
-    /// Whole reply frames, this many.
+    /// Reply frames, this many whole ones; with 0, part of a big reply (its end comes in a
+    /// later delivery, which counts it).
     Replies(Bytes, usize),
     /// The shared connection ended before these replies came: the client must close.
     Lost,
@@ -1023,7 +1027,14 @@ impl SharedClient {
                         Plan::Pin => self.pin = true,
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    // A request with a big argument does not wait here to be whole: its own
+                    // session passes it upstream as it arrives.
+                    if self.parser.big_bulk() {
+                        self.pin = true;
+                    }
+                    break;
+                }
                 Err(_) => self.pin = true,
             }
         }
@@ -1226,9 +1237,9 @@ impl Router {
         let mut run = 0;
         let mut replies = 0;
         while self.scanned < self.rin.len() {
-            if self.scanned == run {
+            if self.scanner.at_boundary() {
                 // A frame starts here.
-                self.push = self.rin[run] == b'>';
+                self.push = self.rin[self.scanned] == b'>';
             }
             // The session checks every reply it relays: a frame it let through that does not
             // scan here is a bug, and the shared session ends rather than misroute.
@@ -1278,6 +1289,16 @@ impl Router {
         }
         if replies > 0 {
             self.send_run(run, replies);
+        }
+        // What was read of a big frame goes at once: the beginning of a reply to its client
+        // (the rest as it comes, counted with its end), that of a push nowhere.
+        if self.scanned >= PASS_ON {
+            if self.push {
+                self.rin.advance(self.scanned);
+                self.scanned = 0;
+            } else if !self.routes.is_empty() {
+                self.send_run(self.scanned, 0);
+            }
         }
         Ok(())
     }
@@ -1460,6 +1481,11 @@ fn pin_reason(first: &[u8], authenticated: bool) -> &'static str {
     if !authenticated {
         return "auth";
     }
+    let mut parser = RequestParser::new();
+    if matches!(parser.parse(first), Ok(None)) && parser.big_bulk() {
+        // Pinned before the request was whole (`SharedClient::submit`).
+        return "large_request";
+    }
     let name = match first_command(first) {
         Ok(name) => name,
         Err(()) => return "malformed",
@@ -1620,6 +1646,69 @@ mod tests {
             assert!(r.routes.is_empty() && r.rin.is_empty(), "split {split}");
             assert_eq!(collect(&mut a_rx), (expect_a.clone(), 4), "split {split}");
             assert_eq!(collect(&mut b_rx), (expect_b.clone(), 1), "split {split}");
+        }
+    }
+
+    /// A big reply goes to its client in parts as it arrives, counted once, with its last
+    /// part; the router never holds much more than a read of it. A big push is dropped whole,
+    /// and the replies around them still reach the right clients.
+    #[test]
+    fn a_big_reply_is_handed_over_as_it_arrives() {
+        let value = vec![b'v'; 3 * PASS_ON];
+        let mut big = format!("${}\r\n", value.len()).into_bytes();
+        big.extend_from_slice(&value);
+        big.extend_from_slice(b"\r\n");
+        let mut push = format!(">2\r\n$7\r\nmessage\r\n${}\r\n", value.len()).into_bytes();
+        push.extend_from_slice(&value);
+        push.extend_from_slice(b"\r\n");
+        let mut stream = b"+OK\r\n".to_vec();
+        stream.extend_from_slice(&big);
+        stream.extend_from_slice(&push);
+        stream.extend_from_slice(b":1\r\n");
+        for read in [1000, 16 * 1024, PASS_ON + 1, stream.len()] {
+            let (a_tx, mut a_rx) = mpsc::unbounded_channel();
+            let (b_tx, mut b_rx) = mpsc::unbounded_channel();
+            let mut r = Router {
+                routes: VecDeque::from([
+                    Route {
+                        to: a_tx,
+                        replies: 2,
+                    },
+                    Route {
+                        to: b_tx,
+                        replies: 1,
+                    },
+                ]),
+                ..router(3, 0)
+            };
+            let (mut parts, mut got, mut count) = (0, Vec::new(), 0);
+            for piece in stream.chunks(read) {
+                r.rin.extend_from_slice(piece);
+                r.deliver().unwrap();
+                assert!(
+                    r.rin.len() < PASS_ON + read,
+                    "read {read}: {} held",
+                    r.rin.len()
+                );
+                while let Ok(Delivery::Replies(b, n)) = a_rx.try_recv() {
+                    parts += 1;
+                    if n == 0 {
+                        assert!(b.len() >= PASS_ON, "read {read}: a part of {}", b.len());
+                    }
+                    got.extend_from_slice(&b);
+                    count += n;
+                }
+            }
+            assert!(r.routes.is_empty() && r.rin.is_empty(), "read {read}");
+            assert!(
+                got == [&b"+OK\r\n"[..], &big].concat(),
+                "read {read}: bytes differ"
+            );
+            assert_eq!(count, 2, "read {read}");
+            if read < value.len() {
+                assert!(parts > 1, "read {read}: the big reply came whole");
+            }
+            assert_eq!(collect(&mut b_rx), (b":1\r\n".to_vec(), 1), "read {read}");
         }
     }
 
@@ -1881,6 +1970,16 @@ mod tests {
             (&req(&["SCAN", "0"]), true, "other"),
             (&req(&["A-MODULE.COMMAND-WITH-A-LONG-NAME"]), true, "other"),
             (b"*2\r\n$3\r\nGET", true, "other"),
+            (
+                b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$65536\r\nabc",
+                true,
+                "large_request",
+            ),
+            (
+                b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$65535\r\nabc",
+                true,
+                "other",
+            ),
             (b"*1\r\n$x\r\n", true, "malformed"),
         ];
         for (first, authenticated, want) in cases {

@@ -657,9 +657,11 @@ impl Io {
             .commands
             .increment(core.stats.commands - commands);
         let took = self.cin.len() != before;
-        // Bytes left while the core still wants input are an incomplete request; bytes left
-        // because the upstream side is full are complete requests that wait for room.
-        self.cin_partial = !self.cin.is_empty() && core.wants_client_input();
+        // Bytes left while the core still wants input are an incomplete request (as is a
+        // big one passed on as it arrives, with nothing left); bytes left because the
+        // upstream side is full are complete requests that wait for room.
+        self.cin_partial =
+            (!self.cin.is_empty() || core.mid_request()) && core.wants_client_input();
         if !self.cin_partial {
             self.partial_since = None;
         } else if took || self.partial_since.is_none() {
@@ -756,7 +758,10 @@ impl Io {
             if self.reading_client && core.wants_client_input() {
                 self.cin.reserve(self.cin_chunk);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::ClientClosed)),
+                    Poll::Ready(Ok(0)) => {
+                        core.client_closed();
+                        return Poll::Ready(Some(Outcome::ClientClosed));
+                    }
                     Poll::Ready(Ok(n)) => {
                         self.last_client_input = Instant::now();
                         self.last_activity = self.last_client_input;

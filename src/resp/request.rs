@@ -30,6 +30,12 @@ pub const UNAUTH_BULK_MAX: i64 = 16 * 1024;
 /// arguments (command name, subcommand, HELLO options), and keeping them all would make a
 /// million-argument `MSET` cost memory proportional to its argument count.
 pub const KEPT_ARGS: usize = 16;
+/// A request with a bulk argument at least this long is passed on while it arrives
+/// ([`RequestParser::big_bulk`], [`RequestParser::release`]) instead of being held whole: a
+/// proxy that held a 100 MB `SET` would hold it twice, once as read and once on its way
+/// upstream. Redis itself switches to reading big arguments directly at 32 KiB
+/// (`PROTO_MBULK_BIG_ARG`); a request this large no longer fits in one read of the proxy's.
+pub const STREAM_MIN: usize = 64 * 1024;
 
 /// A request Redis would refuse with `-ERR Protocol error: …` and then close the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +165,9 @@ pub struct RequestParser {
     inline: Vec<u8>,
     /// Whether Redis's stricter limits for unauthenticated clients apply.
     auth_required: bool,
+    /// Bytes of the current frame were released ([`release`](Self::release)): the ranges of
+    /// its arguments are gone, and no more are kept.
+    released: bool,
 }
 
 impl Default for RequestParser {
@@ -179,6 +188,7 @@ impl RequestParser {
             ranges: Vec::new(),
             inline: Vec::new(),
             auth_required: false,
+            released: false,
         }
     }
 
@@ -294,7 +304,7 @@ impl RequestParser {
                 self.state = State::Multibulk { remaining, bulk };
                 return Ok(None);
             }
-            if self.ranges.len() < KEPT_ARGS {
+            if self.ranges.len() < KEPT_ARGS && !self.released {
                 self.ranges.push(pos..pos + len);
             }
             pos += len + 2;
@@ -358,7 +368,63 @@ impl RequestParser {
         self.state = State::Start;
         self.pos = 0;
         self.scan_from = 0;
+        self.released = false;
         frame
+    }
+
+    /// Inside a multibulk request, waiting for the payload of a bulk argument of at least
+    /// [`STREAM_MIN`] bytes: the request may be passed on while it arrives.
+    pub fn big_bulk(&self) -> bool {
+        matches!(self.state, State::Multibulk { bulk: Some(len), .. } if len >= STREAM_MIN)
+    }
+
+    /// Of the incomplete request at the front of a buffer of `buf_len` bytes, how many the
+    /// parser has accepted for good: every header line parsed, and the payload bytes of the
+    /// bulk being read that have arrived (not the two bytes after a payload, which Redis
+    /// skips unseen and which stay for [`parse`](Self::parse) to skip likewise). 0 between
+    /// requests.
+    pub fn settled(&self, buf_len: usize) -> usize {
+        match self.state {
+            State::Start => 0,
+            State::Multibulk { bulk: None, .. } => self.pos,
+            State::Multibulk {
+                bulk: Some(len), ..
+            } => buf_len.min(self.pos + len),
+        }
+    }
+
+    /// The caller passed on the first `n` bytes of the request being read ([`settled`]
+    /// ones) and removed them from its buffer; parsing resumes on what follows. The ranges
+    /// of the request's arguments are dropped: only the completion of the request remains to
+    /// be found, and the [`Frame`] then returned covers the bytes after the released ones.
+    ///
+    /// [`settled`]: Self::settled
+    pub fn release(&mut self, n: usize) {
+        debug_assert!(n <= self.settled(usize::MAX), "released bytes not settled");
+        if n > self.pos {
+            if let State::Multibulk {
+                bulk: Some(len), ..
+            } = &mut self.state
+            {
+                *len -= n - self.pos;
+            }
+            self.pos = 0;
+        } else {
+            self.pos -= n;
+        }
+        self.scan_from = self.scan_from.saturating_sub(n);
+        self.ranges.clear();
+        self.released = true;
+    }
+
+    /// The arguments of the incomplete request being read, as far as they have arrived whole
+    /// (the command name first, once it has); `buf` must hold the request from its start.
+    pub fn partial_command<'a>(&'a self, buf: &'a [u8]) -> Command<'a> {
+        Command {
+            argc: self.argc,
+            src: buf,
+            ranges: if self.released { &[] } else { &self.ranges },
+        }
     }
 
     /// The arguments of the frame just returned by [`parse`](Self::parse); `buf` must be the

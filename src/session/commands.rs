@@ -101,6 +101,21 @@ fn all_args<'a>(cmd: &Command<'a>, raw: Option<&'a [u8]>) -> Vec<&'a [u8]> {
 }
 
 impl Core {
+    /// Whether [`Core::on_command`] would forward this command as it is, with one plain
+    /// reply, whatever its arguments after those given (the command name at least): then a
+    /// request with a big argument can go upstream before all of it arrived.
+    pub(super) fn may_stream(&self, cmd: &Command<'_>) -> bool {
+        let Some(name) = cmd.arg(0) else {
+            return false;
+        };
+        // The refusals at the start of `on_command`, for an ordinary command, and CLUSTER,
+        // whose reply may have to be rewritten.
+        classify(name) == Special::Other
+            && !name.eq_ignore_ascii_case(b"cluster")
+            && self.client_authenticated
+            && !self.state.client_resp2_subscribed()
+    }
+
     /// Handles one client command. `raw` holds its bytes when it can be forwarded as it is
     /// (multibulk); inline commands are re-encoded.
     pub(super) fn on_command(&mut self, cmd: Command<'_>, raw: Option<&[u8]>) {

@@ -174,6 +174,9 @@ pub struct Core {
     /// arrive or the driver calls [`Core::retry_reauth`].
     reauth_failed: bool,
     role: Option<Role>,
+    /// A client request with a big argument is being passed on while it arrives: its command
+    /// was handled (its ledger entry is the newest), the rest of its bytes follow it upstream.
+    streaming: bool,
     /// Bytes of the frame being scanned when it must be seen whole.
     held: BytesMut,
     closing: Option<CloseReason>,
@@ -219,6 +222,7 @@ impl Core {
             expiring: false,
             reauth_failed: false,
             role: None,
+            streaming: false,
             held: BytesMut::new(),
             closing: None,
             pending_close: None,
@@ -350,6 +354,7 @@ impl Core {
             return;
         }
         self.state.quit = true;
+        self.abandon_stream();
         self.ledger.push(Expect::Close);
         self.closing_reason_after_drain(reason);
         self.drain_local();
@@ -383,9 +388,13 @@ impl Core {
             }
             let frame = match self.parser.parse(buf) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break,
+                Ok(None) => {
+                    self.pass_on(buf, runs);
+                    break;
+                }
                 Err(e) => {
                     // Like Redis: replies to earlier commands, then the error, then close.
+                    self.abandon_stream();
                     let mut reply = BytesMut::new();
                     e.write_reply(&mut reply);
                     self.ledger.push(Expect::Local(reply.freeze()));
@@ -399,7 +408,11 @@ impl Core {
                     break;
                 }
             };
-            if !frame.is_empty() {
+            if self.streaming {
+                // The end of a request passed on while it arrived.
+                self.streaming = false;
+                self.to_upstream.extend_from_slice(&buf[..frame.len()]);
+            } else if !frame.is_empty() {
                 self.stats.commands += 1;
                 // The handler needs `self` mutably while the command borrows the parser:
                 // lend the parser out (an empty parser allocates nothing) and take it back.
@@ -418,6 +431,56 @@ impl Core {
             self.maybe_reauth();
         }
         self.drain_local();
+    }
+
+    /// The request at the front of `buf` is incomplete: if it has a big argument
+    /// ([`RequestParser::big_bulk`]) and a command that is forwarded as it is whatever its
+    /// arguments, it is handled now and its bytes go upstream as they arrive, so that the
+    /// proxy never holds a big request whole. Its ledger entry is pushed now, and nothing
+    /// else is written upstream until the request ends ([`Core::safe_to_inject`]).
+    fn pass_on(&mut self, buf: &mut BytesMut, runs: Option<&mut Runs>) {
+        let n = self.parser.settled(buf.len());
+        if self.streaming {
+            self.to_upstream.extend_from_slice(&buf[..n]);
+        } else {
+            if !self.parser.big_bulk() || !self.may_stream(&self.parser.partial_command(buf)) {
+                return;
+            }
+            self.stats.commands += 1;
+            let parser = std::mem::take(&mut self.parser);
+            let before = (self.to_upstream.len(), self.ledger.len());
+            self.on_command(parser.partial_command(buf), Some(&buf[..n]));
+            self.parser = parser;
+            debug_assert_eq!(
+                (self.to_upstream.len(), self.ledger.len()),
+                (before.0 + n, before.1 + 1),
+                "a streamed command is forwarded as it is, with one reply"
+            );
+            self.streaming = true;
+        }
+        self.parser.release(n);
+        buf.advance(n);
+        if let Some(runs) = runs {
+            runs.took(n);
+        }
+    }
+
+    /// A request being passed on will not complete (a protocol error in its rest, the client
+    /// gone, the connection closing): the server, holding its beginning, never answers it.
+    fn abandon_stream(&mut self) {
+        if std::mem::take(&mut self.streaming) {
+            self.ledger.pop_newest();
+        }
+    }
+
+    /// Inside a request: some of it was read and it is not complete yet.
+    pub fn mid_request(&self) -> bool {
+        self.streaming || !self.parser.at_start()
+    }
+
+    /// The client closed its side: a request being passed on will never complete.
+    pub fn client_closed(&mut self) {
+        self.abandon_stream();
     }
 
     /// Whether a plain request would be forwarded as it is, its reply relayed, with no other
@@ -521,6 +584,7 @@ impl Core {
         // Redis refuses AUTH from a RESP2 subscriber.
         let resp2_sub = s.wproto == 2 && s.wsubs.any();
         self.closing.is_none()
+            && !self.streaming
             && !s.in_multi
             && !s.one_shot
             && !s.quit

@@ -188,6 +188,22 @@ impl Ledger {
         Some(e)
     }
 
+    /// Takes back the newest entry (a command that will not reach the server whole).
+    pub fn pop_newest(&mut self) -> Option<Expect> {
+        let (e, n) = self.entries.back_mut()?;
+        let e = if *n > 1 {
+            *n -= 1;
+            e.clone()
+        } else {
+            self.entries.pop_back()?.0
+        };
+        self.total -= 1;
+        if !counts_for_client(&e) {
+            self.not_client -= 1;
+        }
+        Some(e)
+    }
+
     /// Drops the front entry when it is a plain reply (no effect), without handing it out:
     /// the common case of every relayed reply, kept cheap. Returns whether it did.
     pub fn pop_plain(&mut self) -> bool {

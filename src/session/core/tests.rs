@@ -557,3 +557,170 @@ fn without_cluster_mode_nothing_is_rewritten() {
     t.server("-MOVED 12182 10.0.0.2:8501\r\n");
     assert_eq!(t.client_got(), "-MOVED 12182 10.0.0.2:8501\r\n");
 }
+
+/// A request with a bulk argument of [`STREAM_MIN`] bytes or more, and what follows it.
+fn big_set(key: &str, len: usize) -> String {
+    format!(
+        "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n{}\r\n",
+        key.len(),
+        "v".repeat(len)
+    )
+}
+
+/// Feeds `input` to the core in reads of `chunk` bytes through one client buffer, as the
+/// driver does, taking what it writes upstream after each read; returns everything written
+/// upstream and the most bytes the client buffer held after a read was handled.
+fn feed_in_reads(t: &mut T, input: &str, chunk: usize) -> (String, usize) {
+    let mut buf = BytesMut::new();
+    let mut sent = String::new();
+    let mut most = 0;
+    for part in input.as_bytes().chunks(chunk) {
+        buf.extend_from_slice(part);
+        t.core.client_input(&mut buf);
+        most = most.max(buf.len());
+        sent.push_str(&t.upstream_sent());
+    }
+    (sent, most)
+}
+
+/// A big request goes upstream byte for byte as it arrives, whatever the reads: the client
+/// buffer never holds more than a read and a header line, and the commands around it keep
+/// their order and their replies.
+#[test]
+fn a_big_request_goes_upstream_as_it_arrives() {
+    let len = crate::resp::request::STREAM_MIN + 1000;
+    let input = format!(
+        "GET a\r\n{}*2\r\n$3\r\nGET\r\n$1\r\nb\r\n",
+        big_set("big", len)
+    );
+    for chunk in [1, 7, 1000, 4096, 16 * 1024, len + 100] {
+        let mut t = T::new();
+        t.server("+OK\r\n");
+        let (sent, most) = feed_in_reads(&mut t, &input, chunk);
+        let want = format!(
+            "*2\r\n$3\r\nGET\r\n$1\r\na\r\n{}*2\r\n$3\r\nGET\r\n$1\r\nb\r\n",
+            big_set("big", len)
+        );
+        assert!(sent == want, "chunk {chunk}: upstream bytes differ");
+        if chunk < len / 2 {
+            assert!(
+                most <= chunk + 64,
+                "chunk {chunk}: the buffer held {most} bytes"
+            );
+        }
+        assert!(!t.core.mid_request());
+        t.server("$1\r\na\r\n+OK\r\n$1\r\nb\r\n");
+        assert_eq!(
+            t.client_got(),
+            "$1\r\na\r\n+OK\r\n$1\r\nb\r\n",
+            "chunk {chunk}"
+        );
+        assert!(t.core.idle());
+    }
+}
+
+/// New credentials arriving while a big request is half written are not injected in its
+/// middle: the AUTH follows its last byte.
+#[test]
+fn no_auth_is_injected_into_a_request_passed_on() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    let req = big_set("k", crate::resp::request::STREAM_MIN);
+    let (head, tail) = req.split_at(req.len() / 2);
+    let mut buf = BytesMut::from(head.as_bytes());
+    t.core.client_input(&mut buf);
+    assert!(buf.is_empty() && t.core.mid_request());
+    t.core.set_credentials(creds(2));
+    assert_eq!(t.upstream_sent(), head, "nothing but the request so far");
+    buf.extend_from_slice(tail.as_bytes());
+    t.core.client_input(&mut buf);
+    assert_eq!(t.upstream_sent(), format!("{tail}{}", auth(2)));
+    t.server("+OK\r\n+OK\r\n");
+    assert_eq!(t.client_got(), "+OK\r\n");
+    assert!(t.core.current());
+}
+
+/// A protocol error in the rest of a request passed on: the server holds only its beginning
+/// and will never answer it, so the client gets the replies owed before it, then Redis's
+/// error, and the connection closes.
+#[test]
+fn a_protocol_error_after_a_big_argument_closes_after_earlier_replies() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    let len = crate::resp::request::STREAM_MIN;
+    let req = format!(
+        "GET a\r\n*4\r\n$3\r\nSET\r\n$1\r\nk\r\n${len}\r\n{}\r\n!\r\n",
+        "v".repeat(len)
+    );
+    let mut buf = BytesMut::from(&req.as_bytes()[..req.len() - 100]);
+    t.core.client_input(&mut buf);
+    assert!(t.core.mid_request());
+    buf.extend_from_slice(&req.as_bytes()[req.len() - 100..]);
+    t.core.client_input(&mut buf);
+    let sent = t.upstream_sent();
+    assert!(!sent.contains('!'), "the bad line is not passed on");
+    assert_eq!(t.client_got(), "");
+    t.server("$1\r\na\r\n");
+    assert_eq!(
+        t.client_got(),
+        "$1\r\na\r\n-ERR Protocol error: expected '$', got '!'\r\n"
+    );
+    assert!(matches!(
+        t.core.close_reason(),
+        Some(CloseReason::ClientProtocol(_))
+    ));
+    assert_eq!(t.core.in_flight(), 0);
+}
+
+/// A client that closes in the middle of a big request owes the server nothing more: no
+/// reply waits for it (the session can end at once).
+#[test]
+fn a_client_gone_mid_request_leaves_no_reply_owed() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    let req = big_set("k", crate::resp::request::STREAM_MIN);
+    let mut buf = BytesMut::from(&req.as_bytes()[..req.len() / 2]);
+    t.core.client_input(&mut buf);
+    assert_eq!(t.core.in_flight(), 1);
+    t.core.client_closed();
+    assert_eq!(t.core.in_flight(), 0);
+    assert!(t.core.idle());
+}
+
+/// What needs all its arguments, or a request whose big argument is the command name, is held
+/// whole as before; so is a request below the threshold.
+#[test]
+fn only_ordinary_commands_with_a_big_argument_are_passed_on() {
+    let big = "n".repeat(crate::resp::request::STREAM_MIN);
+    for (req, streams) in [
+        (big_set("k", crate::resp::request::STREAM_MIN), true),
+        (big_set("k", crate::resp::request::STREAM_MIN - 1), false),
+        (
+            format!(
+                "*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n${}\r\n{big}\r\n",
+                big.len()
+            ),
+            false,
+        ),
+        (
+            format!("*2\r\n$7\r\nPUBLISH\r\n${}\r\n{big}\r\n", big.len()),
+            true,
+        ),
+        (
+            format!("*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n{big}\r\n", big.len()),
+            false,
+        ),
+        (format!("*1\r\n${}\r\n{big}\r\n", big.len()), false),
+    ] {
+        let mut t = T::new();
+        t.server("+OK\r\n");
+        let mut buf = BytesMut::from(&req.as_bytes()[..req.len() - 10]);
+        t.core.client_input(&mut buf);
+        let sent = t.upstream_sent();
+        assert_eq!(!sent.is_empty(), streams, "{}", &req[..40]);
+        assert_eq!(buf.is_empty(), streams, "{}", &req[..40]);
+        buf.extend_from_slice(&req.as_bytes()[req.len() - 10..]);
+        t.core.client_input(&mut buf);
+        assert!(buf.is_empty() && !t.core.mid_request());
+    }
+}
