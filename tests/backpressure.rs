@@ -13,7 +13,9 @@
 //! - a client pipelines ~128 MiB of `SET`/`GET` and reads nothing, then reads every reply;
 //! - the upstream stalls (`DEBUG SLEEP`) under a pipelining client: the proxy stops reading it;
 //! - a slow reader of a ~200 MiB `LRANGE` reply, requested three times in one pipeline;
-//! - a `MONITOR` consumer that reads nothing while another client writes ~64 MiB.
+//! - a `MONITOR` consumer that reads nothing while another client writes ~64 MiB;
+//! - a 128 MiB value written with `SET` and read back with `GET`, on a connection of its own
+//!   and from a client that starts out sharing one (`--multiplex`).
 //!
 //! In each, the proxy's peak RSS may grow by at most [`MEMORY_BOUND`] over its warmed-up
 //! baseline, a probe client's round trips stay under [`PROMPT`], and the slow client finally
@@ -85,6 +87,11 @@ struct Mem {
 
 impl ProxyBinary {
     async fn start() -> ProxyBinary {
+        Self::start_with(&[]).await
+    }
+
+    /// The proxy with `args` after the common ones.
+    async fn start_with(args: &[&str]) -> ProxyBinary {
         let redis = RedisServer::start(RedisOptions {
             extra_args: vec![
                 // Redis's defaults, stated: a normal client's output buffer is unlimited, so
@@ -119,6 +126,7 @@ impl ProxyBinary {
             .args(["--upstream-server-name", "localhost"])
             .args(["--credential", "fixed", "--admin-listen", "none"])
             .args(["--log-level", "warn"])
+            .args(args)
             .env("REDIS_ENTRA_PROXY_TOKEN", &token)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("log file"))
@@ -864,4 +872,70 @@ async fn monitor_that_never_reads() {
         baseline,
         ((SETS * VALUE) >> 20) as u64,
     );
+}
+
+/// Size of the value in [`big_values_pass_through`]: over four times [`MEMORY_BOUND`], so that a
+/// proxy holding the request or the reply whole (let alone both, or a copy of either) fails.
+const BIG_VALUE: usize = 128 << 20;
+
+/// Byte `i` of the big value: no period that lines up with power-of-two reads.
+fn big_byte(i: usize) -> u8 {
+    ((i % 251) as u8) ^ ((i >> 20) as u8)
+}
+
+/// A 128 MiB value `SET` and read back with `GET`, on a connection of its own and from a client
+/// that starts out sharing one (`--multiplex`): the proxy passes the request upstream and the
+/// reply to the client as they arrive, so its memory stays bounded while the whole value goes
+/// through it twice; other clients are served promptly; the bytes come back as they went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_values_pass_through() {
+    let _serial = SERIAL.lock().await;
+    for args in [&[][..], &["--multiplex"][..]] {
+        let case = format!("big value, proxy {args:?}");
+        let proxy = ProxyBinary::start_with(args).await;
+        let baseline = proxy.warmed_baseline().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let probe = spawn_probe(proxy.addr, stop.clone());
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        let chunk = 1 << 20;
+        timeout(PHASE, async {
+            let header = format!("*3\r\n$3\r\nSET\r\n$6\r\nbp:big\r\n${BIG_VALUE}\r\n");
+            s.write_all(header.as_bytes()).await.expect("write");
+            let mut part = Vec::with_capacity(chunk);
+            for start in (0..BIG_VALUE).step_by(chunk) {
+                part.clear();
+                part.extend((start..start + chunk).map(big_byte));
+                s.write_all(&part).await.expect("write the value");
+            }
+            s.write_all(b"\r\n").await.expect("write");
+            let mut ok = [0u8; 5];
+            s.read_exact(&mut ok).await.expect("SET answered");
+            assert_eq!(&ok, b"+OK\r\n");
+
+            s.write_all(b"*2\r\n$3\r\nGET\r\n$6\r\nbp:big\r\n")
+                .await
+                .expect("write");
+            let head = format!("${BIG_VALUE}\r\n");
+            let mut got = vec![0u8; head.len()];
+            s.read_exact(&mut got).await.expect("GET answered");
+            assert_eq!(got, head.as_bytes());
+            let mut part = vec![0u8; chunk];
+            for start in (0..BIG_VALUE).step_by(chunk) {
+                s.read_exact(&mut part).await.expect("read the value");
+                assert!(
+                    part.iter()
+                        .enumerate()
+                        .all(|(i, b)| *b == big_byte(start + i)),
+                    "{case}: the value read back differs in the MiB at {start}"
+                );
+            }
+            let mut end = [0u8; 2];
+            s.read_exact(&mut end).await.expect("read");
+            assert_eq!(&end, b"\r\n");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{case}: SET and GET not done within {PHASE:?}"));
+        finish_probe(&stop, probe).await;
+        proxy.assert_bounded(&case, baseline, 2 * (BIG_VALUE as u64 >> 20));
+    }
 }
