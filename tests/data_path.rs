@@ -465,6 +465,59 @@ async fn client_half_closing_after_a_pipeline_gets_every_reply() {
     proxy.stop().await;
 }
 
+/// A client that goes away in the middle of a big value, whose first bytes the proxy has
+/// already passed upstream: the server never runs the half command, the proxy drops that
+/// upstream connection at once (it will never be answered), and a client that only
+/// half-closes still gets the replies owed before it, then EOF, without waiting out the
+/// half-close grace period (5 s).
+#[tokio::test]
+async fn client_leaving_in_the_middle_of_a_big_value() {
+    let proxy = Proxy::start().await;
+    let mut live = proxy.client().await;
+    wait_upstreams(&proxy, 1).await;
+    let half = |key: &str| {
+        let mut b = format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n",
+            key.len(),
+            1 << 20
+        )
+        .into_bytes();
+        b.extend(pattern_chunk(0, 300_000));
+        b
+    };
+
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(&half("gone")).await.expect("write");
+    wait_upstreams(&proxy, 2).await;
+    drop(s);
+    wait_upstreams(&proxy, 1).await;
+
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut input = encode(&[b"INCR", b"hc-big"]).repeat(10);
+    input.extend(half("half-closed"));
+    s.write_all(&input).await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let started = Instant::now();
+    let mut got = Vec::new();
+    timeout(STEP, s.read_to_end(&mut got))
+        .await
+        .expect("EOF within bound")
+        .expect("read");
+    let want: String = (1..=10).map(|i| format!(":{i}\r\n")).collect();
+    assert_eq!(text(&got), want);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "EOF after {:?}: the half command was waited for",
+        started.elapsed()
+    );
+    wait_upstreams(&proxy, 1).await;
+    assert_eq!(
+        cmd(&mut live, &["EXISTS", "gone", "half-closed"]).await,
+        Reply::Integer(0)
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn unix_socket_listener() {
     let proxy = Proxy::start_with(ProxyOptions {

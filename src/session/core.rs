@@ -321,6 +321,7 @@ impl Core {
     /// sent (nothing it pipelined has been answered yet), and the connection closes.
     fn first_auth_failed(&mut self, msg: &str, reason: CloseReason) {
         self.ledger.clear();
+        self.streaming = false;
         self.to_client.clear();
         crate::resp::encode::error(&mut self.to_client, msg);
         self.closing = Some(reason);

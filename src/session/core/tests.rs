@@ -724,3 +724,31 @@ fn only_ordinary_commands_with_a_big_argument_are_passed_on() {
         assert!(buf.is_empty() && !t.core.mid_request());
     }
 }
+
+/// A timeout in the middle of a big request (`--partial-request-timeout`, token expiry): the
+/// request will not complete, so the connection closes once the replies owed before it were
+/// delivered, without waiting for a reply to it.
+#[test]
+fn closing_mid_request_waits_only_for_earlier_replies() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    let req = format!(
+        "GET a\r\n{}",
+        big_set("k", crate::resp::request::STREAM_MIN)
+    );
+    let mut buf = BytesMut::from(&req.as_bytes()[..req.len() / 2]);
+    t.core.client_input(&mut buf);
+    assert_eq!(t.core.in_flight(), 2);
+    t.core
+        .close_after_replies(CloseReason::PartialRequest(std::time::Duration::from_secs(
+            1,
+        )));
+    assert!(!t.core.wants_client_input());
+    assert_eq!(t.core.close_reason(), None);
+    t.server("$1\r\na\r\n");
+    assert_eq!(t.client_got(), "$1\r\na\r\n");
+    assert!(matches!(
+        t.core.close_reason(),
+        Some(CloseReason::PartialRequest(_))
+    ));
+}
