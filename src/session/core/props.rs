@@ -83,6 +83,24 @@ fn script(choices: Vec<(u8, u8, bool)>) -> Vec<Op> {
                 ops.push(Op::Rotate);
                 None
             }
+            // Now and then a request with a big argument, which the core passes upstream as it
+            // arrives: written in three parts, with a token rotation or a pump in between.
+            15 if arg % 4 == 0 => {
+                let big = "b".repeat(crate::resp::request::STREAM_MIN + arg as usize);
+                let bytes = render(&["ECHO", &big], false);
+                let (a, rest) = bytes.split_at(bytes.len() / 3);
+                let (b, c) = rest.split_at(rest.len() / 2);
+                ops.push(Op::Cmd(a.to_vec()));
+                ops.push(if arg % 8 == 0 {
+                    Op::Rotate
+                } else {
+                    Op::Pump(1000)
+                });
+                ops.push(Op::Cmd(b.to_vec()));
+                ops.push(Op::Pump(1 + arg as usize * 3));
+                ops.push(Op::Cmd(c.to_vec()));
+                None
+            }
             _ => {
                 ops.push(Op::Pump(1 + arg as usize * 3));
                 None
@@ -190,12 +208,24 @@ fn run_proxied(ops: &[Op], framed: bool) -> (Vec<u8>, Model, Core, Vec<u8>) {
             core.close_reason()
         );
     }
-    for _ in 0..10_000 {
-        if !pump(&mut core, &mut server, &mut uin, 64, &mut sent) && core.to_upstream.is_empty() {
+    for _ in 0..100_000 {
+        // Requests held back while the upstream side was full, as the driver feeds them.
+        let before = cin.len();
+        if framed {
+            core.client_input_framed(&mut cin, Some(&mut runs));
+        } else {
+            core.client_input(&mut cin);
+        }
+        let fed = cin.len() != before;
+        if !pump(&mut core, &mut server, &mut uin, 64, &mut sent)
+            && !fed
+            && core.to_upstream.is_empty()
+        {
             break;
         }
         client_out.extend(core.to_client.split());
     }
+    assert!(cin.is_empty(), "client bytes never consumed");
     assert!(
         uin.is_empty(),
         "upstream bytes never consumed: {:?}",
