@@ -8,9 +8,9 @@
 //! Client commands are framed by the Redis-exact parser and mostly forwarded byte for byte;
 //! each forwarded command gets a ledger entry. A request with a big argument is not held
 //! whole: once its command is known to be forwarded as it is, it goes upstream as it arrives
-//! ([`Core::mid_request`]), and nothing is injected before its end. Upstream replies are framed by the streaming
-//! scanner and matched against the ledger: relayed, dropped, or swallowed (the proxy's own
-//! AUTH). Pushes and pub/sub messages bypass the ledger. Command handling lives in
+//! ([`Core::mid_request`]), and nothing is injected before its end. Upstream replies are
+//! framed by the streaming scanner and matched against the ledger: relayed, dropped, or
+//! swallowed (the proxy's own AUTH). Pushes and pub/sub messages bypass the ledger. Command handling lives in
 //! `commands.rs`; this file owns the reply side and re-authentication.
 
 use std::sync::Arc;
