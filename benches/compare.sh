@@ -28,6 +28,7 @@
 #        ROUNDS=1 QUICK=1 benches/compare.sh   (a smoke run: one round, a tenth of the requests)
 #        CASES="c1" ROUNDS=9 benches/compare.sh   (some cases only: c50 c50_resp3 c50_p16 v16k c1
 #                                                  c1_pinned churn)
+#        PROXY_BIN=/tmp/old-build benches/compare.sh   (that binary instead of this tree's build)
 # Needs root or the packages already installed (redis-server, redis-tools, stunnel4, haproxy,
 # openssl, python3: installed with apt-get when missing). Uses only 127.0.0.1, ports chosen by
 # the system. Every process it starts is stopped by PID on exit; its files live in a temporary
@@ -64,9 +65,13 @@ if ((${#missing[@]})); then
     timeout 600 apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u)
 fi
 
-log "building the proxy (release)"
-timeout 1500 cargo build --release --quiet
-BIN="$ROOT/target/release/redis-entra-proxy"
+if [[ -n "${PROXY_BIN:-}" ]]; then
+    BIN="$PROXY_BIN"
+else
+    log "building the proxy (release)"
+    timeout 1500 cargo build --release --quiet
+    BIN="$ROOT/target/release/redis-entra-proxy"
+fi
 [[ -x "$BIN" ]] || die "no $BIN"
 log "building the latency probe (benches/latency.rs)"
 PROBE=$(timeout 1500 cargo bench --bench latency --no-run --message-format=json 2>/dev/null |
