@@ -1670,21 +1670,7 @@ mod tests {
         stream.extend_from_slice(&push);
         stream.extend_from_slice(b":1\r\n");
         for read in [1000, 16 * 1024, PASS_ON + 1, stream.len()] {
-            let (a_tx, mut a_rx) = mpsc::unbounded_channel();
-            let (b_tx, mut b_rx) = mpsc::unbounded_channel();
-            let mut r = Router {
-                routes: VecDeque::from([
-                    Route {
-                        to: a_tx,
-                        replies: 2,
-                    },
-                    Route {
-                        to: b_tx,
-                        replies: 1,
-                    },
-                ]),
-                ..router(3, 0)
-            };
+            let (mut r, mut a_rx, mut b_rx) = two_clients();
             let (mut parts, mut got, mut count) = (0, Vec::new(), 0);
             for piece in stream.chunks(read) {
                 r.rin.extend_from_slice(piece);
@@ -1716,6 +1702,30 @@ mod tests {
         }
     }
 
+    /// A RESP3 router owing client a 2 replies, then client b 1, with their receivers.
+    fn two_clients() -> (
+        Router,
+        mpsc::UnboundedReceiver<Delivery>,
+        mpsc::UnboundedReceiver<Delivery>,
+    ) {
+        let (a_tx, a_rx) = mpsc::unbounded_channel();
+        let (b_tx, b_rx) = mpsc::unbounded_channel();
+        let r = Router {
+            routes: VecDeque::from([
+                Route {
+                    to: a_tx,
+                    replies: 2,
+                },
+                Route {
+                    to: b_tx,
+                    replies: 1,
+                },
+            ]),
+            ..router(3, 0)
+        };
+        (r, a_rx, b_rx)
+    }
+
     fn collect(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> (Vec<u8>, usize) {
         let (mut bytes, mut n) = (Vec::new(), 0);
         while let Ok(Delivery::Replies(b, k)) = rx.try_recv() {
@@ -1737,21 +1747,7 @@ mod tests {
         let stream = [push, a1, push, a2, push, b1, push].concat();
         for split in 0..=stream.len() {
             for second in split..=stream.len() {
-                let (a_tx, mut a_rx) = mpsc::unbounded_channel();
-                let (b_tx, mut b_rx) = mpsc::unbounded_channel();
-                let mut r = Router {
-                    routes: VecDeque::from([
-                        Route {
-                            to: a_tx,
-                            replies: 2,
-                        },
-                        Route {
-                            to: b_tx,
-                            replies: 1,
-                        },
-                    ]),
-                    ..router(3, 0)
-                };
+                let (mut r, mut a_rx, mut b_rx) = two_clients();
                 for piece in [&stream[..split], &stream[split..second], &stream[second..]] {
                     r.rin.extend_from_slice(piece);
                     r.deliver().unwrap();
