@@ -423,7 +423,8 @@ impl RequestParser {
         Command {
             argc: self.argc,
             src: buf,
-            ranges: if self.released { &[] } else { &self.ranges },
+            // Empty once bytes were released: `release` clears them and none are kept after.
+            ranges: &self.ranges,
         }
     }
 

@@ -44,6 +44,13 @@ enum Special {
     Other,
 }
 
+/// Why a command is refused before it runs ([`Core::refusal`]).
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    NoAuth,
+    Resp2Subscriber,
+}
+
 fn classify(name: &[u8]) -> Special {
     // Most traffic is GET/SET/…: one length check rules nearly all of it out.
     if !(4..=12).contains(&name.len()) {
@@ -108,12 +115,35 @@ impl Core {
         let Some(name) = cmd.arg(0) else {
             return false;
         };
-        // The refusals at the start of `on_command`, for an ordinary command, and CLUSTER,
-        // whose reply may have to be rewritten.
+        // An ordinary command `on_command` does not refuse (a RESP2 subscriber's PING, whose
+        // reply may be rewritten, counts as refused), and not CLUSTER, whose reply may have to
+        // be rewritten.
         classify(name) == Special::Other
             && !name.eq_ignore_ascii_case(b"cluster")
-            && self.client_authenticated
-            && !self.state.client_resp2_subscribed()
+            && self.refusal(Special::Other, false).is_none()
+    }
+
+    /// Why Redis would refuse this command in the connection's state before running it:
+    /// before the client authenticated, or from a RESP2 subscriber (`ping`: it is PING).
+    fn refusal(&self, special: Special, ping: bool) -> Option<Refusal> {
+        if !self.client_authenticated
+            && !matches!(
+                special,
+                Special::Auth | Special::Hello | Special::Quit | Special::Reset
+            )
+        {
+            return Some(Refusal::NoAuth);
+        }
+        if self.state.client_resp2_subscribed()
+            && !ping
+            && !matches!(
+                special,
+                Special::Subscribe(..) | Special::Quit | Special::Reset
+            )
+        {
+            return Some(Refusal::Resp2Subscriber);
+        }
+        None
     }
 
     /// Handles one client command. `raw` holds its bytes when it can be forwarded as it is
@@ -130,29 +160,19 @@ impl Core {
                 false
             }
         };
-        if !self.client_authenticated
-            && !matches!(
-                special,
-                Special::Auth | Special::Hello | Special::Quit | Special::Reset
-            )
-        {
-            return self.reject(NOAUTH);
-        }
         let ping = special == Special::Other && cmd.arg_is(0, "ping");
-        if self.state.client_resp2_subscribed()
-            && !ping
-            && !matches!(
-                special,
-                Special::Subscribe(..) | Special::Quit | Special::Reset
-            )
-        {
-            // What Redis answers a RESP2 subscriber; said by the proxy because the upstream
-            // may have been switched to RESP3, where it would accept the command.
-            let msg = format!(
-                "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-                full_name(&cmd)
-            );
-            return self.reject_with(&msg);
+        match self.refusal(special, ping) {
+            Some(Refusal::NoAuth) => return self.reject(NOAUTH),
+            Some(Refusal::Resp2Subscriber) => {
+                // What Redis answers a RESP2 subscriber; said by the proxy because the
+                // upstream may have been switched to RESP3, where it would accept the command.
+                let msg = format!(
+                    "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                    full_name(&cmd)
+                );
+                return self.reject_with(&msg);
+            }
+            None => {}
         }
         if ping && self.state.emulating && self.state.wsubs.any() {
             return self.forward(cmd, raw, Effect::Pong);
