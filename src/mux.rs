@@ -26,16 +26,22 @@
 //! If the shared upstream connection fails, the clients with replies still owed are closed
 //! (their commands may or may not have run, as with a connection of their own); the others
 //! carry on, and the next request opens a new shared session.
+//!
+//! A shared client more than [`PAUSE`] bytes behind in reading its replies makes the shared
+//! connection wait for it, as a connection of its own would: the proxy never holds much of a
+//! big reply for a slow reader, and the clients behind it wait. One that does not catch up
+//! within [`SLOW_CLIENT`] is closed.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -67,6 +73,18 @@ const PASS_ON: usize = 64 * 1024;
 /// this many reply bytes wait for it to read them.
 const MAX_OWED: usize = 1024;
 const MAX_UNSENT: usize = 256 * 1024;
+/// The router hands a client no more replies while this many bytes it was handed wait for it
+/// to read them, and goes on once no more than [`RESUME`] do: the shared connection then waits
+/// for a client that reads a big reply more slowly than the server sends it, as a connection
+/// of its own would, instead of the proxy holding all of the reply. A client reading at any
+/// usual pace never makes it wait: the sockets between them hold more than this.
+const PAUSE: usize = 1024 * 1024;
+const RESUME: usize = PAUSE / 2;
+/// The shared connection waits this long at most for a client to read [`PAUSE`] `-`
+/// [`RESUME`] bytes; then the client is closed and the rest of its replies dropped. Only a
+/// client that stopped reading (stuck, or paused far longer than a garbage collection) is
+/// this slow, and every other client of the connection waits while it is.
+const SLOW_CLIENT: Duration = Duration::from_secs(10);
 /// Reads from a shared client start at this size and double while they fill, up to 32 KiB:
 /// a request with a 16 KiB value (16.4 KB with its headers) then comes in one read into one
 /// allocation. With 16 KiB reads its last bytes made the buffer grow, copying the rest, and
@@ -443,15 +461,71 @@ struct Submit {
     replies: usize,
     /// Every request is plain (a command that shares), so `replies` is also their number.
     plain: bool,
-    to: mpsc::UnboundedSender<Delivery>,
+    link: Arc<Link>,
 }
 
 enum Delivery {
     /// Reply frames, this many whole ones; with 0, part of a big reply (its end comes in a
     /// later delivery, which counts it).
     Replies(Bytes, usize),
-    /// The shared connection ended before these replies came: the client must close.
-    Lost,
+    /// The client must close so, without the replies it is still owed (the shared connection
+    /// ended before they came, or the client read too slowly).
+    End(Outcome),
+}
+
+/// What a shared client and the router share: where its replies go, and how far behind it is
+/// in reading them.
+struct Link {
+    to: mpsc::UnboundedSender<Delivery>,
+    /// Bytes handed to the client (by the router, and its local replies) and not yet written
+    /// to it.
+    unsent: AtomicUsize,
+    /// The router, when it waits for the client to catch up ([`Link::behind`]).
+    router: AtomicWaker,
+}
+
+impl Link {
+    fn new(to: mpsc::UnboundedSender<Delivery>) -> Arc<Link> {
+        Arc::new(Link {
+            to,
+            unsent: AtomicUsize::new(0),
+            router: AtomicWaker::new(),
+        })
+    }
+
+    fn unsent(&self) -> usize {
+        self.unsent.load(Ordering::SeqCst)
+    }
+
+    /// `n` more bytes were handed to the client.
+    fn handed(&self, n: usize) {
+        self.unsent.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// Hands the client reply frames, `replies` whole ones (see [`Delivery::Replies`]).
+    fn send(&self, frames: Bytes, replies: usize) {
+        self.handed(frames.len());
+        let _ = self.to.send(Delivery::Replies(frames, replies));
+    }
+
+    /// `n` bytes were written to the client: the router goes on if it waited for that.
+    fn written(&self, n: usize) {
+        let before = self.unsent.fetch_sub(n, Ordering::SeqCst);
+        if before > RESUME && before - n <= RESUME {
+            self.router.wake();
+        }
+    }
+
+    /// Whether the client is more than [`PAUSE`] behind and still there: the router then
+    /// waits, and `cx` is woken once it caught up to [`RESUME`] or is gone.
+    fn behind(&self, cx: &Context<'_>) -> bool {
+        if self.unsent() <= PAUSE || self.to.is_closed() {
+            return false;
+        }
+        self.router.register(cx.waker());
+        // Checked again: the client may have caught up before the waker was in place.
+        self.unsent() > PAUSE && !self.to.is_closed()
+    }
 }
 
 /// How a shared client's first phase ended.
@@ -556,7 +630,6 @@ async fn shared_phase<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let (to_me, mut replies) = mpsc::unbounded_channel();
     let carry = carry.unwrap_or(Carry {
         cin: BytesMut::new(),
         proto: 2,
@@ -565,7 +638,7 @@ where
     });
     let proto = carry.proto;
     let password = shared.local_password.clone();
-    let mut c = SharedClient::new(carry, password, router(proto), to_me);
+    let mut c = SharedClient::new(carry, password, router(proto));
     let idle = shared.client_idle_timeout;
     let partial = shared.partial_request_timeout;
     // Made once: the loop turns at every change that matters to it, and a new wait on the
@@ -632,7 +705,7 @@ where
         let deadline = c.deadline(idle, partial);
         let step = tokio::select! {
             biased;
-            step = poll_fn(|cx| c.poll(cx, client, &mut replies)) => step,
+            step = poll_fn(|cx| c.poll(cx, client)) => step,
             _ = &mut stop, if !draining => {
                 draining = true;
                 continue;
@@ -688,7 +761,6 @@ struct SharedClient {
     name: Option<Bytes>,
     /// Replies received, not yet written to the client (the front one perhaps in part).
     out: VecDeque<Bytes>,
-    unsent: usize,
     /// A command that cannot share was read: submit nothing more.
     pin: bool,
     /// The protocol the client speaks (its shared connection's), 2 until it says `HELLO 3`.
@@ -707,7 +779,9 @@ struct SharedClient {
     /// Its buffers were given back, and nothing came since ([`SharedClient::shrink`]).
     shrunk: bool,
     router: mpsc::UnboundedSender<Submit>,
-    to_me: mpsc::UnboundedSender<Delivery>,
+    /// Where the router sends the replies, which come in `replies`.
+    link: Arc<Link>,
+    replies: mpsc::UnboundedReceiver<Delivery>,
 }
 
 impl SharedClient {
@@ -715,9 +789,9 @@ impl SharedClient {
         carry: Carry,
         password: Option<Arc<Secret>>,
         router: mpsc::UnboundedSender<Submit>,
-        to_me: mpsc::UnboundedSender<Delivery>,
     ) -> SharedClient {
         let authenticated = carry.authenticated || password.is_none();
+        let (to_me, replies) = mpsc::unbounded_channel();
         SharedClient {
             chunk: READ_START,
             parser: RequestParser::new(),
@@ -726,7 +800,6 @@ impl SharedClient {
             locals: VecDeque::new(),
             out: VecDeque::new(),
             name: carry.name,
-            unsent: 0,
             pin: false,
             proto: carry.proto,
             switch: None,
@@ -736,7 +809,8 @@ impl SharedClient {
             last_input: tokio::time::Instant::now(),
             shrunk: false,
             router,
-            to_me,
+            link: Link::new(to_me),
+            replies,
             cin: carry.cin,
         }
     }
@@ -747,7 +821,7 @@ impl SharedClient {
     }
 
     fn has_room(&self) -> bool {
-        self.owed() < MAX_OWED as u64 && self.unsent < MAX_UNSENT
+        self.owed() < MAX_OWED as u64 && self.link.unsent() < MAX_UNSENT
     }
 
     /// The reply to `CLIENT GETNAME`: the name, or a null in the client's protocol.
@@ -772,7 +846,7 @@ impl SharedClient {
             .is_some_and(|(after, _)| *after <= self.received)
         {
             let (_, reply) = self.locals.pop_front().expect("checked above");
-            self.unsent += reply.len();
+            self.link.handed(reply.len());
             self.out.push_back(reply);
         }
     }
@@ -819,32 +893,26 @@ impl SharedClient {
     /// Moves bytes until nothing more can move now (`Pending`). `Ready(None)`: bytes moved and
     /// nothing is owed any more, which the loop must look at (an end, a move, a pin, a
     /// protocol switch, a timer); `Ready(Some)`: the end.
-    fn poll<C>(
-        &mut self,
-        cx: &mut Context<'_>,
-        client: &mut C,
-        replies: &mut mpsc::UnboundedReceiver<Delivery>,
-    ) -> Poll<Option<Outcome>>
+    fn poll<C>(&mut self, cx: &mut Context<'_>, client: &mut C) -> Poll<Option<Outcome>>
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
         let mut moved = false;
         loop {
             let mut progress = false;
-            while let Poll::Ready(d) = replies.poll_recv(cx) {
+            while let Poll::Ready(d) = self.replies.poll_recv(cx) {
                 match d {
                     Some(Delivery::Replies(frames, n)) => {
+                        // The router counted the bytes in `link` as it sent them.
                         self.received += n as u64;
-                        self.unsent += frames.len();
                         self.out.push_back(frames);
                         // A delivery holds replies of one submission: a local reply queued
                         // between two submissions never falls inside one.
                         self.release_locals();
                         progress = true;
                     }
-                    Some(Delivery::Lost) | None => {
-                        return Poll::Ready(Some(Outcome::UpstreamClosed));
-                    }
+                    Some(Delivery::End(outcome)) => return Poll::Ready(Some(outcome)),
+                    None => return Poll::Ready(Some(Outcome::UpstreamClosed)),
                 }
             }
             while !self.out.is_empty() {
@@ -863,7 +931,7 @@ impl SharedClient {
                     }
                     Poll::Ready(Ok(mut n)) => {
                         progress = true;
-                        self.unsent -= n;
+                        self.link.written(n);
                         while n > 0 {
                             let front = self.out.front_mut().expect("written bytes were queued");
                             let take = n.min(front.len());
@@ -1059,11 +1127,11 @@ impl SharedClient {
             frames,
             replies,
             plain,
-            to: self.to_me.clone(),
+            link: self.link.clone(),
         });
         if sent.is_err() {
             // The router is gone (shutdown): the replies will not come.
-            let _ = self.to_me.send(Delivery::Lost);
+            let _ = self.link.to.send(Delivery::End(Outcome::UpstreamClosed));
         }
     }
 
@@ -1081,6 +1149,15 @@ impl SharedClient {
                     .increment(frames.len() as u64);
             }
         }
+    }
+}
+
+impl Drop for SharedClient {
+    /// The router may be waiting for this client to read: it goes on, and drops what it reads
+    /// for it from now on.
+    fn drop(&mut self) {
+        self.replies.close();
+        self.link.router.wake();
     }
 }
 
@@ -1122,8 +1199,20 @@ async fn route(mut r: Router, shared: Arc<Shared>, target: Arc<Target>) {
 }
 
 struct Route {
-    to: mpsc::UnboundedSender<Delivery>,
+    link: Arc<Link>,
     replies: usize,
+    /// The client was closed for reading too slowly: its replies are dropped.
+    dropped: bool,
+}
+
+impl Route {
+    fn new(link: Arc<Link>, replies: usize) -> Route {
+        Route {
+            link,
+            replies,
+            dropped: false,
+        }
+    }
 }
 
 /// The client end of a shared session: it reads the requests of the router's clients, in
@@ -1176,6 +1265,9 @@ struct Router {
     push: bool,
     /// Where the traffic is counted for placing the shared clients (`None` in unit tests).
     balance: Option<(Arc<Balance>, balance::Tally)>,
+    /// Since the router began waiting for the front route's client to read, the end of its
+    /// patience ([`SLOW_CLIENT`]).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Router {
@@ -1205,6 +1297,7 @@ impl Router {
             scanner: ReplyScanner::new(),
             push: false,
             balance: None,
+            stall: None,
         }
     }
 
@@ -1307,16 +1400,48 @@ impl Router {
         Ok(())
     }
 
+    /// Whether replies must wait for the client of the front route, which is more than
+    /// [`PAUSE`] bytes behind in reading them. After [`SLOW_CLIENT`] of waiting it is given up
+    /// on: closed, and its replies dropped as they come.
+    fn wait_for_front(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(route) = self
+            .routes
+            .front_mut()
+            .filter(|route| !route.dropped && route.link.behind(cx))
+        else {
+            self.stall = None;
+            return false;
+        };
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(SLOW_CLIENT)));
+        if stall.as_mut().poll(cx).is_pending() {
+            return true;
+        }
+        self.stall = None;
+        let unread = route.link.unsent();
+        tracing::warn!(
+            unread,
+            "a shared client did not catch up on its replies within {SLOW_CLIENT:?} while \
+             its shared connection waited for it: closing it"
+        );
+        route.dropped = true;
+        let _ = route
+            .link
+            .to
+            .send(Delivery::End(Outcome::Closed(CloseReason::SlowClient(
+                SLOW_CLIENT,
+            ))));
+        false
+    }
+
     /// Takes a submission into the next batch.
     fn hold(&mut self, s: Submit) {
         self.held_bytes += s.frames.len();
         self.held_replies += s.replies;
         self.held
             .push_back((s.frames, if s.plain { s.replies } else { 0 }));
-        self.routes.push_back(Route {
-            to: s.to,
-            replies: s.replies,
-        });
+        self.routes.push_back(Route::new(s.link, s.replies));
     }
 
     /// Releases the held requests as one batch, for the session to read, unless
@@ -1346,7 +1471,9 @@ impl Router {
         if let Some((_, tally)) = &mut self.balance {
             tally.count(0, run);
         }
-        let _ = route.to.send(Delivery::Replies(frames, replies));
+        if !route.dropped {
+            route.link.send(frames, replies);
+        }
         route.replies -= replies;
         self.scanned -= run;
     }
@@ -1360,8 +1487,11 @@ impl Router {
         (self.held_replies, self.held_bytes) = (0, 0);
         self.batches.clear();
         for route in self.routes.drain(..) {
-            let _ = route.to.send(Delivery::Lost);
+            if !route.dropped {
+                let _ = route.link.to.send(Delivery::End(Outcome::UpstreamClosed));
+            }
         }
+        self.stall = None;
         self.rin = BytesMut::new();
         self.scanned = 0;
         self.scanner = ReplyScanner::new();
@@ -1421,12 +1551,18 @@ impl AsyncRead for Router {
 }
 
 impl AsyncWrite for Router {
-    /// Replies from the session: every whole one goes to its client at once.
+    /// Replies from the session: every whole one goes to its client at once, unless the
+    /// client they go to is far behind in reading ([`Router::wait_for_front`]).
     fn poll_write(
         mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.wait_for_front(cx) {
+            // The session stops reading from the server once its buffer for the router is
+            // full: the rest of the reply waits in the server, not here.
+            return Poll::Pending;
+        }
         self.rin.extend_from_slice(buf);
         Poll::Ready(match self.deliver() {
             Ok(()) => Ok(buf.len()),
@@ -1626,20 +1762,12 @@ mod tests {
         for split in 0..=stream.len() {
             let (a_tx, mut a_rx) = mpsc::unbounded_channel();
             let (b_tx, mut b_rx) = mpsc::unbounded_channel();
+            let (a, b) = (Link::new(a_tx), Link::new(b_tx));
             let mut r = Router {
                 routes: VecDeque::from([
-                    Route {
-                        to: a_tx.clone(),
-                        replies: 2,
-                    },
-                    Route {
-                        to: b_tx,
-                        replies: 1,
-                    },
-                    Route {
-                        to: a_tx,
-                        replies: 2,
-                    },
+                    Route::new(a.clone(), 2),
+                    Route::new(b, 1),
+                    Route::new(a, 2),
                 ]),
                 ..router(2, 0)
             };
@@ -1712,18 +1840,133 @@ mod tests {
         let (b_tx, b_rx) = mpsc::unbounded_channel();
         let r = Router {
             routes: VecDeque::from([
-                Route {
-                    to: a_tx,
-                    replies: 2,
-                },
-                Route {
-                    to: b_tx,
-                    replies: 1,
-                },
+                Route::new(Link::new(a_tx), 2),
+                Route::new(Link::new(b_tx), 1),
             ]),
             ..router(3, 0)
         };
         (r, a_rx, b_rx)
+    }
+
+    /// A waker that notes it was woken.
+    #[derive(Default)]
+    struct Woken(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Woken {
+        fn new() -> (Arc<Woken>, std::task::Waker) {
+            let woken = Arc::new(Woken::default());
+            (woken.clone(), woken.into())
+        }
+
+        fn take(&self) -> bool {
+            self.0.swap(false, Ordering::SeqCst)
+        }
+    }
+
+    /// Writes `rest` to the router as the shared session does, 16 KiB at a time, until it is
+    /// all taken (`false`) or the router waits (`true`).
+    fn write_until_wait(r: &mut Router, cx: &mut Context<'_>, rest: &mut &[u8]) -> bool {
+        while !rest.is_empty() {
+            let n = rest.len().min(16 * 1024);
+            match Pin::new(&mut *r).poll_write(cx, &rest[..n]) {
+                Poll::Ready(Ok(n)) => *rest = &rest[n..],
+                Poll::Ready(Err(e)) => panic!("{e}"),
+                Poll::Pending => return true,
+            }
+        }
+        false
+    }
+
+    /// `+OK`, a big bulk reply of `len` bytes, then `:1`: two replies for client a and one for
+    /// b of [`two_clients`].
+    fn big_reply_stream(len: usize) -> Vec<u8> {
+        let mut stream = format!("+OK\r\n${len}\r\n").into_bytes();
+        stream.resize(stream.len() + len, b'v');
+        stream.extend_from_slice(b"\r\n:1\r\n");
+        stream
+    }
+
+    /// The router hands a client no more of a big reply while more than [`PAUSE`] bytes wait
+    /// for it to read them, and goes on when its reading brings that down to [`RESUME`]. A
+    /// client that does not catch up within [`SLOW_CLIENT`] of one wait is closed, the rest of
+    /// its reply dropped, and the replies after it still go to their clients.
+    #[tokio::test(start_paused = true)]
+    async fn the_router_waits_for_a_client_far_behind() {
+        let stream = big_reply_stream(4 * PAUSE);
+        let (mut r, mut a_rx, mut b_rx) = two_clients();
+        let a = r.routes[0].link.clone();
+        let (woken, waker) = Woken::new();
+        let mut cx = Context::from_waker(&waker);
+        let mut rest = &stream[..];
+        assert!(write_until_wait(&mut r, &mut cx, &mut rest), "waits for a");
+        let handed = a.unsent();
+        assert!(
+            handed > PAUSE && handed < PAUSE + PASS_ON + 16 * 1024,
+            "{handed} bytes handed to a"
+        );
+        tokio::time::advance(SLOW_CLIENT / 2).await;
+        assert!(write_until_wait(&mut r, &mut cx, &mut rest), "still waits");
+        a.written(handed - RESUME - 1);
+        assert!(!woken.take(), "a is still behind");
+        a.written(1);
+        assert!(woken.take(), "a caught up: the router is woken");
+        assert!(write_until_wait(&mut r, &mut cx, &mut rest), "waits again");
+        // The wait is timed afresh: a read its share of the one before.
+        tokio::time::advance(SLOW_CLIENT / 2 + Duration::from_millis(1)).await;
+        assert!(write_until_wait(&mut r, &mut cx, &mut rest), "still waits");
+        assert!(!woken.take());
+        tokio::time::advance(SLOW_CLIENT / 2).await;
+        assert!(woken.take(), "the router is woken when its patience ends");
+        assert!(!write_until_wait(&mut r, &mut cx, &mut rest), "a given up");
+        assert!(r.routes.is_empty() && r.rin.is_empty());
+
+        let mut got = 0;
+        loop {
+            match a_rx.try_recv() {
+                Ok(Delivery::Replies(b, _)) => got += b.len(),
+                Ok(Delivery::End(Outcome::Closed(CloseReason::SlowClient(d)))) => {
+                    assert_eq!(d, SLOW_CLIENT);
+                    break;
+                }
+                _ => panic!("a is closed for being slow"),
+            }
+        }
+        assert!(a_rx.try_recv().is_err(), "nothing after the end");
+        assert!(got < 2 * PAUSE + PASS_ON, "{got} bytes handed to a");
+        assert_eq!(collect(&mut b_rx), (b":1\r\n".to_vec(), 1));
+    }
+
+    /// A client that is gone never makes the router wait; one that goes while the router
+    /// waits for it wakes the router.
+    #[tokio::test]
+    async fn the_router_does_not_wait_for_a_client_that_is_gone() {
+        let stream = big_reply_stream(4 * PAUSE);
+        let (mut r, a_rx, mut b_rx) = two_clients();
+        drop(a_rx);
+        let (woken, waker) = Woken::new();
+        let mut cx = Context::from_waker(&waker);
+        assert!(!write_until_wait(&mut r, &mut cx, &mut &stream[..]));
+        assert_eq!(collect(&mut b_rx), (b":1\r\n".to_vec(), 1));
+
+        let carry = Carry {
+            cin: BytesMut::new(),
+            proto: 2,
+            name: None,
+            authenticated: false,
+        };
+        let c = SharedClient::new(carry, None, mpsc::unbounded_channel().0);
+        let link = c.link.clone();
+        link.handed(2 * PAUSE);
+        assert!(link.behind(&cx));
+        drop(c);
+        assert!(woken.take(), "the client going woke the router");
+        assert!(!link.behind(&cx));
     }
 
     fn collect(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> (Vec<u8>, usize) {
@@ -1784,7 +2027,7 @@ mod tests {
                 frames: frames.into(),
                 replies,
                 plain: true,
-                to,
+                link: Link::new(to),
             })
             .unwrap();
             rx
@@ -1822,7 +2065,10 @@ mod tests {
             "the end, for the closing session"
         );
         r.lost();
-        assert!(matches!(b.try_recv(), Ok(Delivery::Lost)));
+        assert!(matches!(
+            b.try_recv(),
+            Ok(Delivery::End(Outcome::UpstreamClosed))
+        ));
         // c goes to the next session, whole, read in two parts: neither is whole requests.
         assert!(poll_fn(|cx| r.wait(cx, false)).await);
         r.framing = session::Framing::default();
@@ -1844,14 +2090,13 @@ mod tests {
     #[tokio::test]
     async fn submissions_say_whether_their_requests_are_plain() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let (to_me, _replies) = mpsc::unbounded_channel();
         let carry = Carry {
             cin: BytesMut::new(),
             proto: 2,
             name: None,
             authenticated: false,
         };
-        let mut c = SharedClient::new(carry, None, tx, to_me);
+        let mut c = SharedClient::new(carry, None, tx);
         let mut submitted = |c: &mut SharedClient, bytes: &str| {
             c.cin.extend_from_slice(bytes.as_bytes());
             c.submit();
@@ -1890,7 +2135,6 @@ mod tests {
     async fn with_a_local_password_only_authenticated_requests_share() {
         let client = |authenticated| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let (to_me, _replies) = mpsc::unbounded_channel();
             let carry = Carry {
                 cin: BytesMut::new(),
                 proto: 2,
@@ -1898,7 +2142,7 @@ mod tests {
                 authenticated,
             };
             let password = Some(Arc::new(Secret::new("pw")));
-            (SharedClient::new(carry, password, tx, to_me), rx, _replies)
+            (SharedClient::new(carry, password, tx), rx)
         };
         let feed = |c: &mut SharedClient, rx: &mut mpsc::UnboundedReceiver<Submit>, s: &str| {
             c.cin.extend_from_slice(s.as_bytes());
@@ -1911,16 +2155,16 @@ mod tests {
         };
         let get = "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
 
-        let (mut c, mut rx, _r) = client(false);
+        let (mut c, mut rx) = client(false);
         assert!(feed(&mut c, &mut rx, get).is_empty());
         assert!(c.pin && !c.authenticated);
         assert_eq!(&c.cin[..], get.as_bytes(), "left for the pinned session");
 
-        let (mut c, mut rx, _r) = client(false);
+        let (mut c, mut rx) = client(false);
         assert!(feed(&mut c, &mut rx, &format!("AUTH nope\r\n{get}")).is_empty());
         assert!(c.pin && !c.authenticated);
 
-        let (mut c, mut rx, _r) = client(false);
+        let (mut c, mut rx) = client(false);
         assert_eq!(
             feed(&mut c, &mut rx, &format!("AUTH default pw\r\n{get}")),
             [get]
@@ -1932,16 +2176,16 @@ mod tests {
         assert!(c.pin && c.authenticated);
 
         // HELLO … AUTH: the right pair authenticates, a wrong one pins.
-        let (mut c, mut rx, _r) = client(false);
+        let (mut c, mut rx) = client(false);
         let hello = "HELLO 2 AUTH default pw\r\n";
         assert_eq!(feed(&mut c, &mut rx, hello), [hello]);
         assert!(c.authenticated);
-        let (mut c, mut rx, _r) = client(false);
+        let (mut c, mut rx) = client(false);
         assert!(feed(&mut c, &mut rx, "HELLO 2 AUTH default pwx\r\n").is_empty());
         assert!(c.pin && !c.authenticated);
 
         // A client that moved here authenticated stays so.
-        let (mut c, mut rx, _r) = client(true);
+        let (mut c, mut rx) = client(true);
         assert_eq!(feed(&mut c, &mut rx, get), [get]);
     }
 
@@ -1998,18 +2242,18 @@ mod tests {
     async fn an_idle_shared_client_gives_its_buffers_back() {
         use tokio::io::AsyncWriteExt;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let (to_me, mut replies) = mpsc::unbounded_channel();
         let carry = Carry {
             cin: BytesMut::new(),
             proto: 2,
             name: None,
             authenticated: false,
         };
-        let mut c = SharedClient::new(carry, None, tx, to_me.clone());
+        let mut c = SharedClient::new(carry, None, tx);
+        let link = c.link.clone();
         let (mut app, mut client) = tokio::io::duplex(64 * 1024);
         let mut step = |c: &mut SharedClient| {
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            c.poll(&mut cx, &mut client, &mut replies).is_pending()
+            c.poll(&mut cx, &mut client).is_pending()
         };
         let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
         // More than a first read holds: the reads grow.
@@ -2022,9 +2266,7 @@ mod tests {
         assert!(c.chunk > READ_START && c.cin.capacity() > 0);
         assert_eq!(c.shrink_at(), None, "replies are owed");
 
-        to_me
-            .send(Delivery::Replies(Bytes::from("$-1\r\n".repeat(200)), 200))
-            .unwrap();
+        link.send(Bytes::from("$-1\r\n".repeat(200)), 200);
         step(&mut c);
         assert_eq!(c.owed(), 0);
         let at = c.shrink_at().expect("idle, it will give its buffers back");
@@ -2044,9 +2286,7 @@ mod tests {
         app.write_all(get).await.unwrap();
         step(&mut c);
         assert_eq!(rx.try_recv().unwrap().replies, 1);
-        to_me
-            .send(Delivery::Replies(Bytes::from_static(b"$-1\r\n"), 1))
-            .unwrap();
+        link.send(Bytes::from_static(b"$-1\r\n"), 1);
         step(&mut c);
         assert_eq!(
             c.shrink_at(),
@@ -2069,7 +2309,7 @@ mod tests {
                 frames: frames.into(),
                 replies: 1,
                 plain: true,
-                to,
+                link: Link::new(to),
             })
             .unwrap();
             rx
@@ -2238,7 +2478,7 @@ mod tests {
                 frames: frames.into(),
                 replies,
                 plain: true,
-                to,
+                link: Link::new(to),
             });
             r.release_due();
             rx

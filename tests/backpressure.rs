@@ -15,11 +15,13 @@
 //! - a slow reader of a ~200 MiB `LRANGE` reply, requested three times in one pipeline;
 //! - a `MONITOR` consumer that reads nothing while another client writes ~64 MiB;
 //! - a 128 MiB value written with `SET` and read back with `GET`, on a connection of its own
-//!   and from a client that starts out sharing one (`--multiplex`).
+//!   and from a client that starts out sharing one (`--multiplex`);
+//! - a shared client that reads such a value late, and one that never reads it (closed after
+//!   10 s, while the clients behind it wait).
 //!
 //! In each, the proxy's peak RSS may grow by at most [`MEMORY_BOUND`] over its warmed-up
-//! baseline, a probe client's round trips stay under [`PROMPT`], and the slow client finally
-//! gets every reply, in order. The tests run one at a time ([`SERIAL`]): on a 2-CPU machine
+//! baseline. In all but the last, a probe client's round trips stay under [`PROMPT`], and the
+//! slow client finally gets every reply, in order. The tests run one at a time ([`SERIAL`]): on a 2-CPU machine
 //! two of them at once would measure each other.
 mod support;
 
@@ -912,30 +914,104 @@ async fn big_values_pass_through() {
             s.read_exact(&mut ok).await.expect("SET answered");
             assert_eq!(&ok, b"+OK\r\n");
 
-            s.write_all(b"*2\r\n$3\r\nGET\r\n$6\r\nbp:big\r\n")
-                .await
-                .expect("write");
-            let head = format!("${BIG_VALUE}\r\n");
-            let mut got = vec![0u8; head.len()];
-            s.read_exact(&mut got).await.expect("GET answered");
-            assert_eq!(got, head.as_bytes());
-            let mut part = vec![0u8; chunk];
-            for start in (0..BIG_VALUE).step_by(chunk) {
-                s.read_exact(&mut part).await.expect("read the value");
-                assert!(
-                    part.iter()
-                        .enumerate()
-                        .all(|(i, b)| *b == big_byte(start + i)),
-                    "{case}: the value read back differs in the MiB at {start}"
-                );
-            }
-            let mut end = [0u8; 2];
-            s.read_exact(&mut end).await.expect("read");
-            assert_eq!(&end, b"\r\n");
+            s.write_all(GET_BIG).await.expect("write");
+            read_big_reply(&mut s, &case).await;
         })
         .await
         .unwrap_or_else(|_| panic!("{case}: SET and GET not done within {PHASE:?}"));
         finish_probe(&stop, probe).await;
         proxy.assert_bounded(&case, baseline, 2 * (BIG_VALUE as u64 >> 20));
     }
+}
+
+const GET_BIG: &[u8] = b"*2\r\n$3\r\nGET\r\n$6\r\nbp:big\r\n";
+
+/// Reads the reply to [`GET_BIG`] and checks every byte of it.
+async fn read_big_reply(s: &mut TcpStream, case: &str) {
+    let head = format!("${BIG_VALUE}\r\n");
+    let mut got = vec![0u8; head.len()];
+    s.read_exact(&mut got).await.expect("GET answered");
+    assert_eq!(got, head.as_bytes());
+    let chunk = 1 << 20;
+    let mut part = vec![0u8; chunk];
+    for start in (0..BIG_VALUE).step_by(chunk) {
+        s.read_exact(&mut part).await.expect("read the value");
+        assert!(
+            part.iter()
+                .enumerate()
+                .all(|(i, b)| *b == big_byte(start + i)),
+            "{case}: the value read back differs in the MiB at {start}"
+        );
+    }
+    let mut end = [0u8; 2];
+    s.read_exact(&mut end).await.expect("read");
+    assert_eq!(&end, b"\r\n");
+}
+
+/// How long the shared connection waits for a client far behind before closing it
+/// (`SLOW_CLIENT` in `src/mux.rs`).
+const SLOW_CLIENT: Duration = Duration::from_secs(10);
+
+/// A shared client (`--multiplex`) that falls behind reading a 128 MiB reply: the shared
+/// connection waits for it, so that the rest of the reply waits in the server rather than in
+/// the proxy. One that then reads gets every byte. One that reads nothing more is closed after
+/// [`SLOW_CLIENT`], and a client behind it on the shared connection gets its reply. One worker
+/// thread: every client shares the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_client_behind_on_a_big_reply() {
+    let _serial = SERIAL.lock().await;
+    let proxy = ProxyBinary::start_with(&["--multiplex", "--worker-threads", "1"]).await;
+    let value: Vec<u8> = (0..BIG_VALUE).map(big_byte).collect();
+    let ok = proxy
+        .redis_admin()
+        .await
+        .command(&[b"SET", b"bp:big", &value])
+        .await
+        .expect("SET");
+    assert_eq!(ok, Reply::Simple("OK".into()));
+    drop(value);
+    let baseline = proxy.warmed_baseline().await;
+
+    // Reads nothing for a while, then all of it.
+    let case = "a shared client reading a big reply late";
+    let mut late = TcpStream::connect(proxy.addr).await.expect("connect");
+    late.write_all(GET_BIG).await.expect("write");
+    tokio::time::sleep(SLOW_CLIENT / 4).await;
+    timeout(PHASE, read_big_reply(&mut late, case))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: not read within {PHASE:?}"));
+    proxy.assert_bounded(case, baseline, BIG_VALUE as u64 >> 20);
+
+    // Reads nothing at all; another client asks for something behind it.
+    let case = "a shared client that stops reading a big reply";
+    let mut stuck = TcpStream::connect(proxy.addr).await.expect("connect");
+    stuck.write_all(GET_BIG).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut other = RespConn::connect_plain(proxy.addr).await.expect("connect");
+    let asked = Instant::now();
+    let reply = timeout(
+        SLOW_CLIENT + PROMPT + PROMPT,
+        other.command(&[b"GET", b"warm"]),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{case}: the other client waited more than {SLOW_CLIENT:?}"))
+    .expect("GET");
+    assert_eq!(reply, Reply::Bulk(Some(vec![b'w'; 64 * 1024])));
+    eprintln!("{case}: the other client waited {:?}", asked.elapsed());
+    let mut read = Vec::new();
+    timeout(PHASE, stuck.read_to_end(&mut read))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: not closed"))
+        .expect("read");
+    assert!(
+        read.len() < BIG_VALUE,
+        "{case}: got the whole reply ({} bytes)",
+        read.len()
+    );
+    assert!(
+        proxy.log().contains("did not catch up on its replies"),
+        "{case}: the proxy says why it closed the client\n{}",
+        proxy.log()
+    );
+    proxy.assert_bounded(case, baseline, BIG_VALUE as u64 >> 20);
 }

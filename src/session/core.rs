@@ -61,6 +61,9 @@ pub enum CloseReason {
     ClientIdle(Duration),
     /// The client kept one request incomplete for `--partial-request-timeout`.
     PartialRequest(Duration),
+    /// A shared client (`--multiplex`) fell so far behind in reading its replies that its
+    /// shared connection waited for it, and it did not catch up within this time.
+    SlowClient(Duration),
 }
 
 impl CloseReason {
@@ -70,7 +73,8 @@ impl CloseReason {
             CloseReason::ClientQuit
             | CloseReason::ClientProtocol(_)
             | CloseReason::ClientIdle(_)
-            | CloseReason::PartialRequest(_) => "client",
+            | CloseReason::PartialRequest(_)
+            | CloseReason::SlowClient(_) => "client",
             CloseReason::TokenExpiring => "proxy",
             _ => "upstream",
         }
@@ -87,6 +91,7 @@ impl CloseReason {
             CloseReason::TokenExpiring => "token_expiring",
             CloseReason::ClientIdle(_) => "client_idle_timeout",
             CloseReason::PartialRequest(_) => "partial_request_timeout",
+            CloseReason::SlowClient(_) => "slow_client",
         }
     }
 }
@@ -111,6 +116,11 @@ impl std::fmt::Display for CloseReason {
             CloseReason::PartialRequest(d) => write!(
                 f,
                 "client kept a request incomplete for {d:?} (partial-request-timeout)"
+            ),
+            CloseReason::SlowClient(d) => write!(
+                f,
+                "client did not read its replies within {d:?} while its shared connection \
+                 waited for it"
             ),
         }
     }
