@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # A/B of proxy builds or options on the built-in `dev` setup: starts one `redis-entra-proxy dev`
 # (its own TLS redis-server and token issuer, all on 127.0.0.1) per variant, then runs the same
-# `redis-benchmark` against each in turn for ROUNDS interleaved rounds, and prints, per run,
-# throughput, p50/p99 latency, and CPU per request of the proxy and of its redis-server (utime +
-# stime from /proc/PID/stat around the run). Compare variants within one invocation: only the
-# ratios mean something on a shared 2-core machine.
+# `redis-benchmark` against each in turn for ROUNDS interleaved rounds (the order rotates each
+# round: the variant run first in a round measured up to 10 % better, whichever it was), and
+# prints, per run, throughput, p50/p99 latency, and CPU per request of the proxy and of its
+# redis-server (utime + stime from /proc/PID/stat around the run), then each variant's medians.
+# Compare variants within one invocation: only the ratios mean something on a shared 2-core
+# machine.
 #
 # Usage: benches/ab.sh ROUNDS "BENCH ARGS" VARIANT...
 #   VARIANT is "OPTIONS" (the proxy built from this tree) or "BINARY|OPTIONS".
@@ -88,7 +90,8 @@ done
 
 printf 'round\tvariant\ttest\trps\tp50_ms\tp99_ms\tproxy_us_per_req\tredis_us_per_req\n'
 for ((r = 1; r <= ROUNDS; r++)); do
-    for ((j = 0; j < i; j++)); do
+    for ((k = 0; k < i; k++)); do
+        j=$(((k + r - 1) % i))
         m0=$(ticks "${PIDS[$j]}") r0=$(ticks "${RPIDS[$j]}")
         # shellcheck disable=SC2086
         out=$(timeout 300 redis-benchmark -p "${PORTS[$j]}" -q --csv $BARGS | tail -n 1 | tr -d '"')
@@ -97,6 +100,17 @@ for ((r = 1; r <= ROUNDS; r++)); do
         awk -v r="$r" -v v="${NAMES[$j]}" -v t="$test" -v rps="$rps" -v p50="$p50" -v p99="$p99" \
             -v m="$((m1 - m0))" -v rd="$((r1 - r0))" -v tck="$TCK" -v n="$n" 'BEGIN {
                 printf "%s\t%s\t%s\t%s\t%s\t%s\t%.2f\t%.2f\n", r, v, t, rps, p50, p99,
-                    m * 1e6 / tck / n, rd * 1e6 / tck / n }'
+                    m * 1e6 / tck / n, rd * 1e6 / tck / n }' | tee -a "$WORK/runs.tsv"
     done
 done
+echo
+echo "medians of $ROUNDS round(s):"
+python3 - "$WORK/runs.tsv" "${NAMES[@]}" <<'PY'
+import statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+print("variant\trps\tp50_ms\tp99_ms\tproxy_us_per_req\tredis_us_per_req")
+for name in sys.argv[2:]:
+    mine = [r for r in rows if r[1] == name]
+    cols = [statistics.median(float(r[c]) for r in mine) for c in (3, 4, 5, 6, 7)]
+    print(name, "\t".join(f"{x:g}" for x in cols), sep="\t")
+PY
