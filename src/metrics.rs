@@ -32,6 +32,8 @@ pub const MULTIPLEX_PINNED_TOTAL: &str = "redis_entra_proxy_multiplex_pinned_tot
 pub const MULTIPLEX_BATCHES_TOTAL: &str = "redis_entra_proxy_multiplex_batches_total";
 pub const MULTIPLEX_CONSOLIDATED: &str = "redis_entra_proxy_multiplex_consolidated";
 pub const MULTIPLEX_MOVES_TOTAL: &str = "redis_entra_proxy_multiplex_moves_total";
+pub const MULTIPLEX_SLOW_READER_WAITS_TOTAL: &str =
+    "redis_entra_proxy_multiplex_slow_reader_waits_total";
 pub const CLUSTER_NODES: &str = "redis_entra_proxy_cluster_nodes";
 pub const CLUSTER_REFRESH_TOTAL: &str = "redis_entra_proxy_cluster_refresh_total";
 pub const CLUSTER_REDIRECTS_TOTAL: &str = "redis_entra_proxy_cluster_redirects_total";
@@ -132,7 +134,7 @@ fn describe() {
     );
     describe_counter!(
         MULTIPLEX_PINNED_TOTAL,
-        "Shared clients given an upstream connection of their own by a command that cannot share, by reason: auth, transaction, pubsub, blocking, connection, script, malformed, other (--multiplex)."
+        "Shared clients given an upstream connection of their own by a command that cannot share, by reason: auth, transaction, pubsub, blocking, connection, script, malformed, large_request, other (--multiplex)."
     );
     describe_counter!(
         MULTIPLEX_BATCHES_TOTAL,
@@ -145,6 +147,10 @@ fn describe() {
     describe_counter!(
         MULTIPLEX_MOVES_TOTAL,
         "Shared clients moved from one session thread to another (--multiplex-consolidate)."
+    );
+    describe_counter!(
+        MULTIPLEX_SLOW_READER_WAITS_TOTAL,
+        "Times a shared connection waited for a client more than 1 MiB behind in reading its replies, holding back the clients behind it (--multiplex)."
     );
     describe_gauge!(
         CLUSTER_NODES,

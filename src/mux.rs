@@ -1412,9 +1412,10 @@ impl Router {
             self.stall = None;
             return false;
         };
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(SLOW_CLIENT)));
+        let stall = self.stall.get_or_insert_with(|| {
+            metrics::counter!(crate::metrics::MULTIPLEX_SLOW_READER_WAITS_TOTAL).increment(1);
+            Box::pin(tokio::time::sleep(SLOW_CLIENT))
+        });
         if stall.as_mut().poll(cx).is_pending() {
             return true;
         }
