@@ -92,7 +92,8 @@ impl ProxyBinary {
         Self::start_with(&[]).await
     }
 
-    /// The proxy with `args` after the common ones.
+    /// The proxy with `args` after the common ones (and no admin endpoint unless they ask for
+    /// one).
     async fn start_with(args: &[&str]) -> ProxyBinary {
         let redis = RedisServer::start(RedisOptions {
             extra_args: vec![
@@ -126,7 +127,12 @@ impl ProxyBinary {
             .arg("--upstream-ca-file")
             .arg(redis.ca_file().expect("TLS server"))
             .args(["--upstream-server-name", "localhost"])
-            .args(["--credential", "fixed", "--admin-listen", "none"])
+            .args(["--credential", "fixed"])
+            .args(if args.contains(&"--admin-listen") {
+                &[][..]
+            } else {
+                &["--admin-listen", "none"][..]
+            })
             .args(["--log-level", "warn"])
             .args(args)
             .env("REDIS_ENTRA_PROXY_TOKEN", &token)
@@ -960,7 +966,15 @@ const SLOW_CLIENT: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_client_behind_on_a_big_reply() {
     let _serial = SERIAL.lock().await;
-    let proxy = ProxyBinary::start_with(&["--multiplex", "--worker-threads", "1"]).await;
+    let admin = free_addr();
+    let proxy = ProxyBinary::start_with(&[
+        "--multiplex",
+        "--worker-threads",
+        "1",
+        "--admin-listen",
+        &admin.to_string(),
+    ])
+    .await;
     let value: Vec<u8> = (0..BIG_VALUE).map(big_byte).collect();
     let ok = proxy
         .redis_admin()
@@ -1013,5 +1027,17 @@ async fn a_shared_client_behind_on_a_big_reply() {
         "{case}: the proxy says why it closed the client\n{}",
         proxy.log()
     );
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    let metric = |name, label| support::cluster::sum_metric(&metrics, name, label);
+    assert_eq!(
+        metric(
+            "redis_entra_proxy_connections_closed_total",
+            "reason=\"slow_client\""
+        ),
+        1.0,
+        "{case}: counted as closed for being slow\n{metrics}"
+    );
+    let waits = metric("redis_entra_proxy_multiplex_slow_reader_waits_total", "");
+    assert!(waits >= 2.0, "{case}: {waits} waits counted");
     proxy.assert_bounded(case, baseline, BIG_VALUE as u64 >> 20);
 }
