@@ -516,15 +516,17 @@ impl Link {
         }
     }
 
-    /// Whether the client is more than [`PAUSE`] behind and still there: the router then
-    /// waits, and `cx` is woken once it caught up to [`RESUME`] or is gone.
-    fn behind(&self, cx: &Context<'_>) -> bool {
-        if self.unsent() <= PAUSE || self.to.is_closed() {
+    /// Whether the router must wait for the client: it is more than [`PAUSE`] behind (more
+    /// than [`RESUME`] once the router is `waiting` for it) and still there. `cx` is then woken
+    /// once it caught up to [`RESUME`] or is gone.
+    fn behind(&self, cx: &Context<'_>, waiting: bool) -> bool {
+        let limit = if waiting { RESUME } else { PAUSE };
+        if self.unsent() <= limit || self.to.is_closed() {
             return false;
         }
         self.router.register(cx.waker());
         // Checked again: the client may have caught up before the waker was in place.
-        self.unsent() > PAUSE && !self.to.is_closed()
+        self.unsent() > limit && !self.to.is_closed()
     }
 }
 
@@ -1401,13 +1403,15 @@ impl Router {
     }
 
     /// Whether replies must wait for the client of the front route, which is more than
-    /// [`PAUSE`] bytes behind in reading them. After [`SLOW_CLIENT`] of waiting it is given up
-    /// on: closed, and its replies dropped as they come.
+    /// [`PAUSE`] bytes behind in reading them, until it is no more than [`RESUME`] behind.
+    /// After [`SLOW_CLIENT`] of waiting it is given up on: closed, and its replies dropped as
+    /// they come.
     fn wait_for_front(&mut self, cx: &mut Context<'_>) -> bool {
+        let waiting = self.stall.is_some();
         let Some(route) = self
             .routes
             .front_mut()
-            .filter(|route| !route.dropped && route.link.behind(cx))
+            .filter(|route| !route.dropped && route.link.behind(cx, waiting))
         else {
             self.stall = None;
             return false;
@@ -1915,6 +1919,10 @@ mod tests {
         assert!(write_until_wait(&mut r, &mut cx, &mut rest), "still waits");
         a.written(handed - RESUME - 1);
         assert!(!woken.take(), "a is still behind");
+        assert!(
+            write_until_wait(&mut r, &mut cx, &mut rest),
+            "waits until a is no more than RESUME behind"
+        );
         a.written(1);
         assert!(woken.take(), "a caught up: the router is woken");
         assert!(write_until_wait(&mut r, &mut cx, &mut rest), "waits again");
@@ -1964,10 +1972,10 @@ mod tests {
         let c = SharedClient::new(carry, None, mpsc::unbounded_channel().0);
         let link = c.link.clone();
         link.handed(2 * PAUSE);
-        assert!(link.behind(&cx));
+        assert!(link.behind(&cx, false));
         drop(c);
         assert!(woken.take(), "the client going woke the router");
-        assert!(!link.behind(&cx));
+        assert!(!link.behind(&cx, true));
     }
 
     fn collect(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> (Vec<u8>, usize) {
