@@ -1951,6 +1951,130 @@ mod tests {
         assert_eq!(collect(&mut b_rx), (b":1\r\n".to_vec(), 1));
     }
 
+    /// A reply for [`replies_reach_their_readers_within_bounds`]: the `i`th of the stream, of
+    /// size class `class` (an integer, a short bulk, a bulk larger than [`PASS_ON`], one larger
+    /// than twice [`PAUSE`]), its bytes marked with `i`.
+    fn reply(i: usize, class: u8) -> Vec<u8> {
+        let len = match class {
+            0 => return b":1\r\n".to_vec(),
+            1 => 100,
+            2 => PASS_ON + 5000,
+            _ => 2 * PAUSE + 70_000,
+        };
+        let mut frame = format!("${len}\r\n").into_bytes();
+        frame.resize(frame.len() + len, b'a' + (i % 26) as u8);
+        frame.extend_from_slice(b"\r\n");
+        frame
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 256,
+            ..Default::default()
+        })]
+
+        /// Three clients, each reading at its own pace, and replies of every size in any
+        /// pieces: each client gets exactly its replies, in order, counted once; the router never
+        /// hands a client more than [`PAUSE`], a write and a part beyond what it has read;
+        /// it waits only for a client more than [`RESUME`] behind, until it is no more, and is
+        /// woken then (it is polled only when woken, as by the runtime, by the client or by
+        /// another).
+        #[test]
+        fn replies_reach_their_readers_within_bounds(
+            replies in proptest::collection::vec((0usize..3, 0u8..4), 1..10),
+            write in 1usize..40_000,
+            paces in proptest::collection::vec(1024usize..400_000, 3),
+            other_wakes in 0usize..4,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let _runtime = rt.enter();
+            let mut rxs = Vec::new();
+            let mut links = Vec::new();
+            for _ in 0..3 {
+                let (tx, rx) = mpsc::unbounded_channel();
+                rxs.push(rx);
+                links.push(Link::new(tx));
+            }
+            let mut want = vec![(Vec::new(), 0); 3];
+            let mut stream = Vec::new();
+            let mut r = router(2, 0);
+            for (i, &(client, class)) in replies.iter().enumerate() {
+                let frame = reply(i, class);
+                want[client].0.extend_from_slice(&frame);
+                want[client].1 += 1;
+                stream.extend_from_slice(&frame);
+                r.routes.push_back(Route::new(links[client].clone(), 1));
+            }
+            let mut got = vec![(Vec::new(), 0); 3];
+            let mut read = [0usize; 3];
+            let (woken, waker) = Woken::new();
+            let mut cx = Context::from_waker(&waker);
+            let mut rest = &stream[..];
+            let mut poll = true;
+            // The client the router last waited for.
+            let mut waited: Option<Arc<Link>> = None;
+            let bound = PAUSE + write + PASS_ON;
+            for step in 0..100_000 {
+                // Other submissions wake the router too, every `other_wakes` steps (0: none).
+                poll |= other_wakes > 0 && step % other_wakes == 0;
+                // As the session does: writes while the router takes them, up to what its
+                // buffer for the router holds.
+                let mut taken = 0;
+                while poll && !rest.is_empty() && taken < 256 * 1024 {
+                    let n = rest.len().min(write);
+                    let front = r.routes.front().map(|route| route.link.clone());
+                    let behind = front.as_ref().map_or(0, |link| link.unsent());
+                    match Pin::new(&mut r).poll_write(&mut cx, &rest[..n]) {
+                        Poll::Ready(Ok(n)) => {
+                            if let (Some(before), Some(front)) = (waited.take(), &front) {
+                                proptest::prop_assert!(
+                                    !Arc::ptr_eq(&before, front) || behind <= RESUME,
+                                    "went on with the client it waited for {behind} behind",
+                                );
+                            }
+                            rest = &rest[n..];
+                            taken += n;
+                        }
+                        Poll::Ready(Err(e)) => panic!("{e}"),
+                        Poll::Pending => {
+                            poll = false;
+                            let front = front.expect("waits for a client");
+                            proptest::prop_assert!(front.unsent() > RESUME);
+                            waited = Some(front);
+                        }
+                    }
+                }
+                for c in 0..3 {
+                    while let Ok(d) = rxs[c].try_recv() {
+                        let Delivery::Replies(bytes, n) = d else {
+                            panic!("client {c} closed");
+                        };
+                        got[c].0.extend_from_slice(&bytes);
+                        got[c].1 += n;
+                    }
+                    let unsent = links[c].unsent();
+                    proptest::prop_assert!(unsent <= bound, "client {c}: {unsent} unread");
+                    let n = paces[c].min(got[c].0.len() - read[c]);
+                    read[c] += n;
+                    links[c].written(n);
+                }
+                poll |= woken.take();
+                if rest.is_empty() && (0..3).all(|c| read[c] == got[c].0.len()) {
+                    break;
+                }
+            }
+            proptest::prop_assert!(rest.is_empty(), "{} bytes never taken", rest.len());
+            proptest::prop_assert!(r.routes.is_empty());
+            for c in 0..3 {
+                proptest::prop_assert!(got[c] == want[c], "client {c} got other replies");
+            }
+        }
+    }
+
     /// A client that is gone never makes the router wait; one that goes while the router
     /// waits for it wakes the router.
     #[tokio::test]
