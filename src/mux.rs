@@ -27,10 +27,10 @@
 //! (their commands may or may not have run, as with a connection of their own); the others
 //! carry on, and the next request opens a new shared session.
 //!
-//! A shared client more than [`PAUSE`] bytes behind in reading its replies makes the shared
-//! connection wait for it, as a connection of its own would: the proxy never holds much of a
-//! big reply for a slow reader, and the clients behind it wait. One that does not catch up
-//! within [`SLOW_CLIENT`] is closed.
+//! A shared client more than 1 MiB behind in reading its replies makes the shared connection
+//! wait for it, as a connection of its own would: the proxy never holds much of a big reply
+//! for a slow reader, and the clients behind it wait. One that does not catch up within 10 s
+//! is closed (`PAUSE`, `RESUME`, `SLOW_CLIENT`).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
