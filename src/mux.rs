@@ -76,8 +76,8 @@ const MAX_UNSENT: usize = 256 * 1024;
 /// The router hands a client no more replies while this many bytes it was handed wait for it
 /// to read them, and goes on once no more than [`RESUME`] do: the shared connection then waits
 /// for a client that reads a big reply more slowly than the server sends it, as a connection
-/// of its own would, instead of the proxy holding all of the reply. A client reading at any
-/// usual pace never makes it wait: the sockets between them hold more than this.
+/// of its own would, instead of the proxy holding all of the reply. A client that keeps up
+/// seldom makes it wait: its socket's buffers hold more than this.
 const PAUSE: usize = 1024 * 1024;
 const RESUME: usize = PAUSE / 2;
 /// The shared connection waits this long at most for a client to read [`PAUSE`] `-`
