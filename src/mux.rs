@@ -80,8 +80,8 @@ const MAX_UNSENT: usize = 256 * 1024;
 /// seldom makes it wait: its socket's buffers hold more than this.
 const PAUSE: usize = 1024 * 1024;
 const RESUME: usize = PAUSE / 2;
-/// The shared connection waits this long at most for a client to read [`PAUSE`] `-`
-/// [`RESUME`] bytes; then the client is closed and the rest of its replies dropped. Only a
+/// The shared connection waits this long at most for a client to read its replies down to
+/// [`RESUME`]; then the client is closed and the rest of its replies dropped. Only a
 /// client that stopped reading (stuck, or paused far longer than a garbage collection) is
 /// this slow, and every other client of the connection waits while it is.
 const SLOW_CLIENT: Duration = Duration::from_secs(10);
