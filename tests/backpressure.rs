@@ -21,8 +21,8 @@
 //!
 //! In each, the proxy's peak RSS may grow by at most [`MEMORY_BOUND`] over its warmed-up
 //! baseline. In all but the last, a probe client's round trips stay under [`PROMPT`], and the
-//! slow client finally gets every reply, in order. The tests run one at a time ([`SERIAL`]): on a 2-CPU machine
-//! two of them at once would measure each other.
+//! slow client finally gets every reply, in order. The tests run one at a time ([`SERIAL`]):
+//! on a 2-CPU machine two of them at once would measure each other.
 mod support;
 
 use std::net::SocketAddr;
