@@ -1591,7 +1591,11 @@ impl AsyncWrite for Router {
 /// The name of the first command in `bytes`: `None` when its request is incomplete or has no
 /// name, `Err` when it is malformed.
 fn first_command(bytes: &[u8]) -> Result<Option<Vec<u8>>, ()> {
-    let mut parser = RequestParser::new();
+    first_command_by(&mut RequestParser::new(), bytes)
+}
+
+/// [`first_command`] with a fresh `parser`, which is left as the parse leaves it.
+fn first_command_by(parser: &mut RequestParser, bytes: &[u8]) -> Result<Option<Vec<u8>>, ()> {
     match parser.parse(bytes) {
         Ok(Some(frame)) => Ok(parser.command(bytes, &frame).arg(0).map(<[u8]>::to_vec)),
         Ok(None) => Ok(None),
@@ -1627,11 +1631,9 @@ fn pin_reason(first: &[u8], authenticated: bool) -> &'static str {
         return "auth";
     }
     let mut parser = RequestParser::new();
-    if matches!(parser.parse(first), Ok(None)) && parser.big_bulk() {
+    let name = match first_command_by(&mut parser, first) {
         // Pinned before the request was whole (`SharedClient::submit`).
-        return "large_request";
-    }
-    let name = match first_command(first) {
+        Ok(None) if parser.big_bulk() => return "large_request",
         Ok(name) => name,
         Err(()) => return "malformed",
     };
