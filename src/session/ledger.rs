@@ -174,28 +174,29 @@ impl Ledger {
     }
 
     pub fn pop(&mut self) -> Option<Expect> {
-        let (e, n) = self.entries.front_mut()?;
-        let e = if *n > 1 {
-            *n -= 1;
-            e.clone()
-        } else {
-            self.entries.pop_front()?.0
-        };
-        self.total -= 1;
-        if !counts_for_client(&e) {
-            self.not_client -= 1;
-        }
-        Some(e)
+        self.take(false)
     }
 
     /// Takes back the newest entry (a command that will not reach the server whole).
     pub fn pop_newest(&mut self) -> Option<Expect> {
-        let (e, n) = self.entries.back_mut()?;
+        self.take(true)
+    }
+
+    /// Takes one entry off the oldest end, or the `newest`.
+    #[inline]
+    fn take(&mut self, newest: bool) -> Option<Expect> {
+        let (e, n) = if newest {
+            self.entries.back_mut()?
+        } else {
+            self.entries.front_mut()?
+        };
         let e = if *n > 1 {
             *n -= 1;
             e.clone()
-        } else {
+        } else if newest {
             self.entries.pop_back()?.0
+        } else {
+            self.entries.pop_front()?.0
         };
         self.total -= 1;
         if !counts_for_client(&e) {
