@@ -10,8 +10,8 @@
 //! whole: once its command is known to be forwarded as it is, it goes upstream as it arrives
 //! ([`Core::mid_request`]), and nothing is injected before its end. Upstream replies are
 //! framed by the streaming scanner and matched against the ledger: relayed, dropped, or
-//! swallowed (the proxy's own AUTH). Pushes and pub/sub messages bypass the ledger. Command handling lives in
-//! `commands.rs`; this file owns the reply side and re-authentication.
+//! swallowed (the proxy's own AUTH). Pushes and pub/sub messages bypass the ledger. Command
+//! handling lives in `commands.rs`; this file owns the reply side and re-authentication.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
