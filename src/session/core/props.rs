@@ -158,6 +158,16 @@ fn plain(bytes: &[u8]) -> bool {
     }
 }
 
+/// Hands the core the client's bytes, with their runs when `framed`, as the driver does.
+fn feed(core: &mut Core, cin: &mut BytesMut, runs: &mut Runs, framed: bool) {
+    if framed {
+        core.client_input_framed(cin, Some(runs));
+        assert_eq!(runs.pending(), cin.len(), "runs out of step");
+    } else {
+        core.client_input(cin);
+    }
+}
+
 /// `framed`: the commands come with runs, as from the router of shared clients: plain ones
 /// whole and marked, every third command in two unmarked parts. Returns what the client
 /// received, the server, the core, and every byte the server received.
@@ -178,20 +188,18 @@ fn run_proxied(ops: &[Op], framed: bool) -> (Vec<u8>, Model, Core, Vec<u8>) {
                     let (a, b) = bytes.split_at(bytes.len() / 2);
                     cin.extend_from_slice(a);
                     runs.handed(a.len(), 0);
-                    core.client_input_framed(&mut cin, Some(&mut runs));
-                    assert_eq!(runs.pending(), cin.len(), "runs out of step");
+                    feed(&mut core, &mut cin, &mut runs, framed);
                     cin.extend_from_slice(b);
                     runs.handed(b.len(), 0);
                 } else {
                     cin.extend_from_slice(bytes);
                     runs.handed(bytes.len(), usize::from(plain(bytes)));
                 }
-                core.client_input_framed(&mut cin, Some(&mut runs));
-                assert_eq!(runs.pending(), cin.len(), "runs out of step");
+                feed(&mut core, &mut cin, &mut runs, framed);
             }
             Op::Cmd(bytes) => {
                 cin.extend_from_slice(bytes);
-                core.client_input(&mut cin);
+                feed(&mut core, &mut cin, &mut runs, framed);
             }
             Op::Rotate => {
                 generation += 1;
@@ -211,11 +219,7 @@ fn run_proxied(ops: &[Op], framed: bool) -> (Vec<u8>, Model, Core, Vec<u8>) {
     for _ in 0..100_000 {
         // Requests held back while the upstream side was full, as the driver feeds them.
         let before = cin.len();
-        if framed {
-            core.client_input_framed(&mut cin, Some(&mut runs));
-        } else {
-            core.client_input(&mut cin);
-        }
+        feed(&mut core, &mut cin, &mut runs, framed);
         let fed = cin.len() != before;
         if !pump(&mut core, &mut server, &mut uin, 64, &mut sent)
             && !fed
