@@ -134,7 +134,7 @@ fn describe() {
     );
     describe_counter!(
         MULTIPLEX_PINNED_TOTAL,
-        "Shared clients given an upstream connection of their own by a command that cannot share, by reason: auth, transaction, pubsub, blocking, connection, script, malformed, large_request, other (--multiplex)."
+        "Shared clients given an upstream connection of their own, by reason: a command that cannot share (auth, transaction, pubsub, blocking, connection, script, malformed, large_request, other), or slow_reader, a client the shared connection had to wait for (--multiplex)."
     );
     describe_counter!(
         MULTIPLEX_BATCHES_TOTAL,
@@ -150,7 +150,7 @@ fn describe() {
     );
     describe_counter!(
         MULTIPLEX_SLOW_READER_WAITS_TOTAL,
-        "Times a shared connection waited for a client more than 1 MiB behind in reading its replies, holding back the clients behind it (--multiplex)."
+        "Times a shared connection waited for a client more than 1 MiB behind in reading its replies, holding back the clients behind it; the client then pins at its next request (--multiplex)."
     );
     describe_gauge!(
         CLUSTER_NODES,

@@ -30,13 +30,14 @@
 //! A shared client more than 1 MiB behind in reading its replies makes the shared connection
 //! wait for it, as a connection of its own would: the proxy never holds much of a big reply
 //! for a slow reader, and the clients behind it wait. One that does not catch up within 10 s
-//! is closed (`PAUSE`, `RESUME`, `SLOW_CLIENT`).
+//! is closed (`PAUSE`, `RESUME`, `SLOW_CLIENT`). One that does pins at its next request, so
+//! that the others wait for it once at most.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -482,6 +483,8 @@ struct Link {
     unsent: AtomicUsize,
     /// The router, when it waits for the client to catch up ([`Link::behind`]).
     router: AtomicWaker,
+    /// The router had to wait for the client: it pins at its next request.
+    fell_behind: AtomicBool,
 }
 
 impl Link {
@@ -490,7 +493,12 @@ impl Link {
             to,
             unsent: AtomicUsize::new(0),
             router: AtomicWaker::new(),
+            fell_behind: AtomicBool::new(false),
         })
+    }
+
+    fn fell_behind(&self) -> bool {
+        self.fell_behind.load(Ordering::Relaxed)
     }
 
     fn unsent(&self) -> usize {
@@ -535,8 +543,8 @@ enum Phase {
     Done(Outcome),
     /// Serve the rest on a connection of its own speaking this protocol and named so (the
     /// client's `CLIENT SETNAME`), these bytes first; `true`: the client gave the local
-    /// password.
-    Pin(BytesMut, u8, Option<Bytes>, bool),
+    /// password. The last: why, for `multiplex_pinned_total` ([`pin_reason`]).
+    Pin(BytesMut, u8, Option<Bytes>, bool, &'static str),
     /// Go on on this session thread.
     Move(usize, Carry),
 }
@@ -590,8 +598,7 @@ where
     match phase {
         Phase::Done(outcome) => Served::Done(outcome),
         Phase::Move(to, carry) => Served::Move { client, to, carry },
-        Phase::Pin(rest, proto, name, authenticated) => {
-            let reason = pin_reason(&rest, authenticated);
+        Phase::Pin(rest, proto, name, authenticated, reason) => {
             metrics::counter!(crate::metrics::MULTIPLEX_PINNED_TOTAL, "reason" => reason)
                 .increment(1);
             tracing::debug!(
@@ -669,11 +676,17 @@ where
         }
         if c.owed() == 0 && c.out.is_empty() {
             if c.pin {
+                let reason = if c.slow {
+                    "slow_reader"
+                } else {
+                    pin_reason(&c.cin, c.authenticated)
+                };
                 return Phase::Pin(
                     std::mem::take(&mut c.cin),
                     c.proto,
                     c.name.take(),
                     c.authenticated,
+                    reason,
                 );
             }
             if !c.reading {
@@ -763,8 +776,10 @@ struct SharedClient {
     name: Option<Bytes>,
     /// Replies received, not yet written to the client (the front one perhaps in part).
     out: VecDeque<Bytes>,
-    /// A command that cannot share was read: submit nothing more.
+    /// A command that cannot share was read, or the client fell behind: submit nothing more.
     pin: bool,
+    /// It pinned because the shared connection had to wait for it to read its replies.
+    slow: bool,
     /// The protocol the client speaks (its shared connection's), 2 until it says `HELLO 3`.
     proto: u8,
     /// A `HELLO` to this protocol waits (first in `cin`) until nothing is owed on the
@@ -803,6 +818,7 @@ impl SharedClient {
             out: VecDeque::new(),
             name: carry.name,
             pin: false,
+            slow: false,
             proto: carry.proto,
             switch: None,
             reading: true,
@@ -990,6 +1006,13 @@ impl SharedClient {
         let mut replies = 0;
         // Every request in `..end` is plain.
         let mut plain = true;
+        if !self.pin && self.link.fell_behind() {
+            // It reads big replies more slowly than the server sends them: from now on they
+            // wait in the server for it alone, on a connection of its own, instead of holding
+            // up every client behind it on the shared one.
+            self.pin = true;
+            self.slow = true;
+        }
         while !self.pin && self.switch.is_none() {
             // Redis's limits on what an unauthenticated client may announce hold until the
             // request that authenticates it (the parser is between requests then); set here,
@@ -1418,6 +1441,7 @@ impl Router {
         };
         let stall = self.stall.get_or_insert_with(|| {
             metrics::counter!(crate::metrics::MULTIPLEX_SLOW_READER_WAITS_TOTAL).increment(1);
+            route.link.fell_behind.store(true, Ordering::Relaxed);
             Box::pin(tokio::time::sleep(SLOW_CLIENT))
         });
         if stall.as_mut().poll(cx).is_pending() {
@@ -1951,6 +1975,48 @@ mod tests {
         assert!(a_rx.try_recv().is_err(), "nothing after the end");
         assert!(got < 2 * PAUSE + PASS_ON, "{got} bytes handed to a");
         assert_eq!(collect(&mut b_rx), (b":1\r\n".to_vec(), 1));
+    }
+
+    /// A client the shared connection had to wait for pins at its next request, and only
+    /// that client: its big replies then wait in the server for it alone.
+    #[tokio::test]
+    async fn a_client_the_router_waited_for_pins_at_its_next_request() {
+        let (tx, mut submissions) = mpsc::unbounded_channel();
+        let carry = Carry {
+            cin: BytesMut::new(),
+            proto: 2,
+            name: None,
+            authenticated: false,
+        };
+        let mut c = SharedClient::new(carry, None, tx);
+        let get = "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        c.cin.extend_from_slice(get.repeat(2).as_bytes());
+        c.submit();
+        let (b_tx, _b_rx) = mpsc::unbounded_channel();
+        let b = Link::new(b_tx);
+        let mut r = router(2, 0);
+        r.hold(submissions.try_recv().expect("shared"));
+        r.routes.push_back(Route::new(b.clone(), 1));
+        let (_, waker) = Woken::new();
+        let mut cx = Context::from_waker(&waker);
+        let stream = big_reply_stream(PAUSE / 2);
+        assert!(!write_until_wait(&mut r, &mut cx, &mut &stream[..]));
+        assert!(!c.link.fell_behind(), "half a PAUSE behind: no wait");
+
+        c.cin.extend_from_slice(get.repeat(2).as_bytes());
+        c.submit();
+        r.hold(submissions.try_recv().expect("still shared"));
+        r.routes.push_back(Route::new(b.clone(), 1));
+        let stream = big_reply_stream(4 * PAUSE);
+        assert!(write_until_wait(&mut r, &mut cx, &mut &stream[..]));
+        assert!(c.link.fell_behind() && !b.fell_behind());
+        assert!(!c.pin, "pins at its next request");
+
+        c.cin.extend_from_slice(get.as_bytes());
+        c.submit();
+        assert!(submissions.try_recv().is_err(), "nothing more shared");
+        assert!(c.pin && c.slow);
+        assert_eq!(&c.cin[..], get.as_bytes(), "left for its own session");
     }
 
     /// A reply for [`replies_reach_their_readers_within_bounds`]: the `i`th of the stream, of

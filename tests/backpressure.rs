@@ -16,8 +16,9 @@
 //! - a `MONITOR` consumer that reads nothing while another client writes ~64 MiB;
 //! - a 128 MiB value written with `SET` and read back with `GET`, on a connection of its own
 //!   and from a client that starts out sharing one (`--multiplex`);
-//! - a shared client that reads such a value late, and one that never reads it (closed after
-//!   10 s, while the clients behind it wait).
+//! - a shared client that reads such a value late (and then has a connection of its own, so
+//!   that nobody waits for it again), and one that never reads it (closed after 10 s, while the
+//!   clients behind it wait).
 //!
 //! In each, the proxy's peak RSS may grow by at most [`MEMORY_BOUND`] over its warmed-up
 //! baseline. In all but the last, a probe client's round trips stay under [`PROMPT`], and the
@@ -960,9 +961,10 @@ const SLOW_CLIENT: Duration = Duration::from_secs(10);
 
 /// A shared client (`--multiplex`) that falls behind reading a 128 MiB reply: the shared
 /// connection waits for it, so that the rest of the reply waits in the server rather than in
-/// the proxy. One that then reads gets every byte. One that reads nothing more is closed after
-/// [`SLOW_CLIENT`], and a client behind it on the shared connection gets its reply. One worker
-/// thread: every client shares the same connection.
+/// the proxy. One that then reads gets every byte, and its next request goes on a connection
+/// of its own, so that the others no longer wait for it. One that reads nothing more is closed
+/// after [`SLOW_CLIENT`], and a client behind it on the shared connection gets its reply. One
+/// worker thread: every client shares the same connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_client_behind_on_a_big_reply() {
     let _serial = SERIAL.lock().await;
@@ -990,6 +992,24 @@ async fn a_shared_client_behind_on_a_big_reply() {
     let case = "a shared client reading a big reply late";
     let mut late = TcpStream::connect(proxy.addr).await.expect("connect");
     late.write_all(GET_BIG).await.expect("write");
+    tokio::time::sleep(SLOW_CLIENT / 4).await;
+    timeout(PHASE, read_big_reply(&mut late, case))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: not read within {PHASE:?}"));
+    proxy.assert_bounded(case, baseline, BIG_VALUE as u64 >> 20);
+
+    // The shared connection had to wait for it: its next request goes on a connection of its
+    // own, where the big reply waits for it alone, and a client asking behind it is answered
+    // at once.
+    let case = "a client that fell behind, asking again";
+    late.write_all(GET_BIG).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut behind = RespConn::connect_plain(proxy.addr).await.expect("connect");
+    let reply = timeout(PROMPT, behind.command(&[b"GET", b"warm"]))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: another client waited for it"))
+        .expect("GET");
+    assert_eq!(reply, Reply::Bulk(Some(vec![b'w'; 64 * 1024])));
     tokio::time::sleep(SLOW_CLIENT / 4).await;
     timeout(PHASE, read_big_reply(&mut late, case))
         .await
@@ -1039,5 +1059,13 @@ async fn a_shared_client_behind_on_a_big_reply() {
     );
     let waits = metric("redis_entra_proxy_multiplex_slow_reader_waits_total", "");
     assert!(waits >= 2.0, "{case}: {waits} waits counted");
+    assert_eq!(
+        metric(
+            "redis_entra_proxy_multiplex_pinned_total",
+            "reason=\"slow_reader\""
+        ),
+        1.0,
+        "the client that fell behind and asked again pinned\n{metrics}"
+    );
     proxy.assert_bounded(case, baseline, BIG_VALUE as u64 >> 20);
 }
