@@ -16,6 +16,11 @@
 # is that test's. PREPARE, if set, are redis-benchmark arguments run once against each variant
 # before the rounds, unmeasured: GETs of 16 KiB values need the value set first,
 #   PREPARE="-n 1 -d 16384 -t set" benches/ab.sh 3 "-c 50 -n 20000 -d 16384 -t get" "" "--multiplex"
+# ALONGSIDE, if set, are redis-benchmark arguments run against the same variant, in a loop,
+# during each measured run (a competing load; its CPU counts in the figures), e.g. clients
+# reading 4 MB values while 20 others GET a small one:
+#   PREPARE="-n 1 -d 4000000 -t set" ALONGSIDE="-c 3 -n 100 -t get" \
+#     benches/ab.sh 3 "-c 20 -n 40000 get small" "--multiplex"
 # Every process it starts is stopped by PID on exit.
 set -euo pipefail
 
@@ -47,10 +52,10 @@ n=$(awk '{for (i = 1; i <= NF; i++) if ($i == "-n") print $(i + 1)}' <<<"$BARGS"
 [[ -n "$n" ]] || { echo "ab.sh: BENCH ARGS need -n" >&2; exit 2; }
 
 WORK="$(mktemp -d /tmp/redis-entra-ab.XXXXXX)"
-PIDS=()
+PIDS=() BG=
 cleanup() {
     local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in $BG "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$WORK"
 }
@@ -92,10 +97,21 @@ printf 'round\tvariant\ttest\trps\tp50_ms\tp99_ms\tproxy_us_per_req\tredis_us_pe
 for ((r = 1; r <= ROUNDS; r++)); do
     for ((k = 0; k < i; k++)); do
         j=$(((k + r - 1) % i))
+        if [[ -n "${ALONGSIDE:-}" ]]; then
+            # shellcheck disable=SC2086
+            timeout 600 redis-benchmark -p "${PORTS[$j]}" -q -l $ALONGSIDE >/dev/null 2>&1 &
+            BG=$!
+            sleep 0.5
+        fi
         m0=$(ticks "${PIDS[$j]}") r0=$(ticks "${RPIDS[$j]}")
         # shellcheck disable=SC2086
         out=$(timeout 300 redis-benchmark -p "${PORTS[$j]}" -q --csv $BARGS | tail -n 1 | tr -d '"')
         m1=$(ticks "${PIDS[$j]}") r1=$(ticks "${RPIDS[$j]}")
+        if [[ -n "$BG" ]]; then
+            kill -TERM "$BG" 2>/dev/null || true
+            wait "$BG" 2>/dev/null || true
+            BG=
+        fi
         IFS=, read -r test rps _avg _min p50 _p95 p99 _max <<<"$out"
         awk -v r="$r" -v v="${NAMES[$j]}" -v t="$test" -v rps="$rps" -v p50="$p50" -v p99="$p99" \
             -v m="$((m1 - m0))" -v rd="$((r1 - r0))" -v tck="$TCK" -v n="$n" 'BEGIN {
