@@ -696,7 +696,7 @@ where
                     Outcome::ClientClosed
                 });
             }
-            if c.switch.is_none() {
+            if c.may_move() {
                 if let Some(to) = destination() {
                     // Nothing owed, nothing to write: the client can go on elsewhere.
                     return Phase::Move(
@@ -836,6 +836,13 @@ impl SharedClient {
     /// Replies submitted for and not yet received.
     fn owed(&self) -> u64 {
         self.asked - self.received
+    }
+
+    /// Whether it may go on on another session thread (when nothing is owed to it and nothing
+    /// waits to be written): not while a `HELLO` waits to switch protocols, nor once it fell
+    /// behind, since it pins at its next request ([`SharedClient::submit`]).
+    fn may_move(&self) -> bool {
+        self.switch.is_none() && !self.link.fell_behind()
     }
 
     fn has_room(&self) -> bool {
@@ -2002,6 +2009,7 @@ mod tests {
         let stream = big_reply_stream(PAUSE / 2);
         assert!(!write_until_wait(&mut r, &mut cx, &mut &stream[..]));
         assert!(!c.link.fell_behind(), "half a PAUSE behind: no wait");
+        assert!(c.may_move());
 
         c.cin.extend_from_slice(get.repeat(2).as_bytes());
         c.submit();
@@ -2011,6 +2019,7 @@ mod tests {
         assert!(write_until_wait(&mut r, &mut cx, &mut &stream[..]));
         assert!(c.link.fell_behind() && !b.fell_behind());
         assert!(!c.pin, "pins at its next request");
+        assert!(!c.may_move(), "and waits for it where it is");
 
         c.cin.extend_from_slice(get.as_bytes());
         c.submit();
