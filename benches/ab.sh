@@ -17,8 +17,9 @@
 # before the rounds, unmeasured: GETs of 16 KiB values need the value set first,
 #   PREPARE="-n 1 -d 16384 -t set" benches/ab.sh 3 "-c 50 -n 20000 -d 16384 -t get" "" "--multiplex"
 # ALONGSIDE, if set, are redis-benchmark arguments run against the same variant, in a loop,
-# during each measured run (a competing load; its CPU counts in the figures), e.g. clients
-# reading 4 MB values while 20 others GET a small one:
+# during each measured run (a competing load; its CPU counts in the figures, and the mean rate
+# of the loops it completed is the last column), e.g. clients reading 4 MB values while 20
+# others GET a small one:
 #   PREPARE="-n 1 -d 4000000 -t set" ALONGSIDE="-c 3 -n 100 -t get" \
 #     benches/ab.sh 3 "-c 20 -n 40000 get small" "--multiplex"
 # Every process it starts is stopped by PID on exit.
@@ -93,13 +94,13 @@ for v in "$@"; do
     i=$((i + 1))
 done
 
-printf 'round\tvariant\ttest\trps\tp50_ms\tp99_ms\tproxy_us_per_req\tredis_us_per_req\n'
+printf 'round\tvariant\ttest\trps\tp50_ms\tp99_ms\tproxy_us_per_req\tredis_us_per_req\talongside_rps\n'
 for ((r = 1; r <= ROUNDS; r++)); do
     for ((k = 0; k < i; k++)); do
         j=$(((k + r - 1) % i))
         if [[ -n "${ALONGSIDE:-}" ]]; then
             # shellcheck disable=SC2086
-            timeout 600 redis-benchmark -p "${PORTS[$j]}" -q -l $ALONGSIDE >/dev/null 2>&1 &
+            timeout 600 redis-benchmark -p "${PORTS[$j]}" -q -l $ALONGSIDE >"$WORK/alongside" 2>&1 &
             BG=$!
             sleep 0.5
         fi
@@ -107,16 +108,19 @@ for ((r = 1; r <= ROUNDS; r++)); do
         # shellcheck disable=SC2086
         out=$(timeout 300 redis-benchmark -p "${PORTS[$j]}" -q --csv $BARGS | tail -n 1 | tr -d '"')
         m1=$(ticks "${PIDS[$j]}") r1=$(ticks "${RPIDS[$j]}")
+        along=-
         if [[ -n "$BG" ]]; then
             kill -TERM "$BG" 2>/dev/null || true
             wait "$BG" 2>/dev/null || true
             BG=
+            along=$(grep -o '[0-9.]* requests per second' "$WORK/alongside" |
+                awk '{ s += $1; c++ } END { if (c) printf "%.1f", s / c; else print "-" }')
         fi
         IFS=, read -r test rps _avg _min p50 _p95 p99 _max <<<"$out"
         awk -v r="$r" -v v="${NAMES[$j]}" -v t="$test" -v rps="$rps" -v p50="$p50" -v p99="$p99" \
-            -v m="$((m1 - m0))" -v rd="$((r1 - r0))" -v tck="$TCK" -v n="$n" 'BEGIN {
-                printf "%s\t%s\t%s\t%s\t%s\t%s\t%.2f\t%.2f\n", r, v, t, rps, p50, p99,
-                    m * 1e6 / tck / n, rd * 1e6 / tck / n }' | tee -a "$WORK/runs.tsv"
+            -v m="$((m1 - m0))" -v rd="$((r1 - r0))" -v tck="$TCK" -v n="$n" -v a="$along" 'BEGIN {
+                printf "%s\t%s\t%s\t%s\t%s\t%s\t%.2f\t%.2f\t%s\n", r, v, t, rps, p50, p99,
+                    m * 1e6 / tck / n, rd * 1e6 / tck / n, a }' | tee -a "$WORK/runs.tsv"
     done
 done
 echo
@@ -124,9 +128,12 @@ echo "medians of $ROUNDS round(s):"
 python3 - "$WORK/runs.tsv" "${NAMES[@]}" <<'PY'
 import statistics, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
-print("variant\trps\tp50_ms\tp99_ms\tproxy_us_per_req\tredis_us_per_req")
+print("variant\trps\tp50_ms\tp99_ms\tproxy_us_per_req\tredis_us_per_req\talongside_rps")
 for name in sys.argv[2:]:
     mine = [r for r in rows if r[1] == name]
-    cols = [statistics.median(float(r[c]) for r in mine) for c in (3, 4, 5, 6, 7)]
-    print(name, "\t".join(f"{x:g}" for x in cols), sep="\t")
+    cols = []
+    for c in (3, 4, 5, 6, 7, 8):
+        xs = [float(r[c]) for r in mine if r[c] != "-"]
+        cols.append(f"{statistics.median(xs):g}" if xs else "-")
+    print(name, "\t".join(cols), sep="\t")
 PY
