@@ -123,3 +123,80 @@ fn a_session_task_stays_small() {
     let size = std::mem::size_of_val(&session);
     assert!(size <= 3 * 1024, "a session future takes {size} bytes");
 }
+
+/// A big reply streaming through a session lets the other tasks of its thread run after every
+/// [`YIELD_AFTER`] bytes or more read from the upstream (the session wakes itself and returns
+/// `Pending`), and nothing of it is lost or reordered. Polled by hand, outside a runtime, so
+/// that tokio's own budget does not interrupt it.
+#[test]
+fn a_session_lets_its_thread_go_after_reading_enough_in_one_poll() {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Woken(std::sync::atomic::AtomicBool);
+    impl Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let woken = Arc::new(Woken(Default::default()));
+    let waker = Waker::from(woken.clone());
+    let mut cx = Context::from_waker(&waker);
+
+    let value = vec![b'v'; 1 << 20];
+    let mut reply = format!("${}\r\n", value.len()).into_bytes();
+    reply.extend_from_slice(&value);
+    reply.extend_from_slice(b"\r\n");
+    let (mut app, mut client) = tokio::io::duplex(4 << 20);
+    let (mut upstream, mut server) = tokio::io::duplex(4 << 20);
+    let write = |s: &mut DuplexStream, cx: &mut Context<'_>, bytes: &[u8]| {
+        let Poll::Ready(Ok(n)) = std::pin::Pin::new(s).poll_write(cx, bytes) else {
+            panic!("the pipe has room");
+        };
+        assert_eq!(n, bytes.len());
+    };
+    write(&mut app, &mut cx, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+    // The server's answers to the proxy's AUTH and to the GET, all there at once.
+    write(&mut server, &mut cx, b"+OK\r\n");
+    write(&mut server, &mut cx, &reply);
+
+    let shared = shared(creds());
+    let mut core = Core::new(creds(), None);
+    let mut io = Io::new(&shared, READ_CHUNK, None);
+    let mut yields = 0;
+    loop {
+        let timers = io.timers(&core);
+        match io.poll(
+            &mut cx,
+            &mut client,
+            &mut upstream,
+            &mut core,
+            timers,
+            &shared.health,
+        ) {
+            Poll::Ready(None) => {}
+            Poll::Ready(Some(outcome)) => panic!("{outcome}"),
+            // Woken at once: it yielded. Otherwise it waits for more input.
+            Poll::Pending if woken.0.swap(false, std::sync::atomic::Ordering::SeqCst) => {
+                yields += 1;
+            }
+            Poll::Pending => break,
+        }
+    }
+    // Reads take what the buffer has room for, 16 KiB or more: at least one yield, and none
+    // before YIELD_AFTER bytes.
+    assert!(
+        (1..=reply.len() / YIELD_AFTER + 1).contains(&yields),
+        "{yields} yields for {} bytes",
+        reply.len()
+    );
+    let mut got = vec![0; reply.len()];
+    let mut buf = tokio::io::ReadBuf::new(&mut got);
+    while buf.remaining() > 0 {
+        let before = buf.remaining();
+        let _ = std::pin::Pin::new(&mut app).poll_read(&mut cx, &mut buf);
+        assert!(
+            buf.remaining() < before,
+            "the whole reply reached the client"
+        );
+    }
+    assert!(got == reply, "the reply as the server sent it");
+}
