@@ -559,6 +559,18 @@ pub struct Carry {
     authenticated: bool,
 }
 
+impl Default for Carry {
+    /// What a client that just connected has: nothing read, RESP2, no name, no password given.
+    fn default() -> Carry {
+        Carry {
+            cin: BytesMut::new(),
+            proto: 2,
+            name: None,
+            authenticated: false,
+        }
+    }
+}
+
 /// How [`serve`] ended.
 pub enum Served<C> {
     Done(Outcome),
@@ -639,12 +651,7 @@ async fn shared_phase<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let carry = carry.unwrap_or(Carry {
-        cin: BytesMut::new(),
-        proto: 2,
-        name: None,
-        authenticated: false,
-    });
+    let carry = carry.unwrap_or_default();
     let proto = carry.proto;
     let password = shared.local_password.clone();
     let mut c = SharedClient::new(carry, password, router(proto));
@@ -1989,12 +1996,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_the_router_waited_for_pins_at_its_next_request() {
         let (tx, mut submissions) = mpsc::unbounded_channel();
-        let carry = Carry {
-            cin: BytesMut::new(),
-            proto: 2,
-            name: None,
-            authenticated: false,
-        };
+        let carry = Carry::default();
         let mut c = SharedClient::new(carry, None, tx);
         let get = "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
         c.cin.extend_from_slice(get.repeat(2).as_bytes());
@@ -2164,12 +2166,7 @@ mod tests {
         assert!(!write_until_wait(&mut r, &mut cx, &mut &stream[..]));
         assert_eq!(collect(&mut b_rx), (b":1\r\n".to_vec(), 1));
 
-        let carry = Carry {
-            cin: BytesMut::new(),
-            proto: 2,
-            name: None,
-            authenticated: false,
-        };
+        let carry = Carry::default();
         let c = SharedClient::new(carry, None, mpsc::unbounded_channel().0);
         let link = c.link.clone();
         link.handed(2 * PAUSE);
@@ -2300,12 +2297,7 @@ mod tests {
     #[tokio::test]
     async fn submissions_say_whether_their_requests_are_plain() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let carry = Carry {
-            cin: BytesMut::new(),
-            proto: 2,
-            name: None,
-            authenticated: false,
-        };
+        let carry = Carry::default();
         let mut c = SharedClient::new(carry, None, tx);
         let mut submitted = |c: &mut SharedClient, bytes: &str| {
             c.cin.extend_from_slice(bytes.as_bytes());
@@ -2346,10 +2338,8 @@ mod tests {
         let client = |authenticated| {
             let (tx, rx) = mpsc::unbounded_channel();
             let carry = Carry {
-                cin: BytesMut::new(),
-                proto: 2,
-                name: None,
                 authenticated,
+                ..Carry::default()
             };
             let password = Some(Arc::new(Secret::new("pw")));
             (SharedClient::new(carry, password, tx), rx)
@@ -2452,12 +2442,7 @@ mod tests {
     async fn an_idle_shared_client_gives_its_buffers_back() {
         use tokio::io::AsyncWriteExt;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let carry = Carry {
-            cin: BytesMut::new(),
-            proto: 2,
-            name: None,
-            authenticated: false,
-        };
+        let carry = Carry::default();
         let mut c = SharedClient::new(carry, None, tx);
         let link = c.link.clone();
         let (mut app, mut client) = tokio::io::duplex(64 * 1024);
