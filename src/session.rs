@@ -12,7 +12,7 @@ mod ledger;
 mod no_token;
 mod state;
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -59,7 +59,11 @@ const READ_CHUNK_MIN: usize = 2 * 1024;
 /// - pipelined small GETs: unchanged.
 ///
 /// Counting the bytes read from the client too cost multiplexed 16 KiB SETs 6 %: the shared
-/// session reads its clients' requests 64 KiB at a time.
+/// session reads its clients' requests 64 KiB at a time. Yielding as `yield_now` does (polled
+/// again after the runtime has polled for I/O, rather than woken at once, when the others'
+/// readiness is looked at only every 61 polls) served the small GETs beside the 4 MB readers
+/// better again: 8.6k → 9.8k/s with a connection each (the 4 MB readers 122 → 137/s),
+/// 5.8k → 7.6k/s multiplexed (174 → 152/s); the other cases the same.
 const YIELD_AFTER: usize = 64 * 1024;
 /// After the client half-closes, replies already owed to it are still delivered for this
 /// long (what `printf 'PING\r\n' | nc` expects), then the connection closes.
@@ -722,7 +726,9 @@ impl Io {
         let mut read = 0;
         loop {
             if read >= YIELD_AFTER {
-                cx.waker().wake_by_ref();
+                // Polled again once the runtime has run its other ready tasks and polled for
+                // I/O, as `yield_now` is.
+                let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
                 return Poll::Pending;
             }
             let mut progress = false;
