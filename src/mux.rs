@@ -37,7 +37,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -483,9 +483,14 @@ struct Link {
     unsent: AtomicUsize,
     /// The router, when it waits for the client to catch up ([`Link::behind`]).
     router: AtomicWaker,
-    /// The router had to wait for the client: it pins at its next request.
-    fell_behind: AtomicBool,
+    /// Why the client pins at its next request, if it does ([`Link::pins`]).
+    pin_next: AtomicU8,
 }
+
+/// Values of [`Link::pin_next`]: the router handed the client a reply of more than [`PAUSE`]
+/// bytes, or had to wait for it to read.
+const LARGE_REPLY: u8 = 1;
+const SLOW_READER: u8 = 2;
 
 impl Link {
     fn new(to: mpsc::UnboundedSender<Delivery>) -> Arc<Link> {
@@ -493,12 +498,27 @@ impl Link {
             to,
             unsent: AtomicUsize::new(0),
             router: AtomicWaker::new(),
-            fell_behind: AtomicBool::new(false),
+            pin_next: AtomicU8::new(0),
         })
     }
 
-    fn fell_behind(&self) -> bool {
-        self.fell_behind.load(Ordering::Relaxed)
+    /// The client is to pin at its next request, for `why` (unless it already is, for another
+    /// reason).
+    fn pin_next(&self, why: u8) {
+        let _ = self
+            .pin_next
+            .compare_exchange(0, why, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Why the client pins at its next request (the `reason` of `multiplex_pinned_total`), if
+    /// the router decided it does: its replies hold the shared connection too long for the
+    /// others, one big reply, or one it read too slowly.
+    fn pins(&self) -> Option<&'static str> {
+        match self.pin_next.load(Ordering::Relaxed) {
+            0 => None,
+            LARGE_REPLY => Some("large_reply"),
+            _ => Some("slow_reader"),
+        }
     }
 
     fn unsent(&self) -> usize {
@@ -683,11 +703,9 @@ where
         }
         if c.owed() == 0 && c.out.is_empty() {
             if c.pin {
-                let reason = if c.slow {
-                    "slow_reader"
-                } else {
-                    pin_reason(&c.cin, c.authenticated)
-                };
+                let reason = c
+                    .pinned_by
+                    .unwrap_or_else(|| pin_reason(&c.cin, c.authenticated));
                 return Phase::Pin(
                     std::mem::take(&mut c.cin),
                     c.proto,
@@ -785,8 +803,8 @@ struct SharedClient {
     out: VecDeque<Bytes>,
     /// A command that cannot share was read, or the client fell behind: submit nothing more.
     pin: bool,
-    /// It pinned because the shared connection had to wait for it to read its replies.
-    slow: bool,
+    /// Why it pinned, when the router decided it ([`Link::pins`]).
+    pinned_by: Option<&'static str>,
     /// The protocol the client speaks (its shared connection's), 2 until it says `HELLO 3`.
     proto: u8,
     /// A `HELLO` to this protocol waits (first in `cin`) until nothing is owed on the
@@ -825,7 +843,7 @@ impl SharedClient {
             out: VecDeque::new(),
             name: carry.name,
             pin: false,
-            slow: false,
+            pinned_by: None,
             proto: carry.proto,
             switch: None,
             reading: true,
@@ -846,10 +864,10 @@ impl SharedClient {
     }
 
     /// Whether it may go on on another session thread (when nothing is owed to it and nothing
-    /// waits to be written): not while a `HELLO` waits to switch protocols, nor once it fell
-    /// behind, since it pins at its next request ([`SharedClient::submit`]).
+    /// waits to be written): not while a `HELLO` waits to switch protocols, nor once the router
+    /// decided that it pins at its next request ([`SharedClient::submit`]).
     fn may_move(&self) -> bool {
-        self.switch.is_none() && !self.link.fell_behind()
+        self.switch.is_none() && self.link.pins().is_none()
     }
 
     fn has_room(&self) -> bool {
@@ -1020,12 +1038,12 @@ impl SharedClient {
         let mut replies = 0;
         // Every request in `..end` is plain.
         let mut plain = true;
-        if !self.pin && self.link.fell_behind() {
-            // It reads big replies more slowly than the server sends them: from now on they
-            // wait in the server for it alone, on a connection of its own, instead of holding
-            // up every client behind it on the shared one.
+        if let Some(why) = self.link.pins().filter(|_| !self.pin) {
+            // Its replies are big, or it reads them slowly: from now on they wait in the
+            // server for it alone, on a connection of its own, instead of holding up every
+            // client behind it on the shared one.
             self.pin = true;
-            self.slow = true;
+            self.pinned_by = Some(why);
         }
         while !self.pin && self.switch.is_none() {
             // Redis's limits on what an unauthenticated client may announce hold until the
@@ -1240,6 +1258,8 @@ async fn route(mut r: Router, shared: Arc<Shared>, target: Arc<Target>) {
 struct Route {
     link: Arc<Link>,
     replies: usize,
+    /// Bytes handed so far of a reply handed in parts (see [`PASS_ON`]).
+    part: usize,
     /// The client was closed for reading too slowly: its replies are dropped.
     dropped: bool,
 }
@@ -1249,6 +1269,7 @@ impl Route {
         Route {
             link,
             replies,
+            part: 0,
             dropped: false,
         }
     }
@@ -1455,7 +1476,7 @@ impl Router {
         };
         let stall = self.stall.get_or_insert_with(|| {
             metrics::counter!(crate::metrics::MULTIPLEX_SLOW_READER_WAITS_TOTAL).increment(1);
-            route.link.fell_behind.store(true, Ordering::Relaxed);
+            route.link.pin_next(SLOW_READER);
             Box::pin(tokio::time::sleep(SLOW_CLIENT))
         });
         if stall.as_mut().poll(cx).is_pending() {
@@ -1517,6 +1538,14 @@ impl Router {
         if !route.dropped {
             route.link.send(frames, replies);
         }
+        // A reply handed in parts ends in the first run that counts a whole reply.
+        if (replies == 0 || route.part > 0) && route.part + run > PAUSE {
+            // A reply this long holds the shared connection, and every client behind it, for
+            // as long as it takes to pass: the client's next big one will wait in the server
+            // for it alone.
+            route.link.pin_next(LARGE_REPLY);
+        }
+        route.part = if replies == 0 { route.part + run } else { 0 };
         route.replies -= replies;
         self.scanned -= run;
     }
@@ -1991,43 +2020,82 @@ mod tests {
         assert_eq!(collect(&mut b_rx), (b":1\r\n".to_vec(), 1));
     }
 
-    /// A client the shared connection had to wait for pins at its next request, and only
-    /// that client: its big replies then wait in the server for it alone.
+    /// A client the router handed a reply of more than [`PAUSE`] bytes, or had to wait for,
+    /// pins at its next request, and only that client: its big replies then wait in the server
+    /// for it alone. Until then it stays where it is.
     #[tokio::test]
-    async fn a_client_the_router_waited_for_pins_at_its_next_request() {
+    async fn a_client_with_big_replies_or_far_behind_pins_at_its_next_request() {
         let (tx, mut submissions) = mpsc::unbounded_channel();
-        let carry = Carry::default();
-        let mut c = SharedClient::new(carry, None, tx);
+        let client = || SharedClient::new(Carry::default(), None, tx.clone());
         let get = "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
-        c.cin.extend_from_slice(get.repeat(2).as_bytes());
-        c.submit();
-        let (b_tx, _b_rx) = mpsc::unbounded_channel();
-        let b = Link::new(b_tx);
         let mut r = router(2, 0);
-        r.hold(submissions.try_recv().expect("shared"));
-        r.routes.push_back(Route::new(b.clone(), 1));
+        let mut ask = |c: &mut SharedClient, r: &mut Router, n: usize| {
+            c.cin.extend_from_slice(get.repeat(n).as_bytes());
+            c.submit();
+            match submissions.try_recv() {
+                Ok(s) => r.hold(s),
+                Err(_) => assert!(c.pin, "only a pinned client submits nothing"),
+            }
+        };
         let (_, waker) = Woken::new();
         let mut cx = Context::from_waker(&waker);
-        let stream = big_reply_stream(PAUSE / 2);
-        assert!(!write_until_wait(&mut r, &mut cx, &mut &stream[..]));
-        assert!(!c.link.fell_behind(), "half a PAUSE behind: no wait");
-        assert!(c.may_move());
+        // Writes `stream` to the router, the client of the front route reading as it comes
+        // when `reads`; whether the router waited.
+        let pass = |r: &mut Router, cx: &mut Context<'_>, stream: &[u8], reads: bool| {
+            let link = r.routes[0].link.clone();
+            for piece in stream.chunks(16 * 1024) {
+                if Pin::new(&mut *r).poll_write(cx, piece).is_pending() {
+                    return true;
+                }
+                if reads {
+                    link.written(link.unsent());
+                }
+            }
+            false
+        };
 
-        c.cin.extend_from_slice(get.repeat(2).as_bytes());
-        c.submit();
-        r.hold(submissions.try_recv().expect("still shared"));
-        r.routes.push_back(Route::new(b.clone(), 1));
-        let stream = big_reply_stream(4 * PAUSE);
-        assert!(write_until_wait(&mut r, &mut cx, &mut &stream[..]));
-        assert!(c.link.fell_behind() && !b.fell_behind());
-        assert!(!c.pin, "pins at its next request");
-        assert!(!c.may_move(), "and waits for it where it is");
+        // Half a PAUSE, unread: nothing.
+        let mut a = client();
+        ask(&mut a, &mut r, 2);
+        assert!(!pass(
+            &mut r,
+            &mut cx,
+            &big_reply_stream(PAUSE / 2)[..],
+            false
+        ));
+        assert_eq!(a.link.pins(), None);
+        assert!(a.may_move());
 
-        c.cin.extend_from_slice(get.as_bytes());
-        c.submit();
-        assert!(submissions.try_recv().is_err(), "nothing more shared");
-        assert!(c.pin && c.slow);
-        assert_eq!(&c.cin[..], get.as_bytes(), "left for its own session");
+        // A reply of 2 PAUSEs, read as it comes: the router never waits, and the client pins.
+        ask(&mut a, &mut r, 2);
+        let stream = big_reply_stream(2 * PAUSE);
+        let (head, tail) = stream.split_at(stream.len() - b":1\r\n".len());
+        assert!(!pass(&mut r, &mut cx, head, true));
+        assert_eq!(a.link.pins(), Some("large_reply"));
+        assert!(!a.pin, "pins at its next request");
+        assert!(!a.may_move(), "and waits for it where it is");
+        // A client of its own for the last `:1`.
+        let mut b = client();
+        ask(&mut b, &mut r, 1);
+        assert!(!pass(&mut r, &mut cx, tail, false));
+        assert_eq!(b.link.pins(), None, "a small reply");
+
+        // Replies of 40 KB, none in parts, 1.6 MB of them unread: the router waits.
+        let mut d = client();
+        ask(&mut d, &mut r, 40);
+        let reply = format!("$40000\r\n{}\r\n", "v".repeat(40_000));
+        assert!(pass(&mut r, &mut cx, reply.repeat(40).as_bytes(), false));
+        assert_eq!(d.link.pins(), Some("slow_reader"));
+        assert_eq!(b.link.pins(), None);
+
+        // Their next requests: nothing more is shared.
+        for (c, why) in [(&mut a, "large_reply"), (&mut d, "slow_reader")] {
+            ask(c, &mut r, 1);
+            assert!(c.pin && c.pinned_by == Some(why), "{why}");
+            assert_eq!(&c.cin[..], get.as_bytes(), "left for its own session");
+        }
+        ask(&mut b, &mut r, 1);
+        assert!(!b.pin);
     }
 
     /// A reply for [`replies_reach_their_readers_within_bounds`]: the `i`th of the stream, of

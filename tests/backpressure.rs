@@ -998,10 +998,10 @@ async fn a_shared_client_behind_on_a_big_reply() {
         .unwrap_or_else(|_| panic!("{case}: not read within {PHASE:?}"));
     proxy.assert_bounded(case, baseline, BIG_VALUE as u64 >> 20);
 
-    // The shared connection had to wait for it: its next request goes on a connection of its
-    // own, where the big reply waits for it alone, and a client asking behind it is answered
-    // at once.
-    let case = "a client that fell behind, asking again";
+    // It got a big reply (and the shared connection had to wait for it): its next request
+    // goes on a connection of its own, where the big reply waits for it alone, and a client
+    // asking behind it is answered at once.
+    let case = "a client that got a big reply, asking again";
     late.write_all(GET_BIG).await.expect("write");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut behind = RespConn::connect_plain(proxy.addr).await.expect("connect");
@@ -1062,10 +1062,10 @@ async fn a_shared_client_behind_on_a_big_reply() {
     assert_eq!(
         metric(
             "redis_entra_proxy_multiplex_pinned_total",
-            "reason=\"slow_reader\""
+            "reason=\"large_reply\""
         ),
         1.0,
-        "the client that fell behind and asked again pinned\n{metrics}"
+        "the client that got a big reply and asked again pinned\n{metrics}"
     );
     proxy.assert_bounded(case, baseline, BIG_VALUE as u64 >> 20);
 }
