@@ -134,7 +134,7 @@ fn describe() {
     );
     describe_counter!(
         MULTIPLEX_PINNED_TOTAL,
-        "Shared clients given an upstream connection of their own, by reason: a command that cannot share (auth, transaction, pubsub, blocking, connection, script, malformed, large_request, other), or slow_reader, a client the shared connection had to wait for (--multiplex)."
+        "Shared clients given an upstream connection of their own, by reason: a command that cannot share (auth, transaction, pubsub, blocking, connection, script, malformed, large_request, other), or at its next request a client handed a reply of more than 1 MiB (large_reply) or that the shared connection had to wait for (slow_reader) (--multiplex)."
     );
     describe_counter!(
         MULTIPLEX_BATCHES_TOTAL,

@@ -30,8 +30,9 @@
 //! A shared client more than 1 MiB behind in reading its replies makes the shared connection
 //! wait for it, as a connection of its own would: the proxy never holds much of a big reply
 //! for a slow reader, and the clients behind it wait. One that does not catch up within 10 s
-//! is closed (`PAUSE`, `RESUME`, `SLOW_CLIENT`). One that does pins at its next request, so
-//! that the others wait for it once at most.
+//! is closed (`PAUSE`, `RESUME`, `SLOW_CLIENT`). One that does, and one handed a reply of
+//! more than 1 MiB, pins at its next request: the others wait behind one of its big replies
+//! at most.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
@@ -801,7 +802,8 @@ struct SharedClient {
     name: Option<Bytes>,
     /// Replies received, not yet written to the client (the front one perhaps in part).
     out: VecDeque<Bytes>,
-    /// A command that cannot share was read, or the client fell behind: submit nothing more.
+    /// A command that cannot share was read, or the router decided the client pins: submit
+    /// nothing more.
     pin: bool,
     /// Why it pinned, when the router decided it ([`Link::pins`]).
     pinned_by: Option<&'static str>,
