@@ -512,8 +512,8 @@ impl Link {
     }
 
     /// Why the client pins at its next request (the `reason` of `multiplex_pinned_total`), if
-    /// the router decided it does: its replies hold the shared connection too long for the
-    /// others, one big reply, or one it read too slowly.
+    /// the router decided it does: it was handed a reply long enough to hold every client
+    /// behind it while it passed, or the shared connection had to wait for it to read.
     fn pins(&self) -> Option<&'static str> {
         match self.pin_next.load(Ordering::Relaxed) {
             0 => None,
