@@ -53,6 +53,8 @@ pub mod resp;
 pub mod secret;
 pub mod server;
 pub mod session;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod upstream;
 pub mod workers;

@@ -1775,6 +1775,7 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Prefixed<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Woken;
 
     /// A router whose clients are gone (the tests hand it submissions themselves).
     fn router(proto: u8, max_batches: usize) -> Router {
@@ -1922,27 +1923,6 @@ mod tests {
             ..router(3, 0)
         };
         (r, a_rx, b_rx)
-    }
-
-    /// A waker that notes it was woken.
-    #[derive(Default)]
-    struct Woken(std::sync::atomic::AtomicBool);
-
-    impl std::task::Wake for Woken {
-        fn wake(self: Arc<Self>) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-
-    impl Woken {
-        fn new() -> (Arc<Woken>, std::task::Waker) {
-            let woken = Arc::new(Woken::default());
-            (woken.clone(), woken.into())
-        }
-
-        fn take(&self) -> bool {
-            self.0.swap(false, Ordering::SeqCst)
-        }
     }
 
     /// Writes `rest` to the router as the shared session does, 16 KiB at a time, until it is

@@ -130,15 +130,8 @@ fn a_session_task_stays_small() {
 /// that tokio's own budget does not interrupt it.
 #[test]
 fn a_session_lets_its_thread_go_after_reading_enough_in_one_poll() {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Woken(std::sync::atomic::AtomicBool);
-    impl Wake for Woken {
-        fn wake(self: Arc<Self>) {
-            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-    let woken = Arc::new(Woken(Default::default()));
-    let waker = Waker::from(woken.clone());
+    use std::task::{Context, Poll};
+    let (woken, waker) = crate::testing::Woken::new();
     let mut cx = Context::from_waker(&waker);
 
     let value = vec![b'v'; 1 << 20];
@@ -175,7 +168,7 @@ fn a_session_lets_its_thread_go_after_reading_enough_in_one_poll() {
             Poll::Ready(None) => {}
             Poll::Ready(Some(outcome)) => panic!("{outcome}"),
             // Woken at once: it yielded. Otherwise it waits for more input.
-            Poll::Pending if woken.0.swap(false, std::sync::atomic::Ordering::SeqCst) => {
+            Poll::Pending if woken.take() => {
                 yields += 1;
             }
             Poll::Pending => break,
