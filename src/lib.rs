@@ -18,7 +18,10 @@
 //! - [`cli`], [`config`]: options (flag > env > file > default) and their validation.
 //! - [`server`]: accept loops, connection limit, draining.
 //! - [`workers`]: session threads, one single-threaded runtime each; a connection stays on one.
-//! - [`mux`]: `--multiplex`: plain commands of many clients over one shared session per thread.
+//! - [`mux`]: `--multiplex`: plain commands of many clients over one shared session per thread;
+//!   `mux/commands.rs` what a request gets, `mux/client.rs` a client in its shared phase,
+//!   `mux/router.rs` a thread's router, `mux/link.rs` what the two exchange, `mux/balance.rs`
+//!   which threads shared clients run on.
 //! - [`session`]: the per-connection driver; `session/core.rs` the sans-IO core,
 //!   `session/commands.rs` client command handling, `session/ledger.rs` the reply FIFO,
 //!   `session/state.rs` the tracked connection state, `session/framing.rs` what the router of
