@@ -11,18 +11,20 @@
 //! ([`Core::mid_request`]), and nothing is injected before its end. Upstream replies are
 //! framed by the streaming scanner and matched against the ledger: relayed, dropped, or
 //! swallowed (the proxy's own AUTH). Pushes and pub/sub messages bypass the ledger. Command
-//! handling lives in `commands.rs`; this file owns the reply side and re-authentication.
+//! handling lives in `commands.rs`, the reply side in `core/replies.rs`, the upstream's
+//! authentication (first AUTH, re-AUTH, close before expiry) in `core/auth.rs`; this file owns
+//! the core's state, the client input side and closing.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::framing::Runs;
-use super::ledger::{Effect, Expect, Injected, Ledger, SubKind};
+use super::ledger::{Effect, Expect, Injected, Ledger};
 use super::state::{ConnState, ReplyMode};
 use crate::credentials::Credentials;
-use crate::resp::reply::{peek_head, First, Head, ReplyScanner};
+use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, ProtocolError, RequestParser};
 use crate::secret::Secret;
 
@@ -134,35 +136,6 @@ pub struct Stats {
     pub reauth_failed: u64,
 }
 
-/// An AUTH the upstream accepted.
-#[derive(Debug, Clone, Copy)]
-struct Authed {
-    generation: u64,
-    expires_at: Option<SystemTime>,
-    /// When the reply arrived.
-    at: SystemTime,
-}
-
-/// What to do with the upstream frame being scanned.
-#[derive(Debug, Clone, Copy)]
-enum Role {
-    /// Answers the ledger's front entry.
-    Reply { error: bool, mode: Mode },
-    /// A subscription confirmation (held whole to read its count).
-    Ack { kind: SubKind, subscribe: bool },
-    /// A message or push nobody asked for: relay (as a RESP2 array when translating).
-    Unsolicited { translate: bool },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Relay,
-    Drop,
-    Hold,
-    /// Held whole, then relayed with its node addresses made local (cluster mode).
-    Rewrite,
-}
-
 #[derive(Debug)]
 pub struct Core {
     pub(super) parser: RequestParser,
@@ -201,17 +174,6 @@ pub struct Core {
     pub auth_events: Vec<AuthEvent>,
     /// Makes node addresses in replies local (cluster mode).
     pub(super) rewriter: Option<crate::cluster::Rewriter>,
-}
-
-/// One answered AUTH of the proxy's.
-#[derive(Debug, Clone, Copy)]
-pub struct AuthEvent {
-    pub initial: bool,
-    /// The token generation the AUTH carried.
-    pub generation: u64,
-    pub ok: bool,
-    /// From writing the AUTH to reading its reply (includes commands queued before it).
-    pub latency: Duration,
 }
 
 impl Core {
@@ -288,76 +250,6 @@ impl Core {
     /// The server sends to this connection without being asked: subscribed or MONITOR.
     pub fn streaming(&self) -> bool {
         self.state.wsubs.any() || self.state.monitor_sent
-    }
-
-    /// Whether the upstream is authenticated with the newest credentials.
-    pub fn current(&self) -> bool {
-        self.authed
-            .is_some_and(|a| a.generation == self.creds.generation)
-    }
-
-    /// A re-AUTH failed and waits for [`Core::retry_reauth`].
-    pub fn reauth_failed(&self) -> bool {
-        self.reauth_failed
-    }
-
-    /// When the connection must be closed unless it re-authenticates first: shortly before
-    /// the token it is authenticated with expires. Once that passed ([`Core::expire`]), the
-    /// moment just before expiry when replies still owed are given up.
-    pub fn close_deadline(&self) -> Option<SystemTime> {
-        let a = self.authed?;
-        let expires = a.expires_at?;
-        let lifetime = expires.duration_since(a.at).unwrap_or_default();
-        if self.expiring {
-            return Some(expires - HARD_CLOSE_BEFORE_EXPIRY.min(lifetime / 20));
-        }
-        Some(expires - CLOSE_BEFORE_EXPIRY.min(lifetime / 10))
-    }
-
-    /// The upstream accepted an AUTH on this connection at least once.
-    pub fn authenticated(&self) -> bool {
-        self.authed.is_some()
-    }
-
-    /// The first AUTH was not answered in time: the client hears it once, as when the AUTH
-    /// is refused, and the connection closes.
-    pub fn auth_timed_out(&mut self, after: Duration) {
-        if self.authed.is_some() || self.closing.is_some() {
-            return;
-        }
-        let msg = format!("ERR redis-entra-proxy: upstream did not answer AUTH within {after:?}");
-        self.first_auth_failed(&msg, CloseReason::UpstreamAuthTimeout(after));
-    }
-
-    /// The first AUTH failed: the client hears about it once, as the reply to everything it
-    /// sent (nothing it pipelined has been answered yet), and the connection closes.
-    fn first_auth_failed(&mut self, msg: &str, reason: CloseReason) {
-        self.ledger.clear();
-        self.streaming = false;
-        self.to_client.clear();
-        crate::resp::encode::error(&mut self.to_client, msg);
-        self.closing = Some(reason);
-    }
-
-    /// Time left on the token the upstream is authenticated with.
-    pub fn authed_remaining(&self, now: SystemTime) -> Option<Duration> {
-        let expires = self.authed?.expires_at?;
-        Some(expires.duration_since(now).unwrap_or_default())
-    }
-
-    /// The deadline passed without re-authentication. The first time: read nothing more
-    /// from the client and close once every reply owed to it was delivered. The second time
-    /// (the token is about to expire, a command is still blocked): close now.
-    pub fn expire(&mut self) {
-        if self.closing.is_some() {
-            return;
-        }
-        if self.expiring {
-            self.closing = Some(CloseReason::TokenExpiring);
-        } else {
-            self.expiring = true;
-            self.close_after_replies(CloseReason::TokenExpiring);
-        }
     }
 
     /// Stops reading the client and closes once every reply owed to it was delivered (what
@@ -520,101 +412,6 @@ impl Core {
         );
     }
 
-    /// Scans replies in `buf`, relaying, dropping or swallowing each.
-    pub fn upstream_input(&mut self, buf: &mut BytesMut) {
-        while !buf.is_empty() && self.wants_upstream_input() {
-            let (role, fresh) = match self.role {
-                Some(role) => (role, false),
-                None => {
-                    let Some(head) = peek_head(buf) else { break };
-                    match self.decide(head) {
-                        Some(role) => (*self.role.insert(role), true),
-                        None => return self.close(CloseReason::UpstreamDesync),
-                    }
-                }
-            };
-            let scan = match self.scanner.scan(buf) {
-                Ok(scan) => scan,
-                Err(e) => return self.close(CloseReason::UpstreamProtocol(e.to_string())),
-            };
-            let bytes = &buf[..scan.consumed];
-            match role {
-                Role::Unsolicited { translate: true } if fresh => {
-                    // A push becomes an array; its elements are the same in RESP2.
-                    self.to_client.extend_from_slice(b"*");
-                    self.to_client.extend_from_slice(&bytes[1..]);
-                }
-                Role::Reply {
-                    mode: Mode::Relay, ..
-                }
-                | Role::Unsolicited { .. } => self.to_client.extend_from_slice(bytes),
-                Role::Reply {
-                    mode: Mode::Drop, ..
-                } => {}
-                Role::Reply {
-                    mode: Mode::Hold | Mode::Rewrite,
-                    ..
-                }
-                | Role::Ack { .. } => self.held.extend_from_slice(bytes),
-            }
-            buf.advance(scan.consumed);
-            if scan.complete {
-                self.role = None;
-                self.finish(role);
-                self.held.clear();
-                self.drain_local();
-                self.maybe_reauth();
-            } else if scan.consumed == 0 {
-                break;
-            }
-        }
-    }
-
-    /// New credentials: the upstream re-authenticates at its next safe point.
-    pub fn set_credentials(&mut self, creds: Arc<Credentials>) {
-        tracing::trace!(
-            generation = creds.generation,
-            safe = self.safe_to_inject(),
-            "new credentials"
-        );
-        if creds.generation != self.creds.generation {
-            self.creds = creds;
-            self.reauth_failed = false;
-            self.maybe_reauth();
-        }
-    }
-
-    /// Allows another attempt after a failed re-AUTH.
-    pub fn retry_reauth(&mut self) {
-        self.reauth_failed = false;
-        self.maybe_reauth();
-    }
-
-    /// Whether an AUTH written now would be executed as a plain AUTH, with a reply the proxy
-    /// can swallow, and without disturbing the client's own commands.
-    pub fn safe_to_inject(&self) -> bool {
-        let s = &self.state;
-        // Redis refuses AUTH from a RESP2 subscriber.
-        let resp2_sub = s.wproto == 2 && s.wsubs.any();
-        self.closing.is_none()
-            && !self.streaming
-            && !s.in_multi
-            && !s.one_shot
-            && !s.quit
-            && !s.monitor_sent
-            && !resp2_sub
-    }
-
-    pub(super) fn maybe_reauth(&mut self) {
-        if self.auths_in_flight == 0
-            && !self.current()
-            && !self.reauth_failed
-            && self.safe_to_inject()
-        {
-            self.inject_auth(false);
-        }
-    }
-
     /// Writes `HELLO <version>` and expects its reply to be swallowed.
     pub(super) fn inject_hello(&mut self, version: u8, emulate: bool) {
         crate::resp::encode::hello(&mut self.to_upstream, version);
@@ -648,279 +445,6 @@ impl Core {
             [&b"CLIENT"[..], b"SETNAME", name].into_iter(),
         );
         self.ledger.push(Expect::Swallow(Injected::SetName));
-    }
-
-    /// Writes `AUTH <user> <token>` and expects its reply to be swallowed.
-    pub(super) fn inject_auth(&mut self, initial: bool) {
-        self.creds.write_auth(&mut self.to_upstream);
-        let generation = self.creds.generation;
-        tracing::trace!(generation, initial, "AUTH injected");
-        self.auths_in_flight += 1;
-        self.ledger.push(Expect::Swallow(Injected::Auth {
-            generation,
-            initial,
-            expires_at: self.creds.expires_at,
-            sent: std::time::Instant::now(),
-        }));
-    }
-
-    /// Forces a fresh AUTH now (after RESET, which de-authenticates the connection).
-    pub(super) fn reauth_now(&mut self) {
-        self.authed = None;
-        self.inject_auth(false);
-    }
-
-    /// Chooses the role of the frame that starts with `head`; `None` if no command expects it.
-    fn decide(&mut self, head: Head<'_>) -> Option<Role> {
-        let ack = match head.first {
-            First::Str(s) => SubKind::from_ack(s),
-            _ => None,
-        };
-        if head.kind == b'>' {
-            return Some(match ack {
-                Some((kind, subscribe)) => Role::Ack { kind, subscribe },
-                None => Role::Unsolicited {
-                    translate: self.state.translate,
-                },
-            });
-        }
-        let front_is_acks = matches!(self.ledger.front(), Some(Expect::Acks { .. }));
-        if head.kind == b'*' && self.state.proto == 2 && (self.state.subs.any() || front_is_acks) {
-            if let First::Str(b"message" | b"pmessage" | b"smessage") = head.first {
-                return Some(Role::Unsolicited { translate: false });
-            }
-            if let Some((kind, subscribe)) = ack {
-                return Some(Role::Ack { kind, subscribe });
-            }
-        }
-        if self.state.monitor {
-            return Some(Role::Unsolicited { translate: false });
-        }
-        // A null array (EXEC aborted by WATCH) also means the command's effect did not happen.
-        let error = matches!(head.kind, b'-' | b'!') || (head.kind == b'*' && head.line == b"-1");
-        let front = self.ledger.front()?;
-        let mode = match front {
-            Expect::Reply {
-                effect: Effect::Pong,
-                relay: true,
-            } if self.state.translate => Mode::Hold,
-            Expect::Reply { relay: true, .. } => Mode::Relay,
-            Expect::Reply { relay: false, .. } => Mode::Drop,
-            Expect::Swallow(_) => Mode::Hold,
-            Expect::Acks { relay, .. } => {
-                if *relay {
-                    Mode::Relay
-                } else {
-                    Mode::Drop
-                }
-            }
-            Expect::Local(_) | Expect::Close => return None,
-        };
-        let rewrite = mode == Mode::Relay
-            && self.rewriter.is_some()
-            && match front {
-                Expect::Reply {
-                    effect: Effect::Topology(_),
-                    ..
-                } => !error,
-                _ => head.kind == b'-' && crate::cluster::rewrite::is_redirect(head.line),
-            };
-        let mode = if rewrite { Mode::Rewrite } else { mode };
-        Some(Role::Reply { error, mode })
-    }
-
-    fn finish(&mut self, role: Role) {
-        if matches!(role, Role::Reply { mode, .. } if mode != Mode::Rewrite)
-            && self.ledger.pop_plain()
-        {
-            // A plain reply, relayed or dropped: nothing else to do, error or not.
-            return;
-        }
-        match role {
-            Role::Unsolicited { .. } => {}
-            Role::Ack { kind, subscribe } => self.finish_ack(kind, subscribe),
-            Role::Reply { error, mode } => match self.ledger.pop() {
-                entry if mode == Mode::Rewrite => {
-                    self.relay_rewritten(entry.as_ref());
-                    if let Some(Expect::Reply { effect, .. }) = entry {
-                        if !error {
-                            self.apply(effect);
-                        }
-                    }
-                }
-                // Held whole; dropped when the client turned replies off.
-                Some(Expect::Reply {
-                    effect: Effect::Pong,
-                    relay: true,
-                }) if self.state.translate => pong_as_resp2(&self.held, &mut self.to_client),
-                Some(Expect::Reply {
-                    effect: Effect::Pong,
-                    relay: false,
-                }) if self.state.translate => {}
-                Some(Expect::Reply { effect, .. }) if !error => self.apply(effect),
-                Some(Expect::Reply {
-                    effect: Effect::Hello(_),
-                    ..
-                }) => {
-                    // The predicted switch did not happen.
-                    self.state.wproto = self.state.proto;
-                }
-                Some(Expect::Swallow(Injected::Auth {
-                    generation,
-                    initial,
-                    expires_at,
-                    sent,
-                })) => self.auth_answered(generation, initial, expires_at, sent, error),
-                Some(Expect::Swallow(Injected::Hello { version, emulate })) => {
-                    self.hello_answered(version, emulate, error)
-                }
-                Some(Expect::Swallow(Injected::SetName)) if error => {
-                    // The proxy accepted only names Redis accepts; the client goes on unnamed.
-                    tracing::warn!(error = %error_text(&self.held), "upstream refused the CLIENT SETNAME of a pinned multiplexed client");
-                }
-                _ => {}
-            },
-        }
-    }
-
-    /// Relays the held reply with node addresses made local; one that cannot be rewritten
-    /// becomes an error reply, never a reply naming addresses the client cannot reach.
-    fn relay_rewritten(&mut self, entry: Option<&Expect>) {
-        let Some(rw) = &self.rewriter else {
-            self.to_client.extend_from_slice(&self.held);
-            return;
-        };
-        let rewritten = match entry {
-            Some(Expect::Reply {
-                effect: Effect::Topology(kind),
-                ..
-            }) => rw.topology(*kind, &self.held),
-            _ => rw.redirect(&self.held),
-        };
-        match rewritten {
-            Ok(bytes) => self.to_client.extend_from_slice(&bytes),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot rewrite cluster addresses in a reply");
-                crate::resp::encode::error(
-                    &mut self.to_client,
-                    &format!("ERR redis-entra-proxy: {e}"),
-                );
-            }
-        }
-    }
-
-    fn finish_ack(&mut self, kind: SubKind, subscribe: bool) {
-        let count = ack_count(&self.held);
-        // Redis 7 sends confirmations as pushes even under CLIENT REPLY OFF/SKIP
-        // (`CLIENT_PUSHING`), so they are relayed whatever the reply mode.
-        if let Some(Expect::Acks {
-            kind: k,
-            subscribe: s,
-            remaining,
-            ..
-        }) = self.ledger.front_mut()
-        {
-            if *k == kind && *s == subscribe {
-                // An unsubscribe-all learns its count now that every earlier confirmation
-                // has been read: one per subscription of its kind, or one if there is none.
-                let left = remaining.get_or_insert(self.state.subs.of(kind).max(1) as u32);
-                *left = left.saturating_sub(1);
-                if *left == 0 {
-                    self.ledger.pop();
-                }
-            }
-        }
-        if let Some(count) = count {
-            self.state.subs.confirm(kind, count);
-        }
-        if self.state.translate {
-            push_as_resp2(&self.held, &mut self.to_client);
-        } else {
-            self.to_client.extend_from_slice(&self.held);
-        }
-    }
-
-    fn hello_answered(&mut self, version: u8, emulate: bool, error: bool) {
-        if !error {
-            self.state.proto = version;
-            self.state.translate = emulate;
-            return;
-        }
-        if version == 3 {
-            // The subscriber stays RESP2: it cannot be re-authenticated, and is closed before
-            // its token expires (see `close_deadline`).
-            tracing::warn!(error = %error_text(&self.held), "upstream refused HELLO 3; RESP2 subscribers on this connection cannot be re-authenticated");
-            self.state.resp3_refused = true;
-            if self.state.emulating {
-                self.state.emulating = false;
-                self.state.wproto = 2;
-            } else if !emulate {
-                // [`Core::speak_resp3`]: the predicted switch did not happen.
-                self.state.wproto = self.state.proto;
-            }
-        }
-    }
-
-    fn apply(&mut self, effect: Effect) {
-        match effect {
-            Effect::None => {}
-            Effect::Hello(v) => self.state.proto = v,
-            Effect::Monitor => self.state.monitor = true,
-            Effect::Reset => {
-                self.state.proto = 2;
-                self.state.translate = false;
-                self.state.subs = Default::default();
-                self.state.monitor = false;
-            }
-            Effect::Pong | Effect::Topology(_) => {}
-        }
-    }
-
-    fn auth_answered(
-        &mut self,
-        generation: u64,
-        initial: bool,
-        expires_at: Option<SystemTime>,
-        sent: std::time::Instant,
-        error: bool,
-    ) {
-        self.auths_in_flight = self.auths_in_flight.saturating_sub(1);
-        self.auth_events.push(AuthEvent {
-            initial,
-            generation,
-            ok: !error,
-            latency: sent.elapsed(),
-        });
-        tracing::trace!(generation, initial, error, "AUTH answered");
-        if !error {
-            if !initial {
-                self.stats.reauth_ok += 1;
-            }
-            self.authed = Some(Authed {
-                generation,
-                expires_at,
-                at: SystemTime::now(),
-            });
-            if generation == self.creds.generation {
-                // An earlier refusal of this generation is moot.
-                self.reauth_failed = false;
-            }
-            return;
-        }
-        let text = error_text(&self.held);
-        if initial {
-            // With the server's own error code.
-            let msg = format!(
-                "{text} (redis-entra-proxy: upstream authentication as '{}' failed)",
-                self.creds.username
-            );
-            self.first_auth_failed(&msg, CloseReason::UpstreamAuth(text));
-        } else {
-            // The previous token is still valid: keep the connection, retry later.
-            self.stats.reauth_failed += 1;
-            self.reauth_failed = true;
-            tracing::warn!(generation, error = %text, "upstream refused re-authentication");
-        }
     }
 
     /// Appends replies the proxy answers itself once everything before them was relayed.
@@ -966,71 +490,12 @@ impl Core {
     }
 }
 
-/// The text of an error reply, without the `-` and CRLF.
-fn error_text(frame: &[u8]) -> String {
-    let line = frame.split(|&b| b == b'\r').next().unwrap_or_default();
-    String::from_utf8_lossy(line.get(1..).unwrap_or_default()).into_owned()
-}
+mod auth;
+mod replies;
 
-/// Elements of a flat aggregate frame, each with its encoding.
-fn elements(frame: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let start = memchr::memchr(b'\n', frame).map_or(frame.len(), |i| i + 1);
-    let mut rest = &frame[start..];
-    std::iter::from_fn(move || {
-        let n = ReplyScanner::new()
-            .scan(rest)
-            .ok()
-            .filter(|s| s.complete)?
-            .consumed;
-        let (elem, tail) = rest.split_at(n);
-        rest = tail;
-        Some(elem)
-    })
-}
-
-/// A RESP3 subscription push as the RESP2 array Redis would send (`_` nulls become `$-1`).
-fn push_as_resp2(frame: &[u8], out: &mut BytesMut) {
-    if frame.first() != Some(&b'>') {
-        out.extend_from_slice(frame);
-        return;
-    }
-    let header_end = memchr::memchr(b'\n', frame).map_or(frame.len(), |i| i + 1);
-    out.extend_from_slice(b"*");
-    out.extend_from_slice(&frame[1..header_end]);
-    for e in elements(frame) {
-        out.extend_from_slice(if e == b"_\r\n" { b"$-1\r\n" } else { e });
-    }
-}
-
-/// The reply to PING from a RESP2 subscriber: `["pong", <argument or "">]`.
-fn pong_as_resp2(reply: &[u8], out: &mut BytesMut) {
-    match reply.first() {
-        Some(b'+') => out.extend_from_slice(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"),
-        Some(b'$') => {
-            out.extend_from_slice(b"*2\r\n$4\r\npong\r\n");
-            out.extend_from_slice(reply);
-        }
-        _ => out.extend_from_slice(reply),
-    }
-}
-
-/// The subscription count in a confirmation (`[kind, channel, count]`).
-fn ack_count(frame: &[u8]) -> Option<u64> {
-    let mut rest = frame;
-    let header_end = memchr::memchr(b'\n', rest)?;
-    rest = &rest[header_end + 1..];
-    for _ in 0..2 {
-        let n = ReplyScanner::new()
-            .scan(rest)
-            .ok()
-            .filter(|s| s.complete)?
-            .consumed;
-        rest = &rest[n..];
-    }
-    let line = rest.strip_prefix(b":")?;
-    let end = memchr::memchr(b'\r', line)?;
-    crate::resp::request::string2ll(&line[..end]).and_then(|n| u64::try_from(n).ok())
-}
+pub use auth::AuthEvent;
+use auth::Authed;
+use replies::Role;
 
 #[cfg(test)]
 mod model;
