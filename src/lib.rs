@@ -22,11 +22,12 @@
 //!   `mux/commands.rs` what a request gets, `mux/client.rs` a client in its shared phase,
 //!   `mux/router.rs` a thread's router, `mux/link.rs` what the two exchange, `mux/balance.rs`
 //!   which threads shared clients run on.
-//! - [`session`]: the per-connection driver; `session/core.rs` the sans-IO core (its reply
-//!   side in `core/replies.rs`, the upstream's authentication in `core/auth.rs`),
-//!   `session/commands.rs` client command handling, `session/ledger.rs` the reply FIFO,
-//!   `session/state.rs` the tracked connection state, `session/framing.rs` what the router of
-//!   shared clients tells its session of the requests it hands over (parsed once).
+//! - [`session`]: the per-connection driver; `session/relay.rs` its poll that moves bytes,
+//!   `session/core.rs` the sans-IO core (its reply side in `core/replies.rs`, the upstream's
+//!   authentication in `core/auth.rs`), `session/commands.rs` client command handling,
+//!   `session/ledger.rs` the reply FIFO, `session/state.rs` the tracked connection state,
+//!   `session/framing.rs` what the router of shared clients tells its session of the
+//!   requests it hands over (parsed once).
 //! - `gated.rs`: a future polled only once it woke (a session's shutdown and credentials
 //!   waits).
 //! - [`resp`]: request parser (RESP + inline), reply scanner (RESP2/RESP3), encoders, and

@@ -174,7 +174,8 @@ enum Phase {
     Done(Outcome),
     /// Serve the rest on a connection of its own speaking this protocol and named so (the
     /// client's `CLIENT SETNAME`), these bytes first; `true`: the client gave the local
-    /// password. The last: why, for `multiplex_pinned_total` ([`pin_reason`](commands::pin_reason)).
+    /// password. The last: why, for `multiplex_pinned_total`
+    /// ([`pin_reason`](commands::pin_reason)).
     Pin(BytesMut, u8, Option<Bytes>, bool, &'static str),
     /// Go on on this session thread.
     Move(usize, Carry),

@@ -267,9 +267,9 @@ impl Router {
     }
 
     /// Whether replies must wait for the client of the front route, which is more than
-    /// [`PAUSE`] bytes behind in reading them, until it is no more than [`RESUME`](super::RESUME) behind.
-    /// After [`SLOW_CLIENT`] of waiting it is given up on: closed, and its replies dropped as
-    /// they come.
+    /// [`PAUSE`] bytes behind in reading them, until it is no more than
+    /// [`RESUME`](super::RESUME) behind. After [`SLOW_CLIENT`] of waiting it is given up on:
+    /// closed, and its replies dropped as they come.
     fn wait_for_front(&mut self, cx: &mut Context<'_>) -> bool {
         let waiting = self.stall.is_some();
         let Some(route) = self
