@@ -7,6 +7,7 @@
 
 pub mod azure;
 pub mod exec;
+pub mod fanout;
 pub mod file;
 pub mod fixed;
 pub mod jwt;

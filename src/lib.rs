@@ -10,8 +10,9 @@
 //! client commands exactly as Redis does ([`resp::request`]), forwards them, frames replies
 //! ([`resp::reply`]) and matches them to a ledger of expected replies, so that the AUTH
 //! commands the proxy injects are answered to the proxy and never reach the client. The token
-//! refresher ([`credentials::refresh`]) publishes new credentials through a `watch` channel;
-//! each session re-authenticates at its next safe point.
+//! refresher ([`credentials::refresh`]) publishes new credentials through a `watch` channel,
+//! handed on to the sessions in groups ([`credentials::fanout`]); each session
+//! re-authenticates at its next safe point.
 //!
 //! # Layout
 //! - `main.rs`: parse, load config, init logging, bind, run, exit codes.
@@ -35,8 +36,9 @@
 //! - [`cluster`]: OSS cluster mode: a local listener per node, node addresses in topology
 //!   replies and redirections rewritten to them, the topology refresh.
 //! - [`upstream`], [`tls`]: TCP/TLS connections to the server.
-//! - [`credentials`]: `Credentials`, the `TokenSource` trait, the refresher; one file per
-//!   source (`azure.rs` is the only one touching `azure_identity`), `source.rs` chooses.
+//! - [`credentials`]: `Credentials`, the `TokenSource` trait, the refresher, the fan-out to
+//!   the sessions; one file per source (`azure.rs` is the only one touching
+//!   `azure_identity`), `source.rs` chooses.
 //! - [`admin`], [`metrics`]: the admin HTTP endpoint and the metric names.
 //! - [`secret`]: a string type that cannot be printed.
 //! - [`dev`], [`devenv`]: the built-in local setup (TLS redis-server, token issuer) used by
@@ -183,9 +185,12 @@ pub async fn run_with_source(
     let connector =
         upstream::Connector::new(config.upstream.addr.clone(), tls, config.connect_timeout);
     let pool = (config.warm_connections > 0).then(|| pool::Pool::new(config.warm_connections));
+    let (fanout, forward) = credentials::fanout::Fanout::new(rx.clone());
+    tokio::spawn(forward);
     let shared = Arc::new(session::Shared {
         connector: connector.clone(),
         credentials: rx.clone(),
+        fanout,
         local_password: config.local_password.clone().map(Arc::new),
         shutdown: shutdown.clone(),
         reauth_window: config.reauth_window,

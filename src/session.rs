@@ -89,6 +89,9 @@ pub(crate) const IDLE_SHRINK: Duration = Duration::from_secs(2);
 pub struct Shared {
     pub connector: Connector,
     pub credentials: CredentialsRx,
+    /// The same changes, handed to groups of sessions a millisecond apart, which each session
+    /// follows one of: thousands of sessions do not all wake at once at each rotation.
+    pub fanout: crate::credentials::fanout::Fanout,
     pub local_password: Option<Arc<Secret>>,
     /// Cancelled when the proxy shuts down: sessions stop reading and finish what is in flight.
     pub shutdown: CancellationToken,
@@ -417,10 +420,12 @@ where
         framing.lock().start();
     }
     let mut io = Io::new(shared, read_max, framing);
-    let mut creds = shared.credentials.clone();
+    // Later changes come through this session's group, at most `fanout::GROUPS` ms late.
+    let mut creds = shared.fanout.subscribe();
+    creds.borrow_and_update();
     // The core started with the credentials current when the client connected; catch up with
-    // any change since (a no-op for the same generation), then follow later ones.
-    if let Some(c) = creds.borrow_and_update().clone() {
+    // any change since (a no-op for the same generation).
+    if let Some(c) = shared.credentials.borrow().clone() {
         core.set_credentials(c);
     }
     let mut creds_open = true;

@@ -19,6 +19,8 @@ fn shared(creds: Arc<Credentials>) -> Shared {
     std::mem::forget(tx);
     Shared {
         connector: Connector::new("127.0.0.1:1".into(), None, Duration::from_secs(1)),
+        // No test here rotates the token: the groups never need to be told of a change.
+        fanout: crate::credentials::fanout::Fanout::new(rx.clone()).0,
         credentials: rx,
         local_password: None,
         shutdown: CancellationToken::new(),

@@ -108,7 +108,9 @@ impl Core {
             safe = self.safe_to_inject(),
             "new credentials"
         );
-        if creds.generation != self.creds.generation {
+        // Only a newer token: a session may hear of one twice, from the refresher's channel
+        // when it starts and from its group's (`credentials::fanout`) later.
+        if creds.generation > self.creds.generation {
             self.creds = creds;
             self.reauth_failed = false;
             self.maybe_reauth();

@@ -219,6 +219,28 @@ fn rotation_injects_between_commands_and_swallows_reply() {
 }
 
 #[test]
+fn an_older_token_heard_late_changes_nothing() {
+    // A session hears of a token from the refresher's channel when it starts and from its
+    // group's later (credentials::fanout): the second time, or an older one, is no rotation.
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.core.set_credentials(creds(3));
+    t.server("+OK\r\n");
+    assert!(t.core.current());
+    assert!(t.upstream_sent().contains(&auth(3)));
+    for generation in [3, 2, 1] {
+        t.core.set_credentials(creds(generation));
+        t.client("GET a\r\n");
+    }
+    // No AUTH among them.
+    assert_eq!(
+        t.upstream_sent(),
+        "*2\r\n$3\r\nGET\r\n$1\r\na\r\n".repeat(3)
+    );
+    assert!(t.core.current());
+}
+
+#[test]
 fn rotation_waits_for_exec() {
     let mut t = T::new();
     t.server("+OK\r\n");
