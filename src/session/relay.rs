@@ -154,6 +154,7 @@ impl Io {
         C: AsyncRead + AsyncWrite + Unpin,
         U: AsyncRead + AsyncWrite + Unpin,
     {
+        let m = metrics::handles();
         // Bytes read from the upstream in this poll.
         let mut read = 0;
         loop {
@@ -164,21 +165,9 @@ impl Io {
                 return Poll::Pending;
             }
             let mut progress = false;
-            while !core.to_client.is_empty() {
-                match Pin::new(&mut *client).poll_write(cx, &core.to_client) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Some(Outcome::ClientError(
-                            io::ErrorKind::WriteZero.into(),
-                        )))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        core.to_client.advance(n);
-                        metrics::handles().client_out.increment(n as u64);
-                        progress = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::ClientError(e))),
-                    Poll::Pending => break,
-                }
+            match write_out(cx, &mut *client, &mut core.to_client, &m.client_out) {
+                Ok(n) => progress |= n > 0,
+                Err(e) => return Poll::Ready(Some(Outcome::ClientError(e))),
             }
             if core.to_client.is_empty() {
                 if let Some(reason) = core.close_reason() {
@@ -191,22 +180,13 @@ impl Io {
                     return Poll::Ready(Some(Outcome::ClientClosed));
                 }
             }
-            while !core.to_upstream.is_empty() {
-                match Pin::new(&mut *upstream).poll_write(cx, &core.to_upstream) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Some(Outcome::UpstreamError(
-                            io::ErrorKind::WriteZero.into(),
-                        )))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        core.to_upstream.advance(n);
-                        metrics::handles().upstream_out.increment(n as u64);
-                        self.upstream_unflushed = true;
-                        progress = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Outcome::UpstreamError(e))),
-                    Poll::Pending => break,
+            match write_out(cx, &mut *upstream, &mut core.to_upstream, &m.upstream_out) {
+                Ok(0) => {}
+                Ok(_) => {
+                    self.upstream_unflushed = true;
+                    progress = true;
                 }
+                Err(e) => return Poll::Ready(Some(Outcome::UpstreamError(e))),
             }
             if self.upstream_unflushed {
                 // TLS buffers records until flushed.
@@ -231,7 +211,7 @@ impl Io {
                         self.last_client_input = Instant::now();
                         self.last_activity = self.last_client_input;
                         self.shrunk = false;
-                        metrics::handles().client_in.increment(n as u64);
+                        m.client_in.increment(n as u64);
                         if n >= self.cin_chunk {
                             self.cin_chunk = (self.cin_chunk * 2).min(self.cin_max);
                         }
@@ -253,7 +233,7 @@ impl Io {
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *upstream), cx, &mut self.uin) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Some(Outcome::UpstreamClosed)),
                     Poll::Ready(Ok(n)) => {
-                        metrics::handles().upstream_in.increment(n as u64);
+                        m.upstream_in.increment(n as u64);
                         read += n;
                         if n >= self.uin_chunk {
                             self.uin_chunk = (self.uin_chunk * 2).min(READ_CHUNK);
@@ -285,4 +265,29 @@ impl Io {
             }
         }
     }
+}
+
+/// Writes `buf` to `to` until it is empty or `to` is not ready, taking what was written from
+/// it and counting it in `counted` as it goes: how many bytes that was. A write of nothing is
+/// an error (`WriteZero`).
+fn write_out<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    to: &mut W,
+    buf: &mut BytesMut,
+    counted: &::metrics::Counter,
+) -> io::Result<usize> {
+    let mut written = 0;
+    while !buf.is_empty() {
+        match Pin::new(&mut *to).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                counted.increment(n as u64);
+                written += n;
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
+        }
+    }
+    Ok(written)
 }
