@@ -37,11 +37,11 @@ pub(super) struct Link {
     pub(super) to: mpsc::UnboundedSender<Delivery>,
     /// Bytes handed to the client (by the router, and its local replies) and not yet written
     /// to it.
-    pub(super) unsent: AtomicUsize,
+    unsent: AtomicUsize,
     /// The router, when it waits for the client to catch up ([`Link::behind`]).
     pub(super) router: AtomicWaker,
     /// Why the client pins at its next request, if it does ([`Link::pins`]).
-    pub(super) pin_next: AtomicU8,
+    pin_next: AtomicU8,
 }
 
 /// Values of [`Link::pin_next`]: the router handed the client a reply of more than [`PAUSE`]
