@@ -234,13 +234,15 @@ pub async fn run(args: DevArgs, options: Options) -> ExitCode {
             )
         }
     };
-    let config = match crate::config::validate(opts, None) {
+    let mut config = match crate::config::validate(opts, None) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("redis-entra-proxy dev: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
+    config.max_connections =
+        crate::open_files::fit(config.max_connections, config.warm_connections).max_connections;
     let listeners = match crate::bind(&config).await {
         Ok(l) => l,
         Err(e) => {

@@ -40,6 +40,7 @@
 //!   the sessions; one file per source (`azure.rs` is the only one touching
 //!   `azure_identity`), `source.rs` chooses.
 //! - [`admin`], [`metrics`]: the admin HTTP endpoint and the metric names.
+//! - [`open_files`]: the open-file limit, raised at startup to hold `--max-connections`.
 //! - [`secret`]: a string type that cannot be printed.
 //! - [`dev`], [`devenv`]: the built-in local setup (TLS redis-server, token issuer) used by
 //!   `redis-entra-proxy dev` and by the tests.
@@ -55,6 +56,7 @@ pub mod devenv;
 mod gated;
 pub mod metrics;
 pub mod mux;
+pub mod open_files;
 pub mod pool;
 pub mod resp;
 pub mod secret;
@@ -276,6 +278,7 @@ pub async fn run_with_source(
         cluster_mode = ?config.cluster.mode,
         "proxy started"
     );
+    ::metrics::gauge!(metrics::CLIENT_CONNECTIONS_MAX).set(config.max_connections as f64);
     let workers = Arc::new(workers::Workers::start(threads).map_err(RunError::Threads)?);
     server::serve(
         listeners,

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use redis_entra_proxy::cli::{Cli, Command, LogFormat};
 use redis_entra_proxy::config::{self, TOKEN_ENV};
+use redis_entra_proxy::open_files;
 use redis_entra_proxy::RunError;
 
 fn main() -> ExitCode {
@@ -31,7 +32,7 @@ fn main() -> ExitCode {
         );
         return runtime().block_on(redis_entra_proxy::dev::run(args, options));
     }
-    let (config, merged) = match config::load(cli.options, token_env.clone()) {
+    let (mut config, merged) = match config::load(cli.options, token_env.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("redis-entra-proxy: invalid configuration: {e}");
@@ -47,6 +48,8 @@ fn main() -> ExitCode {
     if let Some(path) = &merged.local_password_file {
         config::warn_if_readable_by_others(path);
     }
+    config.max_connections =
+        open_files::fit(config.max_connections, config.warm_connections).max_connections;
     runtime().block_on(async move {
         let listeners = match redis_entra_proxy::bind(&config).await {
             Ok(l) => l,

@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const CLIENT_CONNECTIONS_ACTIVE: &str = "redis_entra_proxy_client_connections_active";
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "redis_entra_proxy_client_connections_total";
+pub const CLIENT_CONNECTIONS_MAX: &str = "redis_entra_proxy_client_connections_max";
 pub const UPSTREAM_CONNECTIONS_ACTIVE: &str = "redis_entra_proxy_upstream_connections_active";
 pub const UPSTREAM_CONNECT_SECONDS: &str = "redis_entra_proxy_upstream_connect_seconds";
 pub const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "redis_entra_proxy_upstream_connect_errors_total";
@@ -66,6 +67,11 @@ fn describe() {
     describe_counter!(
         CLIENT_CONNECTIONS_TOTAL,
         "Client connections accepted, by outcome (served, refused_max_connections)."
+    );
+    describe_gauge!(
+        CLIENT_CONNECTIONS_MAX,
+        "Most client connections served at once: --max-connections, or fewer when the \
+         open-file limit cannot hold that many."
     );
     describe_gauge!(
         UPSTREAM_CONNECTIONS_ACTIVE,

@@ -1,9 +1,11 @@
-//! Lifecycle: draining on shutdown loses no reply Redis produced, and the connection limit
-//! answers like Redis's `maxclients`.
+//! Lifecycle: draining on shutdown loses no reply Redis produced, the connection limit
+//! answers like Redis's `maxclients`, and the open-file limit is fitted to it at startup.
 mod support;
 
 use std::time::Duration;
 
+use redis_entra_proxy::devenv::{mint_token, RedisOptions, RedisServer, RespConn};
+use support::proxy_process::ProxyProcess;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -78,5 +80,119 @@ async fn connection_limit_answers_like_maxclients() {
         }
         assert!(tokio::time::Instant::now() < deadline, "slot never freed");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The binary in front of its own stand-in server, with a fixed token and the open-file
+/// limit `open_files` (soft, hard).
+async fn limited_proxy(
+    max_connections: usize,
+    open_files: (u64, u64),
+) -> (ProxyProcess, RedisServer) {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = mint_token("limits-1", exp);
+    redis
+        .acl_setuser("limits-1", &token)
+        .await
+        .expect("ACL SETUSER");
+    let max = max_connections.to_string();
+    let proxy = ProxyProcess::start_limited(
+        &redis,
+        &["--credential", "fixed", "--max-connections", &max],
+        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+        Some(open_files),
+    )
+    .await;
+    proxy.wait_started().await;
+    (proxy, redis)
+}
+
+/// The soft and hard "Max open files" of a process.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut numbers = line.split_whitespace().filter_map(|w| w.parse().ok());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// Opens `n` clients through the proxy, each with its own upstream connection (a PING
+/// answered), and returns them held open.
+async fn served_clients(proxy: &ProxyProcess, n: usize) -> Vec<RespConn> {
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = proxy.client().await;
+        let pong = tokio::time::timeout(STEP, c.command(&[b"PING"])).await;
+        assert!(
+            matches!(pong, Ok(Ok(Reply::Simple(ref s))) if s == "PONG"),
+            "client {i} of {n}: {pong:?}\n{}",
+            proxy.log_tail()
+        );
+        clients.push(c);
+    }
+    clients
+}
+
+#[tokio::test]
+async fn a_short_open_file_limit_is_raised_to_hold_every_connection() {
+    // 100 clients need 2 × 100 + 64 descriptors; the shell leaves the proxy 150 of a possible
+    // 1,000, which would hold 43.
+    let (proxy, _redis) = limited_proxy(100, (150, 1_000)).await;
+    assert_eq!(open_file_limits(proxy.pid()), (264, 1_000));
+    assert!(
+        proxy.log().contains("raised the open-file limit"),
+        "{}",
+        proxy.log_tail()
+    );
+    let _clients = served_clients(&proxy, 100).await;
+    let mut refused = Raw(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    refused
+        .expect(b"-ERR max number of clients reached\r\n")
+        .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get("redis_entra_proxy_client_connections_max", &[]),
+        Some(100.0)
+    );
+}
+
+#[tokio::test]
+async fn a_hard_limit_too_low_lowers_the_connection_limit_like_maxclients() {
+    // 200 descriptors hold (200 − 64) / 2 = 68 clients, not the 1,000 asked for. Without the
+    // fit, the 69th would be served and, some twenty later, clients would get no answer at all
+    // (accept failing) or a failed upstream connect.
+    let (proxy, _redis) = limited_proxy(1_000, (200, 200)).await;
+    assert_eq!(open_file_limits(proxy.pid()), (200, 200));
+    assert!(
+        proxy.log().contains("holds only 68 client connections"),
+        "{}",
+        proxy.log_tail()
+    );
+    let clients = served_clients(&proxy, 68).await;
+    let mut refused = Raw(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    refused
+        .expect(b"-ERR max number of clients reached\r\n")
+        .await;
+    assert!(refused.read_to_end().await.is_empty());
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get("redis_entra_proxy_client_connections_max", &[]),
+        Some(68.0)
+    );
+    // The served ones go on being served.
+    for mut c in clients.into_iter().take(3) {
+        assert_eq!(
+            c.command(&[b"PING"]).await.unwrap(),
+            Reply::Simple("PONG".into())
+        );
     }
 }

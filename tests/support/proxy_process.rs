@@ -35,20 +35,49 @@ impl ProxyProcess {
     /// exactly `env` as its environment. Returns once `/healthz` answers; the first token may
     /// not have arrived yet (see [`ProxyProcess::wait_started`]).
     pub async fn start(redis: &RedisServer, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_limited(redis, args, env, None).await
+    }
+
+    /// Like [`ProxyProcess::start`], with the process's open-file limit set to
+    /// `open_files` (soft, hard) before it starts.
+    pub async fn start_limited(
+        redis: &RedisServer,
+        args: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<(u64, u64)>,
+    ) -> Self {
         for _ in 0..BIND_ATTEMPTS {
-            if let Some(p) = Self::try_start(redis, args, env).await {
+            if let Some(p) = Self::try_start(redis, args, env, open_files).await {
                 return p;
             }
         }
         panic!("the proxy could not bind its ports in {BIND_ATTEMPTS} attempts");
     }
 
-    async fn try_start(redis: &RedisServer, args: &[&str], env: &[(&str, &str)]) -> Option<Self> {
+    async fn try_start(
+        redis: &RedisServer,
+        args: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<(u64, u64)>,
+    ) -> Option<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("proxy.log");
         let (addr, admin) = (super::free_addr(), super::free_addr());
         let ca = redis.ca_file().expect("the stand-in server uses TLS");
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"));
+        let binary = env!("CARGO_BIN_EXE_redis-entra-proxy");
+        let mut cmd = match open_files {
+            None => tokio::process::Command::new(binary),
+            // The shell sets both limits, then becomes the proxy (same pid).
+            Some((soft, hard)) => {
+                let mut sh = tokio::process::Command::new("/bin/sh");
+                sh.arg("-c")
+                    .arg(format!(
+                        "ulimit -n {hard} && ulimit -Sn {soft} && exec \"$0\" \"$@\""
+                    ))
+                    .arg(binary);
+                sh
+            }
+        };
         cmd.env_clear()
             .envs(env.iter().copied())
             .args(["--listen", &addr.to_string()])
@@ -90,6 +119,11 @@ impl ProxyProcess {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The process id (the same after the shell of [`ProxyProcess::start_limited`] execs).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the proxy is running")
     }
 
     /// Waits until `/startupz` reports the first token (bounded by [`STEP`]).
