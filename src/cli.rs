@@ -124,6 +124,11 @@ pub struct Options {
     #[arg(long, env = "REDIS_ENTRA_PROXY_UNIX_SOCKET", value_name = "PATH")]
     pub unix_socket: Option<PathBuf>,
 
+    /// Permissions of the unix socket, in octal (e.g. 660, or 666 for every local user)
+    /// [default: from the umask].
+    #[arg(long, env = "REDIS_ENTRA_PROXY_UNIX_SOCKET_MODE", value_name = "OCTAL")]
+    pub unix_socket_mode: Option<String>,
+
     /// Azure Managed Redis endpoint, HOST[:PORT] (port defaults to 10000).
     #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM", value_name = "HOST[:PORT]")]
     pub upstream: Option<String>,
@@ -379,7 +384,7 @@ impl Options {
     pub fn or(self, lower: Options) -> Options {
         let hi = self;
         let lo = lower;
-        merge_fields!(hi, lo; listen, unix_socket, upstream, upstream_tls, upstream_ca_file,
+        merge_fields!(hi, lo; listen, unix_socket, unix_socket_mode, upstream, upstream_tls, upstream_ca_file,
             upstream_server_name, credential, client_id, object_id, resource_id, tenant_id,
             client_secret_file, client_certificate_file, credential_file, credential_command,
             json_username_path, json_token_path, json_expiry_path, scope, authority_host, token_file, username, local_password,

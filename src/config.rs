@@ -56,6 +56,15 @@ pub enum ConfigError {
     File { path: String, reason: String },
 }
 
+/// Permission bits in octal, as `chmod` takes them: `660`, `0666`, at most `777`.
+fn parse_mode(s: &str) -> Option<u32> {
+    let digits = s.trim();
+    if digits.is_empty() || digits.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
+}
+
 fn invalid(option: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         option,
@@ -108,6 +117,8 @@ pub struct SourceOptions {
 pub struct Config {
     pub listen: Option<SocketAddr>,
     pub unix_socket: Option<PathBuf>,
+    /// Permission bits given to the unix socket once bound (`None`: as the umask leaves them).
+    pub unix_socket_mode: Option<u32>,
     pub upstream: UpstreamConfig,
     pub credential: CredentialKind,
     pub token: Option<Secret>,
@@ -181,6 +192,18 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
             "`none` needs --unix-socket, or nothing would be served",
         ));
     }
+    let unix_socket_mode = match o.unix_socket_mode.as_deref() {
+        None => None,
+        Some(_) if o.unix_socket.is_none() => {
+            return Err(invalid("unix-socket-mode", "needs --unix-socket"));
+        }
+        Some(s) => Some(parse_mode(s).ok_or_else(|| {
+            invalid(
+                "unix-socket-mode",
+                format!("{s:?} is not permission bits in octal (e.g. 660, 0666)"),
+            )
+        })?),
+    };
     let upstream = o.upstream.as_deref().ok_or(ConfigError::Missing {
         option: "upstream",
         hint: " (e.g. --upstream myredis.westeurope.redis.azure.net)",
@@ -288,6 +311,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
     Ok(Config {
         listen,
         unix_socket: o.unix_socket,
+        unix_socket_mode,
         upstream: UpstreamConfig {
             addr,
             tls,

@@ -115,12 +115,17 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
             }) {
                 let _ = std::fs::remove_file(path);
             }
-            Some(
-                tokio::net::UnixListener::bind(path).map_err(|source| RunError::Bind {
-                    what: path.display().to_string(),
-                    source,
-                })?,
-            )
+            let bind_error = |source| RunError::Bind {
+                what: path.display().to_string(),
+                source,
+            };
+            let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
+            if let Some(mode) = config.unix_socket_mode {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .map_err(bind_error)?;
+            }
+            Some(listener)
         }
         None => None,
     };

@@ -545,6 +545,51 @@ async fn unix_socket_listener() {
 }
 
 #[tokio::test]
+async fn unix_socket_mode_decides_who_may_connect() {
+    use std::os::unix::fs::PermissionsExt;
+    for (mode, others_served) in [("666", true), ("600", false)] {
+        let proxy = Proxy::start_with(ProxyOptions {
+            unix_socket: true,
+            unix_socket_mode: Some(mode),
+            ..Default::default()
+        })
+        .await;
+        let path = proxy.unix_socket.clone().expect("unix socket path");
+        let bits = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(format!("{bits:o}"), mode);
+        // Connecting takes write permission on the socket: another user (nobody) gets in with
+        // 666 and not with 600. Only root can run a tool as another user.
+        if rustix::process::getuid().is_root() {
+            let dir = path.parent().unwrap();
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let path = path.to_str().expect("UTF-8 path");
+            let (_, out, err) = run_tool(
+                "setpriv",
+                &[
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "redis-cli",
+                    "-s",
+                    path,
+                ],
+                Some(b"PING\n"),
+            )
+            .await;
+            if others_served {
+                assert_eq!(out, "PONG\n", "{err}");
+            } else {
+                assert!(
+                    err.contains("Permission denied") || out.contains("Permission denied"),
+                    "{out}{err}"
+                );
+            }
+        }
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn resp3_maps_nulls_and_tracking_pushes() {
     let proxy = Proxy::start().await;
     let mut a = tcp(&proxy).await;

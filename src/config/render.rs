@@ -33,6 +33,12 @@ pub fn render(o: &Options, token_set: bool) -> String {
     line("listen", q(&listen));
     line("unix-socket", p(&o.unix_socket));
     line(
+        "unix-socket-mode",
+        o.unix_socket_mode
+            .as_deref()
+            .map_or("# (from the umask)".into(), q),
+    );
+    line(
         "upstream",
         o.upstream.as_deref().map_or("# (unset)".into(), q),
     );

@@ -236,6 +236,35 @@ fn validate_cases() {
             Ok(()),
         ),
         (
+            "unix-socket-mode without unix socket",
+            |o| o.unix_socket_mode = Some("660".into()),
+            Err("--unix-socket-mode: needs --unix-socket"),
+        ),
+        (
+            "unix-socket-mode 0666",
+            |o| {
+                o.unix_socket = Some("/tmp/proxy.sock".into());
+                o.unix_socket_mode = Some("0666".into());
+            },
+            Ok(()),
+        ),
+        (
+            "unix-socket-mode not octal",
+            |o| {
+                o.unix_socket = Some("/tmp/proxy.sock".into());
+                o.unix_socket_mode = Some("rw-rw----".into());
+            },
+            Err("--unix-socket-mode"),
+        ),
+        (
+            "unix-socket-mode beyond 777",
+            |o| {
+                o.unix_socket = Some("/tmp/proxy.sock".into());
+                o.unix_socket_mode = Some("1777".into());
+            },
+            Err("--unix-socket-mode"),
+        ),
+        (
             "listen on a host name",
             |o| o.listen = Some("localhost:6379".into()),
             Err("--listen"),

@@ -31,6 +31,8 @@ pub struct ProxyOptions {
     pub refresh_ratio: f64,
     /// Also listen on a unix socket in a temporary directory.
     pub unix_socket: bool,
+    /// `--unix-socket-mode`.
+    pub unix_socket_mode: Option<&'static str>,
     /// Point the proxy somewhere else than the stand-in server (fault tests):
     /// (address, tls, CA file).
     pub upstream: Option<(String, bool, Option<PathBuf>)>,
@@ -69,6 +71,7 @@ impl Default for ProxyOptions {
             token_lifetime: Duration::from_secs(3600),
             refresh_ratio: 0.75,
             unix_socket: false,
+            unix_socket_mode: None,
             upstream: None,
             source: None,
             max_connections: None,
@@ -131,6 +134,7 @@ impl Proxy {
         let options = Options {
             listen: Some("127.0.0.1:0".into()),
             unix_socket: unix_socket.clone(),
+            unix_socket_mode: opts.unix_socket_mode.map(str::to_owned),
             upstream: Some(upstream),
             upstream_tls: Some(tls),
             upstream_ca_file: ca,
