@@ -29,6 +29,7 @@
 //!   `session/ledger.rs` the reply FIFO, `session/state.rs` the tracked connection state,
 //!   `session/framing.rs` what the router of shared clients tells its session of the
 //!   requests it hands over (parsed once).
+//! - `log_budget.rs`: at most a few lines a second for what is logged once per connection.
 //! - `gated.rs`: a future polled only once it woke (a session's shutdown and credentials
 //!   waits).
 //! - [`resp`]: request parser (RESP + inline), reply scanner (RESP2/RESP3), encoders, and
@@ -54,6 +55,7 @@ pub mod credentials;
 pub mod dev;
 pub mod devenv;
 mod gated;
+mod log_budget;
 pub mod metrics;
 pub mod mux;
 pub mod open_files;

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cluster::NodeListener;
+use crate::log_budget::LogBudget;
 use crate::mux::Served;
 use crate::session::{self, Outcome, Shared, Target};
 use crate::workers::{Placement, Portable, Workers};
@@ -166,7 +167,10 @@ where
             .increment(1);
         ctx.tracker.spawn(
             async move {
-                tracing::warn!("refused: max connections reached");
+                static REFUSED: LogBudget = LogBudget::new();
+                if let Some(suppressed) = REFUSED.take() {
+                    tracing::warn!(suppressed, "refused: max connections reached");
+                }
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(MAX_CLIENTS))
                     .await;
             }
@@ -303,6 +307,11 @@ fn log_outcome(outcome: &Outcome) {
         Outcome::Closed(session::CloseReason::ClientIdle(_)) => {
             tracing::info!(side, "closed: {outcome}")
         }
-        _ => tracing::warn!(side, "closed: {outcome}"),
+        _ => {
+            static CLOSED: LogBudget = LogBudget::new();
+            if let Some(suppressed) = CLOSED.take() {
+                tracing::warn!(side, suppressed, "closed: {outcome}");
+            }
+        }
     }
 }

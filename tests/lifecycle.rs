@@ -196,3 +196,50 @@ async fn a_hard_limit_too_low_lowers_the_connection_limit_like_maxclients() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_flood_of_failing_connections_logs_a_few_lines_a_second() {
+    // A token the server does not know: every connection's first AUTH fails, as when the
+    // identity lost its access policy, while the application reconnects in a tight loop.
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = mint_token("nobody-1", exp);
+    let proxy = ProxyProcess::start(
+        &redis,
+        &["--credential", "fixed"],
+        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+    )
+    .await;
+    proxy.wait_started().await;
+    const ATTEMPTS: usize = 300;
+    let started = tokio::time::Instant::now();
+    for i in 0..ATTEMPTS {
+        let mut c = proxy.client().await;
+        let reply = tokio::time::timeout(STEP, c.command(&[b"PING"])).await;
+        assert!(
+            matches!(reply, Ok(Ok(Reply::Error(ref e))) if e.starts_with("WRONGPASS")),
+            "attempt {i}: {reply:?}"
+        );
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.count(
+            "redis_entra_proxy_connections_closed_total",
+            &[("reason", "upstream_auth_failed")]
+        ),
+        ATTEMPTS as f64
+    );
+    let log = proxy.log();
+    let lines = log.lines().filter(|l| l.contains("closed: ")).count() as u64;
+    assert!(
+        (1..=10 * seconds).contains(&lines),
+        "{lines} close lines for {ATTEMPTS} connections in {seconds} s"
+    );
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use super::replies::error_text;
 use super::{CloseReason, Core, CLOSE_BEFORE_EXPIRY, HARD_CLOSE_BEFORE_EXPIRY};
 use crate::credentials::Credentials;
+use crate::log_budget::LogBudget;
 use crate::session::ledger::{Expect, Injected};
 
 /// An AUTH the upstream accepted.
@@ -211,7 +212,15 @@ impl Core {
             // The previous token is still valid: keep the connection, retry later.
             self.stats.reauth_failed += 1;
             self.reauth_failed = true;
-            tracing::warn!(generation, error = %text, "upstream refused re-authentication");
+            static REFUSED: LogBudget = LogBudget::new();
+            if let Some(suppressed) = REFUSED.take() {
+                tracing::warn!(
+                    generation,
+                    error = %text,
+                    suppressed,
+                    "upstream refused re-authentication"
+                );
+            }
         }
     }
 }
