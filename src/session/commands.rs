@@ -98,15 +98,6 @@ fn full_name(cmd: &Command<'_>) -> String {
     }
 }
 
-/// Every argument, also beyond the parser's kept ones (subscription commands may name many
-/// channels, and the proxy must know them all to predict the subscription state).
-fn all_args<'a>(cmd: &Command<'a>, raw: Option<&'a [u8]>) -> Vec<&'a [u8]> {
-    match raw {
-        Some(frame) if !cmd.complete() => crate::resp::request::frame_args(frame),
-        _ => cmd.args().collect(),
-    }
-}
-
 impl Core {
     /// Whether [`Core::on_command`] would forward this command as it is, with one plain
     /// reply, whatever its arguments after those given (the command name at least): then a
@@ -186,8 +177,14 @@ impl Core {
                 self.state.quit = true;
             }
             Special::Client => self.client_subcommand(cmd, raw),
+            Special::Multi if cmd.argc() != 1 => {
+                self.reject(b"-ERR wrong number of arguments for 'multi' command\r\n")
+            }
+            // Nested: refused by the server, and the transaction goes on.
+            Special::Multi if self.state.in_multi => self.forward(cmd, raw, Effect::None),
             Special::Multi => {
-                self.forward(cmd, raw, Effect::None);
+                self.state.multi_seq = self.state.multi_seq.wrapping_add(1);
+                self.forward(cmd, raw, Effect::Multi(self.state.multi_seq));
                 self.state.in_multi = true;
             }
             Special::Exec if self.state.multi_dirty => {
@@ -217,20 +214,17 @@ impl Core {
                 self.end_multi();
             }
             Special::Reset => {
+                // Redis clears CLIENT REPLY OFF (not SKIP) before it answers RESET; Azure
+                // Managed Redis refuses RESET. What it did is applied when its reply is read
+                // (`Core::reset`): a barrier.
+                self.relay_current |= self.state.reply_mode == ReplyMode::Off;
                 self.forward(cmd, raw, Effect::Reset);
-                self.end_multi();
-                self.state.reply_mode = ReplyMode::On;
-                self.state.monitor_sent = false;
-                self.state.wproto = 2;
-                self.state.emulating = false;
-                self.state.wsubs.clear();
-                if let Some(password) = &self.local_password {
-                    self.client_authenticated = password.is_empty();
-                }
-                // RESET de-authenticates the connection: authenticate again right behind it.
-                self.reauth_now();
+                self.state.barrier = true;
             }
-            Special::Subscribe(kind, subscribe) if !self.state.in_multi => {
+            // Their confirmations would come inside EXEC's reply, where the proxy does not
+            // follow them.
+            Special::Subscribe(..) if self.state.in_multi => self.reject(IN_MULTI),
+            Special::Subscribe(kind, subscribe) => {
                 if subscribe && cmd.argc() < 2 {
                     // Redis answers the arity error with a plain reply.
                     return self.forward(cmd, raw, Effect::None);
@@ -248,7 +242,6 @@ impl Core {
                     self.inject_hello(3, true);
                 }
                 let remaining = (cmd.argc() > 1).then(|| (cmd.argc() - 1) as u32);
-                let names = all_args(&cmd, raw);
                 self.write(cmd, raw);
                 self.ledger.push(Expect::Acks {
                     kind,
@@ -256,21 +249,19 @@ impl Core {
                     remaining,
                     relay: self.relay_current,
                 });
-                let names = names.get(1..).unwrap_or_default();
-                if subscribe {
-                    self.state
-                        .wsubs
-                        .subscribe(kind, names.iter().map(|n| Box::from(*n)));
-                } else {
-                    self.state.wsubs.unsubscribe(kind, names);
-                    if self.state.emulating && !self.state.wsubs.any() {
-                        self.inject_hello(2, false);
-                    }
-                }
+                // The server may refuse it (MOVED, CROSSSLOT, NOPERM): the confirmations say
+                // what it did (`SubNames`), and the commands behind it wait for them.
+                self.state.barrier = true;
             }
+            // Refused inside MULTI (queued with an error): nothing changes.
+            Special::Monitor if self.state.in_multi => self.forward(cmd, raw, Effect::None),
+            // Redis ignores MONITOR from a client that monitors already: no reply.
+            Special::Monitor if self.state.monitor => {}
             Special::Monitor => {
+                // Azure Managed Redis refuses MONITOR: a barrier, so that only a MONITOR that
+                // succeeded stops re-authentication.
                 self.forward(cmd, raw, Effect::Monitor);
-                self.state.monitor_sent = true;
+                self.state.barrier = true;
             }
             Special::Asking => {
                 self.forward(cmd, raw, Effect::None);
@@ -285,11 +276,11 @@ impl Core {
                     None => self.forward(cmd, raw, Effect::None),
                 }
             }
-            Special::Subscribe(..) | Special::Other => self.forward(cmd, raw, Effect::None),
+            Special::Other => self.forward(cmd, raw, Effect::None),
         }
     }
 
-    fn end_multi(&mut self) {
+    pub(super) fn end_multi(&mut self) {
         self.state.in_multi = false;
         self.state.multi_dirty = false;
         self.state.multi_hello = None;
@@ -423,11 +414,17 @@ impl Core {
         if !self.client_authenticated {
             return self.reject(HELLO_NOAUTH);
         }
-        if !in_multi && !setname.is_none_or(valid_client_name) {
+        // Inside MULTI, a name Redis refuses fails the queued HELLO when EXEC runs it, and
+        // with it the switch of protocol.
+        let switch = if setname.is_none_or(valid_client_name) {
+            version
+        } else if in_multi {
+            None
+        } else {
             return self.reject(
                 b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n",
             );
-        }
+        };
         let digit = [b'0' + version.unwrap_or(0)];
         let mut args: Vec<&[u8]> = vec![b"HELLO"];
         if version.is_some() {
@@ -436,7 +433,7 @@ impl Core {
         if let Some(name) = setname {
             args.extend([&b"SETNAME"[..], name]);
         }
-        self.forward_hello(args, version)
+        self.forward_hello(args, switch)
     }
 
     fn forward_hello(&mut self, args: Vec<&[u8]>, version: Option<u8>) {

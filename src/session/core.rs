@@ -235,6 +235,7 @@ impl Core {
     pub fn wants_client_input(&self) -> bool {
         self.closing.is_none()
             && !self.state.quit
+            && !self.state.barrier
             && self.to_upstream.len() < UPSTREAM_OUT_HIGH_WATER
     }
 
@@ -249,7 +250,7 @@ impl Core {
 
     /// The server sends to this connection without being asked: subscribed or MONITOR.
     pub fn streaming(&self) -> bool {
-        self.state.wsubs.any() || self.state.monitor_sent
+        self.state.wsubs.any() || self.state.monitor
     }
 
     /// Stops reading the client and closes once every reply owed to it was delivered (what

@@ -39,10 +39,13 @@ pub enum Effect {
     None,
     /// A `HELLO <ver>` succeeded: the connection now speaks RESP `ver`.
     Hello(u8),
-    /// `MONITOR` succeeded: every later frame is a monitor line.
+    /// `MONITOR` succeeded: monitor lines come between the replies.
     Monitor,
-    /// `RESET` succeeded: RESP2, no subscriptions, not monitoring.
+    /// `RESET` succeeded: RESP2, no subscriptions, not monitoring, not in MULTI, replies on,
+    /// and the connection de-authenticated.
     Reset,
+    /// The `MULTI` that opened the transaction of this number; refused, it opened none.
+    Multi(u32),
     /// `PING` from a RESP2 subscriber on an upstream switched to RESP3: answer as RESP2 does
     /// in subscribed mode, `["pong", <arg or "">]`.
     Pong,

@@ -6,6 +6,12 @@
 //! writes a command; read-side facts (protocol version, subscriptions, MONITOR) change when
 //! the reply that establishes them is read, because only then do they describe the frames
 //! that follow.
+//!
+//! A command whose effect on the state depends on whether the server accepts it, and which
+//! changes what the proxy must do with the commands after it (subscribing, `MONITOR`,
+//! `RESET`), is a barrier: the commands behind it wait until it is answered, and are then
+//! judged on what the server did, not on a guess. Such commands are rare and seldom
+//! pipelined, so the round trip this costs them does not show.
 
 use std::collections::HashSet;
 
@@ -53,31 +59,23 @@ impl Subscriptions {
     }
 }
 
-/// Subscriptions as predicted from the commands written: what the server's subscription
-/// sets will be when it processes the next command written.
+/// The channels, patterns and shard channels the server confirmed, by name: every
+/// confirmation names one, including those the server sends on its own (a shard channel
+/// whose slot moved away).
 #[derive(Debug, Clone, Default)]
-pub struct PredictedSubs {
+pub struct SubNames {
     sets: [HashSet<Box<[u8]>>; 3],
 }
 
-impl PredictedSubs {
-    fn set(&mut self, kind: SubKind) -> &mut HashSet<Box<[u8]>> {
-        &mut self.sets[kind as usize]
-    }
-
-    pub fn subscribe(&mut self, kind: SubKind, names: impl Iterator<Item = Box<[u8]>>) {
-        self.set(kind).extend(names);
-    }
-
-    /// Removes the named subscriptions, or all of the kind when `names` is empty.
-    pub fn unsubscribe(&mut self, kind: SubKind, names: &[&[u8]]) {
-        let set = self.set(kind);
-        if names.is_empty() {
-            set.clear();
+impl SubNames {
+    /// Applies one confirmation; an unsubscribe from nothing names no channel.
+    pub fn confirm(&mut self, kind: SubKind, subscribe: bool, name: Option<&[u8]>) {
+        let Some(name) = name else { return };
+        let set = &mut self.sets[kind as usize];
+        if subscribe {
+            set.insert(name.into());
         } else {
-            for n in names {
-                set.remove(*n);
-            }
+            set.remove(name);
         }
     }
 
@@ -96,10 +94,15 @@ pub struct ConnState {
     pub proto: u8,
     /// Read side: confirmed subscriptions.
     pub subs: Subscriptions,
-    /// Read side: MONITOR's reply was read; every later frame is a monitor line.
+    /// MONITOR succeeded: monitor lines come between the replies.
     pub monitor: bool,
+    /// A barrier (see above) was written and is not answered yet: no client command is
+    /// taken and nothing is injected.
+    pub barrier: bool,
     /// Write side: MULTI written, EXEC/DISCARD/RESET not yet.
     pub in_multi: bool,
+    /// Counts the transactions opened, so that a refused MULTI ends its own only.
+    pub multi_seq: u32,
     /// Write side: a command inside the current MULTI was refused by the proxy, so EXEC must
     /// fail with EXECABORT as Redis would.
     pub multi_dirty: bool,
@@ -117,10 +120,9 @@ pub struct ConnState {
     pub emulating: bool,
     /// The server refused `HELLO 3`: RESP2 subscribers stay RESP2 on this connection.
     pub resp3_refused: bool,
-    /// Write side: the subscriptions the server will hold.
-    pub wsubs: PredictedSubs,
-    /// Write side: MONITOR written; no AUTH may follow it.
-    pub monitor_sent: bool,
+    /// The subscriptions the server holds. Subscribing is a barrier, so when a client command
+    /// is judged, this is also what the server will hold when it runs it.
+    pub wsubs: SubNames,
     /// Write side: QUIT seen; nothing more is read from the client.
     pub quit: bool,
     /// Write side: the emulated CLIENT REPLY mode.

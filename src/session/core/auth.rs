@@ -130,16 +130,28 @@ impl Core {
         let s = &self.state;
         // Redis refuses AUTH from a RESP2 subscriber.
         let resp2_sub = s.wproto == 2 && s.wsubs.any();
+        self.between_commands() && !s.monitor && !resp2_sub
+    }
+
+    /// Whether a command written now runs on its own, between two of the client's: not
+    /// queued in MULTI, not after a one-shot flag or QUIT, not inside a request being passed
+    /// on, not behind a barrier.
+    fn between_commands(&self) -> bool {
+        let s = &self.state;
         self.closing.is_none()
             && !self.streaming
             && !s.in_multi
             && !s.one_shot
             && !s.quit
-            && !s.monitor_sent
-            && !resp2_sub
+            && !s.barrier
     }
 
+    /// Injects what the connection owes now: `HELLO 2` once a RESP2 client the proxy moved
+    /// to RESP3 has no subscription left, and the AUTH of newer credentials.
     pub(in crate::session) fn maybe_reauth(&mut self) {
+        if self.state.emulating && !self.state.wsubs.any() && self.between_commands() {
+            self.inject_hello(2, false);
+        }
         if self.auths_in_flight == 0
             && !self.current()
             && !self.reauth_failed

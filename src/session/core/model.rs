@@ -2,7 +2,8 @@
 //! MULTI/EXEC, ASKING, HELLO, pub/sub and CLIENT REPLY to tell a correct proxy from a broken
 //! one. It also records protocol violations only a proxy could commit: an AUTH queued inside
 //! MULTI, sent right after ASKING, or refused in RESP2 subscribed mode; a CLIENT REPLY that
-//! reached the server although the proxy emulates it.
+//! reached the server although the proxy emulates it. One channel, `denied`, is refused, as
+//! an ACL would refuse it.
 
 use std::collections::BTreeSet;
 
@@ -167,6 +168,9 @@ impl Model {
                 self.reply(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
             }
             "PING" => self.reply(b"+PONG\r\n"),
+            "MULTI" if args.len() > 1 => {
+                self.reply(b"-ERR wrong number of arguments for 'multi' command\r\n")
+            }
             "MULTI" if self.multi.is_some() => {
                 self.reply(b"-ERR MULTI calls can not be nested\r\n")
             }
@@ -204,6 +208,10 @@ impl Model {
                 self.proto = if args[1] == b"3" { 3 } else { 2 };
                 let kind = if self.proto == 3 { "%1" } else { "*2" };
                 self.reply(format!("{kind}\r\n$5\r\nproto\r\n:{}\r\n", self.proto).as_bytes())
+            }
+            // An ACL that keeps the user out of one channel refuses the whole command.
+            "SUBSCRIBE" if args[1..].iter().any(|ch| ch == b"denied") => {
+                self.reply(b"-NOPERM User has no permissions to access the 'denied' channel\r\n")
             }
             "SUBSCRIBE" => {
                 for ch in &args[1..] {

@@ -55,6 +55,7 @@ fn script(choices: Vec<(u8, u8, bool)>) -> Vec<Op> {
         let a = format!("v{arg}");
         let cmd: Option<Vec<&str>> = match kind % 16 {
             0..=2 => Some(vec!["ECHO", &a]),
+            3 if !in_multi && arg % 8 == 0 => Some(vec!["MULTI", "x"]),
             3 if !in_multi => {
                 in_multi = true;
                 Some(vec!["MULTI"])
@@ -64,7 +65,7 @@ fn script(choices: Vec<(u8, u8, bool)>) -> Vec<Op> {
                 Some(vec![if arg % 2 == 0 { "EXEC" } else { "DISCARD" }])
             }
             5 => Some(vec!["ASKING"]),
-            6 if !in_multi => Some(vec!["SUBSCRIBE", if arg % 2 == 0 { "c1" } else { "c2" }]),
+            6 if !in_multi => Some(vec!["SUBSCRIBE", ["c1", "c2", "denied"][arg as usize % 3]]),
             7 if !in_multi => Some(if arg % 3 == 0 {
                 vec!["UNSUBSCRIBE", "c1"]
             } else {

@@ -72,6 +72,11 @@ impl Core {
                 self.finish(role);
                 self.held.clear();
                 self.drain_local();
+                if self.state.barrier && self.ledger.client_pending() == 0 {
+                    // The barrier was answered: the client's next commands are judged on
+                    // what the server did.
+                    self.state.barrier = false;
+                }
                 self.maybe_reauth();
             } else if scan.consumed == 0 {
                 break;
@@ -102,7 +107,7 @@ impl Core {
                 return Some(Role::Ack { kind, subscribe });
             }
         }
-        if self.state.monitor {
+        if self.state.monitor && head.kind == b'+' && is_monitor_line(head.line) {
             return Some(Role::Unsolicited { translate: false });
         }
         // A null array (EXEC aborted by WATCH) also means the command's effect did not happen.
@@ -174,6 +179,14 @@ impl Core {
                     // The predicted switch did not happen.
                     self.state.wproto = self.state.proto;
                 }
+                Some(Expect::Reply {
+                    effect: Effect::Multi(seq),
+                    ..
+                }) if self.state.in_multi && self.state.multi_seq == seq => {
+                    // Refused (an ACL): the commands after it ran at once, and there is no
+                    // transaction to wait for the end of.
+                    self.end_multi();
+                }
                 Some(Expect::Swallow(Injected::Auth {
                     generation,
                     initial,
@@ -242,6 +255,9 @@ impl Core {
         if let Some(count) = count {
             self.state.subs.confirm(kind, count);
         }
+        self.state
+            .wsubs
+            .confirm(kind, subscribe, ack_name(&self.held));
         if self.state.translate {
             push_as_resp2(&self.held, &mut self.to_client);
         } else {
@@ -275,14 +291,30 @@ impl Core {
             Effect::None => {}
             Effect::Hello(v) => self.state.proto = v,
             Effect::Monitor => self.state.monitor = true,
-            Effect::Reset => {
-                self.state.proto = 2;
-                self.state.translate = false;
-                self.state.subs = Default::default();
-                self.state.monitor = false;
-            }
-            Effect::Pong | Effect::Topology(_) => {}
+            Effect::Reset => self.reset(),
+            Effect::Multi(_) | Effect::Pong | Effect::Topology(_) => {}
         }
+    }
+
+    /// What a `RESET` the server accepted did to the connection. Nothing was written behind
+    /// it (a barrier), so the read and the write side start over together.
+    fn reset(&mut self) {
+        let s = &mut self.state;
+        s.proto = 2;
+        s.wproto = 2;
+        s.translate = false;
+        s.emulating = false;
+        s.subs = Default::default();
+        s.wsubs.clear();
+        s.monitor = false;
+        s.reply_mode = crate::session::state::ReplyMode::On;
+        self.end_multi();
+        if let Some(password) = &self.local_password {
+            self.client_authenticated = password.is_empty();
+            self.parser.set_auth_required(!self.client_authenticated);
+        }
+        // RESET de-authenticates the connection: authenticate again before anything else.
+        self.reauth_now();
     }
 }
 
@@ -332,6 +364,28 @@ fn pong_as_resp2(reply: &[u8], out: &mut BytesMut) {
         }
         _ => out.extend_from_slice(reply),
     }
+}
+
+/// A monitor line, as Redis formats one: `<seconds>.<microseconds> [<db> <client>] …`.
+fn is_monitor_line(line: &[u8]) -> bool {
+    let secs = line.iter().take_while(|b| b.is_ascii_digit()).count();
+    let rest = &line[secs..];
+    secs > 0
+        && rest.len() >= 9
+        && rest[0] == b'.'
+        && rest[1..7].iter().all(u8::is_ascii_digit)
+        && &rest[7..9] == b" ["
+}
+
+/// The channel a confirmation names (`[kind, channel, count]`); none for an unsubscribe
+/// from nothing (a null).
+fn ack_name(frame: &[u8]) -> Option<&[u8]> {
+    let channel = elements(frame).nth(1)?;
+    let rest = channel.strip_prefix(b"$")?;
+    let header_end = memchr::memchr(b'\n', rest)?;
+    let len = crate::resp::request::string2ll(rest[..header_end].strip_suffix(b"\r")?)?;
+    let len = usize::try_from(len).ok()?;
+    rest.get(header_end + 1..header_end + 1 + len)
 }
 
 /// The subscription count in a confirmation (`[kind, channel, count]`).

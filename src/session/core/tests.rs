@@ -24,6 +24,9 @@ fn auth(generation: u64) -> String {
 
 struct T {
     core: Core,
+    /// Client bytes the core has not taken yet (behind a barrier, or incomplete), as the
+    /// driver's buffer holds them.
+    cin: BytesMut,
 }
 
 impl T {
@@ -37,17 +40,21 @@ impl T {
     }
 
     fn started(core: Core) -> T {
-        let mut t = T { core };
+        let mut t = T {
+            core,
+            cin: BytesMut::new(),
+        };
         assert_eq!(t.upstream_sent(), auth(1));
         t
     }
 
     fn client(&mut self, bytes: &str) -> &mut Self {
-        let mut buf = BytesMut::from(bytes.as_bytes());
-        self.core.client_input(&mut buf);
+        self.cin.extend_from_slice(bytes.as_bytes());
+        self.core.client_input(&mut self.cin);
         self
     }
 
+    /// Upstream bytes, then the client bytes held back, as the driver feeds them.
     fn server(&mut self, bytes: &str) -> &mut Self {
         let mut buf = BytesMut::from(bytes.as_bytes());
         self.core.upstream_input(&mut buf);
@@ -55,6 +62,9 @@ impl T {
             buf.is_empty() || self.core.close_reason().is_some(),
             "unconsumed upstream bytes"
         );
+        if !self.cin.is_empty() && self.core.wants_client_input() {
+            self.core.client_input(&mut self.cin);
+        }
         self
     }
 
@@ -71,6 +81,7 @@ impl T {
 fn first_auth_is_swallowed_and_commands_pipeline_behind_it() {
     let mut t = T {
         core: Core::new(creds(1), None),
+        cin: BytesMut::new(),
     };
     t.client("*1\r\n$4\r\nPING\r\n");
     assert_eq!(
@@ -299,23 +310,30 @@ fn resp2_subscriber_is_moved_to_resp3_and_translated_back() {
     let mut t = T::new();
     t.server("+OK\r\n");
     t.client("SUBSCRIBE a b\r\nPSUBSCRIBE p*\r\nPING\r\nGET k\r\nUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nAUTH x\r\n");
-    let sent = t.upstream_sent();
-    assert!(sent.starts_with(HELLO3), "{sent}");
-    assert!(
-        sent.ends_with(&format!("*1\r\n$12\r\nPUNSUBSCRIBE\r\n{HELLO2}")),
-        "{sent}"
+    // Each subscription command waits for the confirmations of the one before.
+    assert_eq!(
+        t.upstream_sent(),
+        format!("{HELLO3}*3\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n$1\r\nb\r\n")
     );
-    assert!(!sent.contains("GET") && !sent.contains("AUTH"), "{sent}");
     // The server speaks RESP3 now.
     t.server(HELLO_REPLY);
     t.server(
         ">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n>3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n",
     );
+    assert_eq!(t.upstream_sent(), "*2\r\n$10\r\nPSUBSCRIBE\r\n$2\r\np*\r\n");
     t.server(">3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n");
+    // PING goes, GET is refused as Redis refuses it from a RESP2 subscriber.
+    assert_eq!(
+        t.upstream_sent(),
+        "*1\r\n$4\r\nPING\r\n*1\r\n$11\r\nUNSUBSCRIBE\r\n"
+    );
     t.server(">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n");
     t.server("+PONG\r\n");
     t.server(">3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:2\r\n>3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:1\r\n");
+    assert_eq!(t.upstream_sent(), "*1\r\n$12\r\nPUNSUBSCRIBE\r\n");
     t.server(">3\r\n$12\r\npunsubscribe\r\n$2\r\np*\r\n:0\r\n");
+    // Nothing left: back to RESP2, before the client's next command (answered locally).
+    assert_eq!(t.upstream_sent(), HELLO2);
     t.server("%1\r\n$5\r\nproto\r\n:2\r\n");
     let want = "*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n\
                 *3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n\
@@ -379,17 +397,22 @@ fn resp3_pushes_bypass_the_ledger() {
     t.client("HELLO 3\r\nSUBSCRIBE a\r\nGET k\r\n");
     t.server("%1\r\n$5\r\nproto\r\n:3\r\n");
     t.core.set_credentials(creds(2));
+    t.upstream_sent();
     let push = ">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nx\r\n";
-    t.server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n")
-        .server(push)
+    t.server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+    // RESP3 subscribers re-authenticate in band, here as soon as the subscription is
+    // confirmed, before the command that waited for it.
+    assert_eq!(
+        t.upstream_sent(),
+        format!("{}*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", auth(2))
+    );
+    t.server(push)
+        .server("+OK\r\n")
         .server("_\r\n")
         .server(push);
-    // RESP3 subscribers re-authenticate in band.
-    assert!(t.upstream_sent().ends_with(&auth(2)));
-    t.server("+OK\r\n");
     let got = t.client_got();
     assert_eq!(got.matches(">3").count(), 3);
-    assert!(got.contains("_\r\n") && !got.ends_with("+OK\r\n"));
+    assert!(got.contains("_\r\n") && !got.contains("+OK\r\n"));
     assert!(t.core.current());
 }
 
@@ -397,13 +420,17 @@ fn resp3_pushes_bypass_the_ledger() {
 fn reset_reauthenticates_right_behind() {
     let mut t = T::new();
     t.server("+OK\r\n");
-    t.client("RESET\r\n");
+    t.client("RESET\r\nPING\r\n");
+    // A barrier: what it does is known from its reply.
+    assert_eq!(t.upstream_sent(), "*1\r\n$5\r\nRESET\r\n");
+    t.server("+RESET\r\n");
     assert_eq!(
         t.upstream_sent(),
-        format!("*1\r\n$5\r\nRESET\r\n{}", auth(1))
+        format!("{}*1\r\n$4\r\nPING\r\n", auth(1))
     );
-    t.server("+RESET\r\n+OK\r\n");
-    assert_eq!(t.client_got(), "+RESET\r\n");
+    t.server("+OK\r\n+PONG\r\n");
+    assert_eq!(t.client_got(), "+RESET\r\n+PONG\r\n");
+    assert!(t.core.current());
 }
 
 #[test]
@@ -556,9 +583,13 @@ fn cluster_redirections_and_topology_name_local_listeners() {
 
 #[test]
 fn cluster_topology_is_refused_inside_multi() {
-    let mut t = clustered();
-    t.client("*1\r\n$5\r\nMULTI\r\n*2\r\n$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n*1\r\n$4\r\nEXEC\r\n");
-    // MULTI is forwarded, the topology command refused, EXEC turned into DISCARD.
+    refused_inside_multi(&mut clustered(), "CLUSTER SLOTS\r\n");
+}
+
+/// `command` between MULTI and EXEC: MULTI is forwarded, the command refused, and EXEC turned
+/// into DISCARD and answered EXECABORT, as after a queue-time error.
+fn refused_inside_multi(t: &mut T, command: &str) {
+    t.client(&format!("MULTI\r\n{command}EXEC\r\n"));
     assert_eq!(
         t.upstream_sent(),
         "*1\r\n$5\r\nMULTI\r\n*1\r\n$7\r\nDISCARD\r\n"
@@ -773,4 +804,166 @@ fn closing_mid_request_waits_only_for_earlier_replies() {
         t.core.close_reason(),
         Some(CloseReason::PartialRequest(_))
     ));
+}
+
+const MONITOR_LINE: &str = "+1796625724.098137 [0 127.0.0.1:45990] \"PING\"\r\n";
+
+#[test]
+fn a_refused_subscription_leaves_the_client_unsubscribed() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("SSUBSCRIBE a b\r\nGET a\r\n");
+    assert_eq!(
+        t.upstream_sent(),
+        format!("{HELLO3}*3\r\n$10\r\nSSUBSCRIBE\r\n$1\r\na\r\n$1\r\nb\r\n")
+    );
+    t.server(HELLO_REPLY)
+        .server("-CROSSSLOT Keys in request don't hash to the same slot\r\n");
+    // Back to RESP2, then the GET, forwarded: the client never subscribed.
+    assert_eq!(
+        t.upstream_sent(),
+        format!("{HELLO2}*2\r\n$3\r\nGET\r\n$1\r\na\r\n")
+    );
+    t.server("%1\r\n$5\r\nproto\r\n:2\r\n").server("$-1\r\n");
+    assert_eq!(
+        t.client_got(),
+        "-CROSSSLOT Keys in request don't hash to the same slot\r\n$-1\r\n"
+    );
+    assert!(!t.core.streaming() && t.core.idle());
+}
+
+#[test]
+fn a_subscription_the_server_ends_is_over() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("SSUBSCRIBE b\r\n");
+    t.upstream_sent();
+    t.server(HELLO_REPLY)
+        .server(">3\r\n$10\r\nssubscribe\r\n$1\r\nb\r\n:1\r\n");
+    // The slot moved away: the server unsubscribes the client on its own.
+    t.server(">3\r\n$12\r\nsunsubscribe\r\n$1\r\nb\r\n:0\r\n");
+    assert_eq!(t.upstream_sent(), HELLO2);
+    t.client("GET b\r\n");
+    assert_eq!(t.upstream_sent(), "*2\r\n$3\r\nGET\r\n$1\r\nb\r\n");
+    t.server("%1\r\n$5\r\nproto\r\n:2\r\n").server("$-1\r\n");
+    assert_eq!(
+        t.client_got(),
+        "*3\r\n$10\r\nssubscribe\r\n$1\r\nb\r\n:1\r\n\
+         *3\r\n$12\r\nsunsubscribe\r\n$1\r\nb\r\n:0\r\n$-1\r\n"
+    );
+    assert!(!t.core.streaming());
+}
+
+#[test]
+fn subscribing_inside_multi_is_refused() {
+    for command in ["SUBSCRIBE c\r\n", "PUNSUBSCRIBE\r\n", "SSUBSCRIBE s\r\n"] {
+        let mut t = T::new();
+        t.server("+OK\r\n");
+        refused_inside_multi(&mut t, command);
+    }
+}
+
+#[test]
+fn replies_of_a_monitoring_client_are_told_from_monitor_lines() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("MONITOR\r\n");
+    t.upstream_sent();
+    t.server("+OK\r\n");
+    assert!(t.core.streaming());
+    // A second MONITOR gets no reply from Redis; PING gets its own, before its line.
+    t.client("MONITOR\r\nPING\r\n");
+    assert_eq!(t.upstream_sent(), "*1\r\n$4\r\nPING\r\n");
+    t.server("+PONG\r\n").server(MONITOR_LINE);
+    // RESET: its reply, then the AUTH it calls for, swallowed.
+    t.client("RESET\r\n");
+    assert_eq!(t.upstream_sent(), "*1\r\n$5\r\nRESET\r\n");
+    t.server(MONITOR_LINE).server("+RESET\r\n");
+    assert_eq!(t.upstream_sent(), auth(1));
+    t.server("+OK\r\n");
+    assert_eq!(
+        t.client_got(),
+        format!("+OK\r\n+PONG\r\n{MONITOR_LINE}{MONITOR_LINE}+RESET\r\n")
+    );
+    assert!(t.core.current() && !t.core.streaming());
+    // QUIT after MONITOR and a command is answered and closes.
+    t.client("MONITOR\r\n");
+    t.server("+OK\r\n");
+    t.client("PING\r\nQUIT\r\n");
+    t.server("+PONG\r\n");
+    assert_eq!(t.client_got(), "+OK\r\n+PONG\r\n+OK\r\n");
+    assert_eq!(t.core.close_reason(), Some(&CloseReason::ClientQuit));
+}
+
+#[test]
+fn a_refused_reset_changes_nothing() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("HELLO 3\r\n");
+    t.upstream_sent();
+    t.server(HELLO_REPLY);
+    // Azure Managed Redis refuses RESET: the client is still RESP3, so its SUBSCRIBE needs
+    // no switch of protocol.
+    t.client("RESET\r\nSUBSCRIBE c\r\n");
+    assert_eq!(t.upstream_sent(), "*1\r\n$5\r\nRESET\r\n");
+    t.server("-ERR unknown command 'RESET'\r\n");
+    assert_eq!(t.upstream_sent(), "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n");
+    t.server(">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n");
+    assert_eq!(
+        t.client_got(),
+        format!("{HELLO_REPLY}-ERR unknown command 'RESET'\r\n>3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
+    );
+    assert!(t.core.current());
+}
+
+#[test]
+fn reset_is_answered_under_client_reply_off_not_skip() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("CLIENT REPLY OFF\r\nRESET\r\n");
+    t.server("+RESET\r\n+OK\r\n");
+    t.client("CLIENT REPLY SKIP\r\nRESET\r\nPING\r\n");
+    t.server("+RESET\r\n+OK\r\n").server("+PONG\r\n");
+    assert_eq!(t.client_got(), "+RESET\r\n+PONG\r\n");
+}
+
+#[test]
+fn a_refused_monitor_or_multi_does_not_stop_reauthentication() {
+    for (commands, replies) in [
+        ("MONITOR\r\n", "-ERR unknown command 'MONITOR'\r\n"),
+        (
+            "MULTI\r\nSET a 1\r\n",
+            "-NOPERM this user has no permissions to run the 'multi' command\r\n+OK\r\n",
+        ),
+    ] {
+        let mut t = T::new();
+        t.server("+OK\r\n");
+        t.client(commands);
+        t.upstream_sent();
+        t.server(replies);
+        t.core.set_credentials(creds(2));
+        assert_eq!(t.upstream_sent(), auth(2), "{commands:?}");
+        assert!(!t.core.streaming());
+    }
+    // MULTI with arguments is refused as Redis refuses it, and opens no transaction.
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("MULTI x\r\n");
+    assert_eq!(t.upstream_sent(), "");
+    assert_eq!(
+        t.client_got(),
+        "-ERR wrong number of arguments for 'multi' command\r\n"
+    );
+    t.core.set_credentials(creds(2));
+    assert_eq!(t.upstream_sent(), auth(2));
+}
+
+#[test]
+fn hello_with_a_bad_name_inside_multi_switches_nothing() {
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("MULTI\r\nHELLO 3 SETNAME \"a b\"\r\nEXEC\r\n");
+    t.upstream_sent();
+    t.server("+OK\r\n+QUEUED\r\n*1\r\n-ERR Client names cannot contain spaces, newlines or special characters.\r\n");
+    assert_eq!((t.core.state.proto, t.core.state.wproto), (2, 2));
 }
