@@ -72,7 +72,7 @@ impl Health {
         }
     }
 
-    fn refresh_error(&self) -> Option<String> {
+    pub(crate) fn refresh_error(&self) -> Option<String> {
         self.refresh_error.lock().ok().and_then(|e| e.clone())
     }
 }

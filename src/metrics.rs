@@ -110,7 +110,7 @@ fn describe() {
     );
     describe_counter!(
         TOKEN_REFRESH_TOTAL,
-        "Token fetch attempts, by source and result (ok, error)."
+        "Token fetch attempts, by source and result (ok, unchanged, error)."
     );
     describe_gauge!(
         TOKEN_EXPIRES_IN_SECONDS,

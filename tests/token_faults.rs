@@ -186,7 +186,8 @@ async fn flapping_endpoint_keeps_serving_and_counts_every_attempt() {
             503,
             "<html><body>Service Unavailable</body></html>".into(),
         ));
-        // Identity libraries hand back a cached token: not a new one, so not applied again.
+        // Identity libraries hand back a cached token: not a new one, so not applied again;
+        // with less than 5 minutes left (a 10 s token), a failure to refresh.
         mock.push(flap2.answer());
         for errors in [3.0, 4.0] {
             wait_metric(
@@ -235,7 +236,7 @@ async fn flapping_endpoint_keeps_serving_and_counts_every_attempt() {
         let log = proxy.log();
         assert_eq!(log.matches("token fetch failed").count(), 4, "{log}");
         assert!(
-            log.contains("the source returned the current token again"),
+            log.contains("the source keeps returning the current token, which expires soon"),
             "{log}"
         );
     })

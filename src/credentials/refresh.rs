@@ -31,6 +31,16 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// well under a second when healthy.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What one fetch gave.
+enum Fetched {
+    New(Credentials),
+    /// The current token again: identity endpoints (IMDS, App Service) and libraries hand
+    /// back a cached token until shortly before it expires. Not a failure: asked again with
+    /// the same backoff, quietly while the current token has time left.
+    Unchanged,
+    Failed(String),
+}
+
 /// The state the refresher publishes. `None` until the first token arrives.
 pub type CredentialsRx = watch::Receiver<Option<Arc<Credentials>>>;
 
@@ -95,7 +105,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let counter = |result: &'static str| metrics::counter!(crate::metrics::TOKEN_REFRESH_TOTAL, "source" => source.name(), "result" => result);
-    let (ok_count, error_count) = (counter("ok"), counter("error"));
+    let (ok_count, error_count, unchanged_count) =
+        (counter("ok"), counter("error"), counter("unchanged"));
     let mut backoff = Backoff::default();
     let mut generation = 0u64;
     loop {
@@ -106,25 +117,35 @@ pub async fn run(
         };
         let now = SystemTime::now();
         let current = tx.borrow().clone();
-        let result = match outcome {
-            Err(_) => Err(format!("timed out after {ATTEMPT_TIMEOUT:?}")),
-            Ok(Err(e)) => Err(e.to_string()),
+        let valid_for = current.as_ref().and_then(|c| c.remaining(now));
+        let fetched = match outcome {
+            Err(_) => Fetched::Failed(format!("timed out after {ATTEMPT_TIMEOUT:?}")),
+            Ok(Err(e)) => Fetched::Failed(e.to_string()),
             Ok(Ok(token)) => match credentials_from(token, username.as_deref(), generation + 1) {
-                Err(e) => Err(e.to_string()),
-                Ok(c) if c.is_expired(now) => Err("the source returned an expired token".into()),
+                Err(e) => Fetched::Failed(e.to_string()),
+                Ok(c) if c.is_expired(now) => {
+                    Fetched::Failed("the source returned an expired token".into())
+                }
                 Ok(c)
                     if current
                         .as_ref()
                         .is_some_and(|cur| cur.token == c.token && c.expires_at.is_some()) =>
                 {
-                    // Identity libraries hand back a cached token until shortly before expiry.
-                    Err("the source returned the current token again".into())
+                    if valid_for.is_some_and(|v| v > REFRESH_BEFORE_EXPIRY) {
+                        Fetched::Unchanged
+                    } else {
+                        // Close to expiry, that is a failure to refresh.
+                        Fetched::Failed(
+                            "the source keeps returning the current token, which expires soon"
+                                .into(),
+                        )
+                    }
                 }
-                Ok(c) => Ok(c),
+                Ok(c) => Fetched::New(c),
             },
         };
-        let wait = match result {
-            Ok(creds) => {
+        let wait = match fetched {
+            Fetched::New(creds) => {
                 backoff.reset();
                 ok_count.increment(1);
                 health.set_refresh_error(None);
@@ -147,11 +168,23 @@ pub async fn run(
                     }
                 }
             }
-            Err(reason) => {
+            Fetched::Unchanged => {
+                let wait = backoff.next(fastrand::f64());
+                unchanged_count.increment(1);
+                // The source answers: an earlier failure is over.
+                health.set_refresh_error(None);
+                tracing::debug!(
+                    source = source.name(),
+                    retry_in_ms = wait.as_millis() as u64,
+                    current_valid_for_s = valid_for.map(|d| d.as_secs()),
+                    "the source returned the current token again; asking again later"
+                );
+                wait
+            }
+            Fetched::Failed(reason) => {
                 let wait = backoff.next(fastrand::f64());
                 error_count.increment(1);
                 health.set_refresh_error(Some(reason.clone()));
-                let valid_for = current.as_ref().and_then(|c| c.remaining(now));
                 tracing::warn!(
                     source = source.name(),
                     failures = backoff.failures(),

@@ -193,6 +193,7 @@ mod paused {
         shutdown: CancellationToken,
         task: JoinHandle<()>,
         start: Instant,
+        health: Arc<Health>,
     }
 
     impl Harness {
@@ -210,12 +211,13 @@ mod paused {
             let (tx, rx) = watch::channel(None);
             let shutdown = CancellationToken::new();
             let start = Instant::now();
+            let health = Arc::new(Health::default());
             let task = tokio::spawn(run(
                 source.clone(),
                 None,
                 Policy::default(),
                 tx,
-                Arc::new(Health::default()),
+                health.clone(),
                 shutdown.clone(),
             ));
             Harness {
@@ -225,6 +227,7 @@ mod paused {
                 shutdown,
                 task,
                 start,
+                health,
             }
         }
 
@@ -426,6 +429,9 @@ mod paused {
             !h.rx.has_changed().expect("sender alive"),
             "first rejection"
         );
+        // With a quarter of its life left, the current token is no reason for alarm.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(h.health.refresh_error(), None);
         // Two rejections, retried after 1 s and 2 s (± 20 %); the last retry succeeds.
         for (i, secs) in [1, 2].into_iter().enumerate() {
             let gap = h.gap_after(&mut previous).await;
@@ -445,6 +451,23 @@ mod paused {
             "generations count published tokens only"
         );
         assert_eq!(next.token.expose(), "token-2");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_token_close_to_expiry_is_a_failure() {
+        // A 4-minute token has less left than the 5 minutes every connection's re-AUTH needs:
+        // the same token again is a refresh that failed, and readiness says why.
+        let mut h = Harness::start([Step::Valid(4 * MIN), Step::Again]);
+        h.next_fetch().await;
+        h.next_published().await;
+        h.next_fetch().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let error = h.health.refresh_error().expect("a refresh error");
+        assert!(
+            error.contains("keeps returning the current token"),
+            "{error}"
+        );
         h.stop().await;
     }
 
