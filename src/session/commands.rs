@@ -17,6 +17,8 @@ const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is 
 const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
 const HELLO_NOAUTH: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
 const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+const EXECABORT_NOAUTH: &[u8] =
+    b"-EXECABORT Transaction discarded because of: NOAUTH Authentication required.\r\n";
 /// Redis's rule for a client name (`CLIENT SETNAME`, `HELLO … SETNAME`) and for the library
 /// name and version of `CLIENT SETINFO`: no spaces, newlines or other characters outside
 /// `!`..`~`.
@@ -152,13 +154,17 @@ impl Core {
             }
         };
         let ping = special == Special::Other && cmd.arg_is(0, "ping");
+        // Redis answers a refused EXEC with EXECABORT and the reason.
+        let exec = special == Special::Exec;
         match self.refusal(special, ping) {
+            Some(Refusal::NoAuth) if exec => return self.reject(EXECABORT_NOAUTH),
             Some(Refusal::NoAuth) => return self.reject(NOAUTH),
             Some(Refusal::Resp2Subscriber) => {
                 // What Redis answers a RESP2 subscriber; said by the proxy because the
                 // upstream may have been switched to RESP3, where it would accept the command.
                 let msg = format!(
-                    "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                    "{} Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                    if exec { "EXECABORT Transaction discarded because of:" } else { "ERR" },
                     full_name(&cmd)
                 );
                 return self.reject_with(&msg);

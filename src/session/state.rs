@@ -83,6 +83,10 @@ impl SubNames {
         self.sets.iter().any(|s| !s.is_empty())
     }
 
+    pub fn contains(&self, kind: SubKind, name: &[u8]) -> bool {
+        self.sets[kind as usize].contains(name)
+    }
+
     pub fn clear(&mut self) {
         self.sets.iter_mut().for_each(HashSet::clear);
     }

@@ -17,6 +17,8 @@ pub(super) enum Role {
     Ack { kind: SubKind, subscribe: bool },
     /// A message or push nobody asked for: relay (as a RESP2 array when translating).
     Unsolicited { translate: bool },
+    /// A client-side caching invalidation while translating for a RESP2 client (held whole).
+    Invalidation,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +66,8 @@ impl Core {
                     mode: Mode::Hold | Mode::Rewrite,
                     ..
                 }
-                | Role::Ack { .. } => self.held.extend_from_slice(bytes),
+                | Role::Ack { .. }
+                | Role::Invalidation => self.held.extend_from_slice(bytes),
             }
             buf.advance(scan.consumed);
             if scan.complete {
@@ -91,9 +94,10 @@ impl Core {
             _ => None,
         };
         if head.kind == b'>' {
-            return Some(match ack {
-                Some((kind, subscribe)) => Role::Ack { kind, subscribe },
-                None => Role::Unsolicited {
+            return Some(match (ack, head.first) {
+                (Some((kind, subscribe)), _) => Role::Ack { kind, subscribe },
+                (None, First::Str(b"invalidate")) if self.state.translate => Role::Invalidation,
+                (None, _) => Role::Unsolicited {
                     translate: self.state.translate,
                 },
             });
@@ -152,6 +156,7 @@ impl Core {
         }
         match role {
             Role::Unsolicited { .. } => {}
+            Role::Invalidation => self.relay_invalidation(),
             Role::Ack { kind, subscribe } => self.finish_ack(kind, subscribe),
             Role::Reply { error, mode } => match self.ledger.pop() {
                 entry if mode == Mode::Rewrite => {
@@ -265,6 +270,29 @@ impl Core {
         }
     }
 
+    /// Redis sends a RESP2 client a client-side caching invalidation only as a message on
+    /// `__redis__:invalidate`, when another connection's tracking redirects to it and it is
+    /// subscribed to that channel; its own tracking sends it none. The RESP3 upstream of a
+    /// RESP2 subscriber gets every invalidation as a push: what RESP2 would not send is
+    /// dropped, the rest becomes that message.
+    fn relay_invalidation(&mut self) {
+        if !self
+            .state
+            .wsubs
+            .contains(SubKind::Channel, INVALIDATE_CHANNEL)
+        {
+            return;
+        }
+        let Some(keys) = elements(&self.held).nth(1) else {
+            return;
+        };
+        self.to_client
+            .extend_from_slice(b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n");
+        // All keys (flush): a RESP3 null, RESP2's null bulk.
+        self.to_client
+            .extend_from_slice(if keys == b"_\r\n" { b"$-1\r\n" } else { keys });
+    }
+
     fn hello_answered(&mut self, version: u8, emulate: bool, error: bool) {
         if !error {
             self.state.proto = version;
@@ -317,6 +345,9 @@ impl Core {
         self.reauth_now();
     }
 }
+
+/// The channel of client-side caching invalidations redirected to a RESP2 connection.
+const INVALIDATE_CHANNEL: &[u8] = b"__redis__:invalidate";
 
 /// The text of an error reply, without the `-` and CRLF.
 pub(super) fn error_text(frame: &[u8]) -> String {

@@ -189,6 +189,25 @@ fn local_password_like_requirepass() {
 }
 
 #[test]
+fn a_refused_exec_gets_execabort_with_the_reason() {
+    let mut t = T::with_password("pw");
+    t.server("+OK\r\n");
+    t.client("MULTI\r\nPING\r\nEXEC\r\nAUTH pw\r\nSUBSCRIBE a\r\nEXEC\r\n");
+    t.upstream_sent();
+    t.server(HELLO_REPLY)
+        .server(">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+    // As redis-server 7.0.15 with requirepass answers the same bytes.
+    assert_eq!(
+        t.client_got(),
+        "-NOAUTH Authentication required.\r\n-NOAUTH Authentication required.\r\n\
+         -EXECABORT Transaction discarded because of: NOAUTH Authentication required.\r\n\
+         +OK\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n\
+         -EXECABORT Transaction discarded because of: Can't execute 'exec': only (P|S)SUBSCRIBE \
+         / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"
+    );
+}
+
+#[test]
 fn hello_auth_is_checked_and_stripped() {
     let mut t = T::with_password("pw");
     t.server("+OK\r\n");
@@ -966,4 +985,34 @@ fn hello_with_a_bad_name_inside_multi_switches_nothing() {
     t.upstream_sent();
     t.server("+OK\r\n+QUEUED\r\n*1\r\n-ERR Client names cannot contain spaces, newlines or special characters.\r\n");
     assert_eq!((t.core.state.proto, t.core.state.wproto), (2, 2));
+}
+
+#[test]
+fn invalidations_reach_a_resp2_subscriber_as_redis_sends_them() {
+    const CHANNEL_ACK: &str = ">3\r\n$9\r\nsubscribe\r\n$20\r\n__redis__:invalidate\r\n:1\r\n";
+    const KEYS: &str = ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\nrk1\r\n";
+    const FLUSH: &str = ">2\r\n$10\r\ninvalidate\r\n_\r\n";
+    // The target of another connection's CLIENT TRACKING … REDIRECT: a message on the channel.
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("SUBSCRIBE __redis__:invalidate\r\n");
+    t.upstream_sent();
+    t.server(HELLO_REPLY).server(CHANNEL_ACK);
+    t.client_got();
+    t.server(KEYS).server(FLUSH);
+    assert_eq!(
+        t.client_got(),
+        "*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$3\r\nrk1\r\n\
+         *3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n$-1\r\n"
+    );
+    // A client tracking keys itself gets nothing in RESP2, subscribed or not.
+    let mut t = T::new();
+    t.server("+OK\r\n");
+    t.client("SUBSCRIBE ch\r\n");
+    t.upstream_sent();
+    t.server(HELLO_REPLY)
+        .server(">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n");
+    t.client_got();
+    t.server(KEYS).server(FLUSH);
+    assert_eq!(t.client_got(), "");
 }
