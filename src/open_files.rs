@@ -18,7 +18,10 @@ pub const RESERVED: u64 = 64;
 /// Descriptors the proxy needs at most: two per client connection, one per warm connection,
 /// and [`RESERVED`].
 pub fn needed(max_connections: usize, warm_connections: usize) -> u64 {
-    2 * max_connections as u64 + warm_connections as u64 + RESERVED
+    (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(warm_connections as u64)
+        .saturating_add(RESERVED)
 }
 
 /// The client connections `limit` descriptors hold beside the warm pool and [`RESERVED`]; at
@@ -107,6 +110,7 @@ mod tests {
     fn two_per_client_beside_the_pool_and_the_reserve() {
         assert_eq!(needed(10_000, 0), 20_064);
         assert_eq!(needed(100, 32), 296);
+        assert_eq!(needed(usize::MAX, usize::MAX), u64::MAX);
     }
 
     #[test]
