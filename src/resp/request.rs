@@ -497,6 +497,30 @@ impl fmt::Debug for Command<'_> {
     }
 }
 
+/// All arguments of a multibulk frame already accepted by [`RequestParser::parse`].
+pub fn frame_args(frame: &[u8]) -> Vec<&[u8]> {
+    let mut args = Vec::new();
+    let mut pos = match memchr::memchr(b'\r', frame) {
+        Some(cr) => cr + 2,
+        None => return args,
+    };
+    while pos < frame.len() {
+        let Some(cr) = memchr::memchr(b'\r', &frame[pos..]).map(|i| pos + i) else {
+            break;
+        };
+        let Some(len) = string2ll(&frame[pos + 1..cr]).and_then(|n| usize::try_from(n).ok()) else {
+            break;
+        };
+        let start = cr + 2;
+        let Some(arg) = frame.get(start..start + len) else {
+            break;
+        };
+        args.push(arg);
+        pos = start + len + 2;
+    }
+    args
+}
+
 /// Redis's `string2ll`: optional `-`, no `+`, no leading zeros, no spaces, at most 20 chars.
 pub fn string2ll(s: &[u8]) -> Option<i64> {
     if s.is_empty() || s.len() >= 21 {

@@ -144,7 +144,13 @@ impl Model {
                     String::from_utf8_lossy(&args[1]).to_lowercase()
                 );
             }
-            let msg = format!("-ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n");
+            // A refused EXEC is answered EXECABORT, with the reason.
+            let prefix = if name == "EXEC" {
+                "EXECABORT Transaction discarded because of:"
+            } else {
+                "ERR"
+            };
+            let msg = format!("-{prefix} Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n");
             return self.reply(msg.as_bytes());
         }
         if let Some(queue) = &mut self.multi {
