@@ -92,16 +92,7 @@ async fn limited_proxy(
     let redis = RedisServer::start(RedisOptions::default())
         .await
         .expect("redis-server starts");
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let token = mint_token("limits-1", exp);
-    redis
-        .acl_setuser("limits-1", &token)
-        .await
-        .expect("ACL SETUSER");
+    let token = fixed_token(&redis, "limits-1", true).await;
     let max = max_connections.to_string();
     let proxy = ProxyProcess::start_limited(
         &redis,
@@ -112,6 +103,20 @@ async fn limited_proxy(
     .await;
     proxy.wait_started().await;
     (proxy, redis)
+}
+
+/// A token valid for an hour for the identity `oid`, which the server knows when `known`.
+async fn fixed_token(redis: &RedisServer, oid: &str, known: bool) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = mint_token(oid, exp);
+    if known {
+        redis.acl_setuser(oid, &token).await.expect("ACL SETUSER");
+    }
+    token
 }
 
 /// The soft and hard "Max open files" of a process.
@@ -142,6 +147,24 @@ async fn served_clients(proxy: &ProxyProcess, n: usize) -> Vec<RespConn> {
     clients
 }
 
+/// The proxy serves exactly `n` clients at once: `n` answered, the next refused as Redis
+/// refuses past `maxclients`, and `n` the limit in force in the metrics. Returns the served
+/// ones, held open.
+async fn serves_exactly(proxy: &ProxyProcess, n: usize) -> Vec<RespConn> {
+    let clients = served_clients(proxy, n).await;
+    let mut refused = Raw(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    refused
+        .expect(b"-ERR max number of clients reached\r\n")
+        .await;
+    assert!(refused.read_to_end().await.is_empty());
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get("redis_entra_proxy_client_connections_max", &[]),
+        Some(n as f64)
+    );
+    clients
+}
+
 #[tokio::test]
 async fn a_short_open_file_limit_is_raised_to_hold_every_connection() {
     // 100 clients need 2 × 100 + 64 descriptors; the shell leaves the proxy 150 of a possible
@@ -153,16 +176,7 @@ async fn a_short_open_file_limit_is_raised_to_hold_every_connection() {
         "{}",
         proxy.log_tail()
     );
-    let _clients = served_clients(&proxy, 100).await;
-    let mut refused = Raw(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
-    refused
-        .expect(b"-ERR max number of clients reached\r\n")
-        .await;
-    let m = proxy.metrics().await;
-    assert_eq!(
-        m.get("redis_entra_proxy_client_connections_max", &[]),
-        Some(100.0)
-    );
+    serves_exactly(&proxy, 100).await;
 }
 
 #[tokio::test]
@@ -177,17 +191,7 @@ async fn a_hard_limit_too_low_lowers_the_connection_limit_like_maxclients() {
         "{}",
         proxy.log_tail()
     );
-    let clients = served_clients(&proxy, 68).await;
-    let mut refused = Raw(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
-    refused
-        .expect(b"-ERR max number of clients reached\r\n")
-        .await;
-    assert!(refused.read_to_end().await.is_empty());
-    let m = proxy.metrics().await;
-    assert_eq!(
-        m.get("redis_entra_proxy_client_connections_max", &[]),
-        Some(68.0)
-    );
+    let clients = serves_exactly(&proxy, 68).await;
     // The served ones go on being served.
     for mut c in clients.into_iter().take(3) {
         assert_eq!(
@@ -204,12 +208,7 @@ async fn a_flood_of_failing_connections_logs_a_few_lines_a_second() {
     let redis = RedisServer::start(RedisOptions::default())
         .await
         .expect("redis-server starts");
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let token = mint_token("nobody-1", exp);
+    let token = fixed_token(&redis, "nobody-1", false).await;
     let proxy = ProxyProcess::start(
         &redis,
         &["--credential", "fixed"],
