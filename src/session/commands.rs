@@ -171,7 +171,7 @@ impl Core {
             }
             None => {}
         }
-        if ping && self.state.emulating && self.state.wsubs.any() {
+        if ping && self.state.emulating && self.state.sub_names.any() {
             return self.forward(cmd, raw, Effect::Pong);
         }
         match special {
@@ -240,7 +240,7 @@ impl Core {
                     && s.client_proto() == 2
                     && !s.emulating
                     && !s.resp3_refused
-                    && !s.wsubs.any()
+                    && !s.sub_names.any()
                 {
                     // A RESP2 subscriber cannot be re-authenticated (Redis refuses AUTH in
                     // that state), a RESP3 one can: move the upstream to RESP3 and

@@ -126,7 +126,7 @@ pub struct ConnState {
     pub resp3_refused: bool,
     /// The subscriptions the server holds. Subscribing is a barrier, so when a client command
     /// is judged, this is also what the server will hold when it runs it.
-    pub wsubs: SubNames,
+    pub sub_names: SubNames,
     /// Write side: QUIT seen; nothing more is read from the client.
     pub quit: bool,
     /// Write side: the emulated CLIENT REPLY mode.
@@ -154,6 +154,6 @@ impl ConnState {
     /// Whether the server would treat the client as a RESP2 subscriber for the next command
     /// (and so refuse everything but (P|S)(UN)SUBSCRIBE, PING, QUIT and RESET).
     pub fn client_resp2_subscribed(&self) -> bool {
-        self.client_proto() == 2 && self.wsubs.any()
+        self.client_proto() == 2 && self.sub_names.any()
     }
 }

@@ -261,7 +261,7 @@ impl Core {
             self.state.subs.confirm(kind, count);
         }
         self.state
-            .wsubs
+            .sub_names
             .confirm(kind, subscribe, ack_name(&self.held));
         if self.state.translate {
             push_as_resp2(&self.held, &mut self.to_client);
@@ -278,7 +278,7 @@ impl Core {
     fn relay_invalidation(&mut self) {
         if !self
             .state
-            .wsubs
+            .sub_names
             .contains(SubKind::Channel, INVALIDATE_CHANNEL)
         {
             return;
@@ -333,7 +333,7 @@ impl Core {
         s.translate = false;
         s.emulating = false;
         s.subs = Default::default();
-        s.wsubs.clear();
+        s.sub_names.clear();
         s.monitor = false;
         s.reply_mode = crate::session::state::ReplyMode::On;
         self.end_multi();
