@@ -137,7 +137,9 @@ pub fn parse_reply(reply: &[u8], origin: &str) -> Result<Found, String> {
 
 /// Node addresses of `CLUSTER NODES` text: `<id> <host:port@cport[,hostname]> <flags> …`.
 /// Nodes without an address yet (`noaddr`, `handshake`) are left out; an empty host is the
-/// host of the node asked (`origin`).
+/// host of the node asked (`origin`). A node that announces a hostname
+/// (`cluster-announce-hostname`) is listed under it too, since replies name it by hostname
+/// when `cluster-preferred-endpoint-type` is `hostname`: its listener must not close as gone.
 pub fn parse_nodes(text: &str, origin: &str) -> Vec<(String, u16)> {
     let mut nodes = Vec::new();
     for line in text.lines() {
@@ -149,6 +151,10 @@ pub fn parse_nodes(text: &str, origin: &str) -> Vec<(String, u16)> {
         if flags.split(',').any(|f| f == "noaddr" || f == "handshake") {
             continue;
         }
+        let hostname = addr
+            .split_once(',')
+            .map(|(_, h)| h)
+            .filter(|h| !h.is_empty());
         let addr = addr.split(['@', ',']).next().unwrap_or_default();
         let Some((host, port)) = super::rewrite::split_addr(addr.as_bytes()) else {
             continue;
@@ -162,6 +168,9 @@ pub fn parse_nodes(text: &str, origin: &str) -> Vec<(String, u16)> {
             Err(_) => continue,
         };
         nodes.push((host, port));
+        if let Some(hostname) = hostname {
+            nodes.push((hostname.to_owned(), port));
+        }
     }
     nodes
 }
@@ -182,6 +191,7 @@ mod tests {
             parse_nodes(text, "seed.example"),
             [
                 ("10.0.0.1".to_owned(), 8500),
+                ("cache.example".to_owned(), 8500),
                 ("seed.example".to_owned(), 8501),
                 ("10.0.0.3".to_owned(), 8502)
             ]

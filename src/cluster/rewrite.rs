@@ -180,17 +180,25 @@ impl Rewriter {
     }
 
     /// `[host, port, id, metadata]` of `CLUSTER SLOTS`; metadata (Redis 7) is a map (an
-    /// array in RESP2) whose `ip` is an address too. `None`: not that shape.
+    /// array in RESP2) whose `ip` is an address too. A null host (`cluster-preferred-endpoint-
+    /// type unknown-endpoint`) is the node asked. `None`: not that shape.
     fn slots_node(&self, node: &mut Value) -> Option<Result<(), RewriteError>> {
         let items = node.items_mut()?;
-        let host = items.first()?.as_str()?.to_vec();
+        let host = match items.first()? {
+            host if host.is_null() => Vec::new(),
+            host => host.as_str()?.to_vec(),
+        };
         let port = u16::try_from(items.get(1)?.as_int()?).ok()?;
         let local = match self.local(&host, port) {
             Ok(Some(local)) => local,
             Ok(None) => return Some(Ok(())),
             Err(e) => return Some(Err(e)),
         };
-        items[0].set_str(local.host.as_bytes().to_vec());
+        if items[0].is_null() {
+            items[0] = Value::Bulk(local.host.as_bytes().to_vec());
+        } else {
+            items[0].set_str(local.host.as_bytes().to_vec());
+        }
         items[1] = Value::Int(i64::from(local.port));
         if let Some(meta) = items.get_mut(3).and_then(Value::items_mut) {
             for pair in meta.chunks_mut(2) {

@@ -37,6 +37,11 @@ impl Value {
     }
 
     /// Replaces the text of a string, keeping its kind.
+    /// A null of RESP2 (`$-1`, `*-1`) or RESP3 (`_`).
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Raw(raw) if [&b"$-1\r\n"[..], b"*-1\r\n", b"_\r\n"].contains(&&raw[..]))
+    }
+
     pub fn set_str(&mut self, text: Vec<u8>) {
         match self {
             Value::Simple(s) | Value::Bulk(s) | Value::Verbatim(_, s) => *s = text,

@@ -136,6 +136,25 @@ fn cluster_slots_resp2_and_resp3() {
 }
 
 #[test]
+fn cluster_slots_with_a_null_host_names_the_node_asked() {
+    // `cluster-preferred-endpoint-type unknown-endpoint`: the host is null, in RESP2 and RESP3.
+    let (r, _) = rewriter(Fake::default());
+    for null in ["$-1\r\n", "_\r\n"] {
+        let reply = format!(
+            "*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n{null}:8500\r\n{}",
+            bulk("id1")
+        );
+        let want = format!(
+            "*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n{}:7090\r\n{}",
+            bulk("127.0.0.1"),
+            bulk("id1")
+        );
+        let got = r.topology(Topology::Slots, reply.as_bytes()).unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), want);
+    }
+}
+
+#[test]
 fn cluster_shards_uses_the_tls_port_and_drops_it() {
     let (r, _) = rewriter(Fake::default());
     let node = |fields: &[(&str, &str)]| {
