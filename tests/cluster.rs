@@ -400,3 +400,26 @@ async fn node_listeners_multiplex_their_clients() {
     }
     s.proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_shard_subscription_leaves_the_client_unsubscribed() {
+    let s = Setup::start(Duration::from_secs(3600), 0.75).await;
+    let mut c = s.proxy.client().await;
+    // Shard channels in two slots: the server refuses the command as a whole.
+    let r = c.command(&[b"SSUBSCRIBE", b"a", b"b"]).await.unwrap();
+    assert!(
+        matches!(&r, Reply::Error(e) if e.starts_with("CROSSSLOT")),
+        "{r:?}"
+    );
+    // So the RESP2 client never subscribed: its next command runs (or is redirected), where
+    // it used to be refused by the proxy as if from a subscriber.
+    let r = c.command(&[b"GET", b"a"]).await.unwrap();
+    assert!(
+        !matches!(&r, Reply::Error(e) if e.contains("Can't execute")),
+        "{r:?}"
+    );
+    assert_eq!(
+        c.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
+}
