@@ -241,8 +241,7 @@ pub async fn run(args: DevArgs, options: Options) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    config.max_connections =
-        crate::open_files::fit(config.max_connections, config.warm_connections).max_connections;
+    crate::open_files::fit(&mut config);
     let listeners = match crate::bind(&config).await {
         Ok(l) => l,
         Err(e) => {

@@ -48,8 +48,7 @@ fn main() -> ExitCode {
     if let Some(path) = &merged.local_password_file {
         config::warn_if_readable_by_others(path);
     }
-    config.max_connections =
-        open_files::fit(config.max_connections, config.warm_connections).max_connections;
+    open_files::fit(&mut config);
     runtime().block_on(async move {
         let listeners = match redis_entra_proxy::bind(&config).await {
             Ok(l) => l,

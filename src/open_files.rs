@@ -10,6 +10,8 @@
 
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 
+use crate::config::Config;
+
 /// Descriptors kept beside the clients': listeners, the admin endpoint and its connections,
 /// each session thread's poller, the token source's requests, cluster node listeners and the
 /// shared connections of `--multiplex`. Redis keeps 32 for less.
@@ -43,20 +45,11 @@ pub fn target(current: Option<u64>, maximum: Option<u64>, need: u64) -> Option<u
     }
 }
 
-/// What [`fit`] found and did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fitted {
-    /// The soft limit at startup and after (`None` is unlimited).
-    pub before: Option<u64>,
-    pub after: Option<u64>,
-    /// The client connections the proxy will serve at once.
-    pub max_connections: usize,
-}
-
-/// Raises this process's soft open-file limit towards what `max_connections` needs and
-/// returns the connection limit that fits in the result, logging any change. A limit the
-/// kernel refuses to raise (beyond `fs.nr_open`, say) is left as it was.
-pub fn fit(max_connections: usize, warm_connections: usize) -> Fitted {
+/// Raises this process's soft open-file limit towards what `config.max_connections` needs and
+/// lowers that limit to what fits in the result, logging any change. A limit the kernel
+/// refuses to raise (beyond `fs.nr_open`, say) is left as it was.
+pub fn fit(config: &mut Config) {
+    let (max_connections, warm_connections) = (config.max_connections, config.warm_connections);
     let need = needed(max_connections, warm_connections);
     let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
     let mut after = current;
@@ -95,11 +88,7 @@ pub fn fit(max_connections: usize, warm_connections: usize) -> Fitted {
              ulimit) or lower --max-connections"
         );
     }
-    Fitted {
-        before: current,
-        after,
-        max_connections: fits,
-    }
+    config.max_connections = fits;
 }
 
 #[cfg(test)]
