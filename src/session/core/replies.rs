@@ -6,6 +6,7 @@ use bytes::{Buf, BytesMut};
 
 use super::{CloseReason, Core};
 use crate::resp::reply::{peek_head, First, Head, ReplyScanner};
+use crate::resp::value::Value;
 use crate::session::ledger::{Effect, Expect, Injected, SubKind};
 
 /// What to do with the upstream frame being scanned.
@@ -262,7 +263,7 @@ impl Core {
         }
         self.state
             .sub_names
-            .confirm(kind, subscribe, ack_name(&self.held));
+            .confirm(kind, subscribe, ack_name(&self.held).as_deref());
         if self.state.translate {
             push_as_resp2(&self.held, &mut self.to_client);
         } else {
@@ -410,13 +411,9 @@ fn is_monitor_line(line: &[u8]) -> bool {
 
 /// The channel a confirmation names (`[kind, channel, count]`); none for an unsubscribe
 /// from nothing (a null).
-fn ack_name(frame: &[u8]) -> Option<&[u8]> {
-    let channel = elements(frame).nth(1)?;
-    let rest = channel.strip_prefix(b"$")?;
-    let header_end = memchr::memchr(b'\n', rest)?;
-    let len = crate::resp::request::string2ll(rest[..header_end].strip_suffix(b"\r")?)?;
-    let len = usize::try_from(len).ok()?;
-    rest.get(header_end + 1..header_end + 1 + len)
+fn ack_name(frame: &[u8]) -> Option<Vec<u8>> {
+    let (channel, _) = Value::decode(elements(frame).nth(1)?)?;
+    channel.as_str().map(<[u8]>::to_vec)
 }
 
 /// The subscription count in a confirmation (`[kind, channel, count]`).
