@@ -171,7 +171,7 @@ impl Core {
             }
             None => {}
         }
-        if ping && self.state.emulating && self.state.sub_names.any() {
+        if ping && self.state.emulating && self.state.subs.any() {
             return self.forward(cmd, raw, Effect::Pong);
         }
         match special {
@@ -240,7 +240,7 @@ impl Core {
                     && s.client_proto() == 2
                     && !s.emulating
                     && !s.resp3_refused
-                    && !s.sub_names.any()
+                    && !s.subs.any()
                 {
                     // A RESP2 subscriber cannot be re-authenticated (Redis refuses AUTH in
                     // that state), a RESP3 one can: move the upstream to RESP3 and
@@ -256,7 +256,7 @@ impl Core {
                     relay: self.relay_current,
                 });
                 // The server may refuse it (MOVED, CROSSSLOT, NOPERM): the confirmations say
-                // what it did (`SubNames`), and the commands behind it wait for them.
+                // what it did (`Subscriptions`), and the commands behind it wait for them.
                 self.state.barrier = true;
             }
             // Refused inside MULTI (queued with an error): nothing changes.

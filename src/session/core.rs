@@ -250,7 +250,7 @@ impl Core {
 
     /// The server sends to this connection without being asked: subscribed or MONITOR.
     pub fn streaming(&self) -> bool {
-        self.state.sub_names.any() || self.state.monitor
+        self.state.subs.any() || self.state.monitor
     }
 
     /// Stops reading the client and closes once every reply owed to it was delivered (what
@@ -395,7 +395,7 @@ impl Core {
         self.parser.at_start()
             && self.client_authenticated
             && self.state.reply_mode == ReplyMode::On
-            && !self.state.sub_names.any()
+            && !self.state.subs.any()
     }
 
     /// `requests` whole plain requests (`bytes`), forwarded as `on_command` forwards each.

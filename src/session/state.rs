@@ -27,47 +27,15 @@ pub enum ReplyMode {
     Skip,
 }
 
-/// Subscription counts as the server reported them in confirmations.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Subscriptions {
-    pub channels: u64,
-    pub patterns: u64,
-    pub shard: u64,
-}
-
-impl Subscriptions {
-    pub fn any(&self) -> bool {
-        self.channels + self.patterns + self.shard > 0
-    }
-
-    pub fn of(&self, kind: SubKind) -> u64 {
-        match kind {
-            SubKind::Channel => self.channels,
-            SubKind::Pattern => self.patterns,
-            SubKind::Shard => self.shard,
-        }
-    }
-
-    /// Applies the count carried by a confirmation. For channels and patterns Redis reports
-    /// their sum; for shard channels their own count.
-    pub fn confirm(&mut self, kind: SubKind, count: u64) {
-        match kind {
-            SubKind::Channel => self.channels = count.saturating_sub(self.patterns),
-            SubKind::Pattern => self.patterns = count.saturating_sub(self.channels),
-            SubKind::Shard => self.shard = count,
-        }
-    }
-}
-
 /// The channels, patterns and shard channels the server confirmed, by name: every
 /// confirmation names one, including those the server sends on its own (a shard channel
 /// whose slot moved away).
 #[derive(Debug, Clone, Default)]
-pub struct SubNames {
+pub struct Subscriptions {
     sets: [HashSet<Box<[u8]>>; 3],
 }
 
-impl SubNames {
+impl Subscriptions {
     /// Applies one confirmation; an unsubscribe from nothing names no channel.
     pub fn confirm(&mut self, kind: SubKind, subscribe: bool, name: Option<&[u8]>) {
         let Some(name) = name else { return };
@@ -83,6 +51,12 @@ impl SubNames {
         self.sets.iter().any(|s| !s.is_empty())
     }
 
+    /// How many of `kind` the server holds: what an unsubscribe-all of that kind confirms
+    /// one by one.
+    pub fn count(&self, kind: SubKind) -> usize {
+        self.sets[kind as usize].len()
+    }
+
     pub fn contains(&self, kind: SubKind, name: &[u8]) -> bool {
         self.sets[kind as usize].contains(name)
     }
@@ -96,8 +70,6 @@ impl SubNames {
 pub struct ConnState {
     /// Read side: RESP version of the connection (2 until a HELLO 3 succeeds).
     pub proto: u8,
-    /// Read side: confirmed subscriptions.
-    pub subs: Subscriptions,
     /// MONITOR succeeded: monitor lines come between the replies.
     pub monitor: bool,
     /// A barrier (see above) was written and is not answered yet: no client command is
@@ -126,7 +98,7 @@ pub struct ConnState {
     pub resp3_refused: bool,
     /// The subscriptions the server holds. Subscribing is a barrier, so when a client command
     /// is judged, this is also what the server will hold when it runs it.
-    pub sub_names: SubNames,
+    pub subs: Subscriptions,
     /// Write side: QUIT seen; nothing more is read from the client.
     pub quit: bool,
     /// Write side: the emulated CLIENT REPLY mode.
@@ -154,6 +126,6 @@ impl ConnState {
     /// Whether the server would treat the client as a RESP2 subscriber for the next command
     /// (and so refuse everything but (P|S)(UN)SUBSCRIBE, PING, QUIT and RESET).
     pub fn client_resp2_subscribed(&self) -> bool {
-        self.client_proto() == 2 && self.sub_names.any()
+        self.client_proto() == 2 && self.subs.any()
     }
 }

@@ -129,7 +129,7 @@ impl Core {
     pub fn safe_to_inject(&self) -> bool {
         let s = &self.state;
         // Redis refuses AUTH from a RESP2 subscriber.
-        let resp2_sub = s.wproto == 2 && s.sub_names.any();
+        let resp2_sub = s.wproto == 2 && s.subs.any();
         self.between_commands() && !s.monitor && !resp2_sub
     }
 
@@ -149,7 +149,7 @@ impl Core {
     /// Injects what the connection owes now: `HELLO 2` once a RESP2 client the proxy moved
     /// to RESP3 has no subscription left, and the AUTH of newer credentials.
     pub(in crate::session) fn maybe_reauth(&mut self) {
-        if self.state.emulating && !self.state.sub_names.any() && self.between_commands() {
+        if self.state.emulating && !self.state.subs.any() && self.between_commands() {
             self.inject_hello(2, false);
         }
         if self.auths_in_flight == 0

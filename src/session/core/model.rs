@@ -1,5 +1,5 @@
 //! A small model of a Redis server for property tests of the core: enough of RESP2/RESP3,
-//! MULTI/EXEC, ASKING, HELLO, pub/sub and CLIENT REPLY to tell a correct proxy from a broken
+//! MULTI/EXEC, ASKING, HELLO, pub/sub (channels and prefix patterns) and CLIENT REPLY to tell a correct proxy from a broken
 //! one. It also records protocol violations only a proxy could commit: an AUTH queued inside
 //! MULTI, sent right after ASKING, or refused in RESP2 subscribed mode; a CLIENT REPLY that
 //! reached the server although the proxy emulates it. One channel, `denied`, is refused, as
@@ -21,6 +21,8 @@ pub struct Model {
     multi: Option<Vec<Vec<Vec<u8>>>>,
     asking: bool,
     subs: BTreeSet<Vec<u8>>,
+    /// Patterns, all of the form `prefix*`.
+    pats: BTreeSet<Vec<u8>>,
     reply_off: bool,
     /// `CLIENT_REPLY_SKIP`: the current command's replies are dropped.
     skip: bool,
@@ -107,6 +109,48 @@ impl Model {
         }
     }
 
+    /// What Redis reports in a channel or pattern confirmation: both kinds together.
+    fn subscribed(&self) -> usize {
+        self.subs.len() + self.pats.len()
+    }
+
+    /// `(P)SUBSCRIBE`: `kind` is `subscribe` or `psubscribe`.
+    fn subscribe(&mut self, kind: &[u8], names: &[Vec<u8>]) {
+        for name in names {
+            let set = if kind == b"subscribe" {
+                &mut self.subs
+            } else {
+                &mut self.pats
+            };
+            set.insert(name.clone());
+            self.push(&[kind, name], Some(self.subscribed()));
+        }
+    }
+
+    /// `(P)UNSUBSCRIBE`, of the names given or of all of the kind: `kind` is `unsubscribe`
+    /// or `punsubscribe`.
+    fn unsubscribe(&mut self, kind: &[u8], names: &[Vec<u8>]) {
+        let channels = kind == b"unsubscribe";
+        let set = if channels { &self.subs } else { &self.pats };
+        let names: Vec<Vec<u8>> = if names.is_empty() {
+            set.iter().cloned().collect()
+        } else {
+            names.to_vec()
+        };
+        if names.is_empty() {
+            self.push(&[kind, b""], Some(self.subscribed()));
+        }
+        for name in names {
+            let set = if channels {
+                &mut self.subs
+            } else {
+                &mut self.pats
+            };
+            set.remove(&name);
+            self.push(&[kind, &name], Some(self.subscribed()));
+        }
+    }
+
     fn command(&mut self, args: Vec<Vec<u8>>) {
         let name = String::from_utf8_lossy(&args[0]).to_uppercase();
         let was_asking = std::mem::take(&mut self.asking);
@@ -118,7 +162,7 @@ impl Model {
     fn dispatch(&mut self, name: &str, args: &[Vec<u8>], was_asking: bool) {
         let allowed_sub = matches!(
             name,
-            "SUBSCRIBE" | "UNSUBSCRIBE" | "PING" | "QUIT" | "RESET"
+            "SUBSCRIBE" | "UNSUBSCRIBE" | "PSUBSCRIBE" | "PUNSUBSCRIBE" | "PING" | "QUIT" | "RESET"
         );
         if name == "AUTH" && !self.direct {
             self.auths += 1;
@@ -128,7 +172,7 @@ impl Model {
             if was_asking {
                 self.violations.push("AUTH right after ASKING".into());
             }
-            if self.proto == 2 && !self.subs.is_empty() {
+            if self.proto == 2 && self.subscribed() > 0 {
                 self.violations.push("AUTH in RESP2 subscribed mode".into());
             }
         }
@@ -136,7 +180,7 @@ impl Model {
             self.violations
                 .push("CLIENT REPLY reached the server".into());
         }
-        if self.proto == 2 && !self.subs.is_empty() && !allowed_sub {
+        if self.proto == 2 && self.subscribed() > 0 && !allowed_sub {
             let mut full = name.to_lowercase();
             if name == "CLIENT" {
                 full = format!(
@@ -170,7 +214,7 @@ impl Model {
                 self.asking = true;
                 self.reply(b"+OK\r\n")
             }
-            "PING" if self.proto == 2 && !self.subs.is_empty() => {
+            "PING" if self.proto == 2 && self.subscribed() > 0 => {
                 self.reply(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
             }
             "PING" => self.reply(b"+PONG\r\n"),
@@ -219,30 +263,24 @@ impl Model {
             "SUBSCRIBE" if args[1..].iter().any(|ch| ch == b"denied") => {
                 self.reply(b"-NOPERM User has no permissions to access the 'denied' channel\r\n")
             }
-            "SUBSCRIBE" => {
-                for ch in &args[1..] {
-                    self.subs.insert(ch.clone());
-                    self.push(&[b"subscribe", ch], Some(self.subs.len()));
-                }
-            }
-            "UNSUBSCRIBE" => {
-                let chans: Vec<Vec<u8>> = if args.len() > 1 {
-                    args[1..].to_vec()
-                } else {
-                    self.subs.iter().cloned().collect()
-                };
-                if chans.is_empty() {
-                    self.push(&[b"unsubscribe", b""], Some(0));
-                }
-                for ch in chans {
-                    self.subs.remove(&ch);
-                    self.push(&[b"unsubscribe", &ch], Some(self.subs.len()));
-                }
-            }
+            "SUBSCRIBE" => self.subscribe(b"subscribe", &args[1..]),
+            "PSUBSCRIBE" => self.subscribe(b"psubscribe", &args[1..]),
+            "UNSUBSCRIBE" => self.unsubscribe(b"unsubscribe", &args[1..]),
+            "PUNSUBSCRIBE" => self.unsubscribe(b"punsubscribe", &args[1..]),
             "PUBLISH" => {
-                let n = usize::from(self.subs.contains(&args[1]));
-                if n == 1 {
-                    self.push(&[b"message", &args[1], &args[2]], None);
+                let (channel, message) = (&args[1], &args[2]);
+                let mut n = 0;
+                if self.subs.contains(channel) {
+                    self.push(&[b"message", channel, message], None);
+                    n += 1;
+                }
+                let matching: Vec<Vec<u8>> = (self.pats.iter())
+                    .filter(|p| channel.starts_with(&p[..p.len() - 1]))
+                    .cloned()
+                    .collect();
+                for pattern in matching {
+                    self.push(&[b"pmessage", &pattern, channel, message], None);
+                    n += 1;
                 }
                 self.reply(format!(":{n}\r\n").as_bytes())
             }

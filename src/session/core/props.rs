@@ -84,6 +84,12 @@ fn script(choices: Vec<(u8, u8, bool)>) -> Vec<Op> {
                 ops.push(Op::Rotate);
                 None
             }
+            14 if !in_multi => Some(match arg % 4 {
+                0 => vec!["PSUBSCRIBE", "c*"],
+                1 => vec!["PSUBSCRIBE", "x*"],
+                2 => vec!["PUNSUBSCRIBE", "c*"],
+                _ => vec!["PUNSUBSCRIBE"],
+            }),
             // Now and then a request with a big argument, which the core passes upstream as it
             // arrives: written in three parts, with a token rotation or a pump in between.
             15 if arg % 4 == 0 => {
@@ -118,6 +124,7 @@ fn script(choices: Vec<(u8, u8, bool)>) -> Vec<Op> {
         ops.push(Op::Cmd(render(&["DISCARD"], false)));
     }
     ops.push(Op::Cmd(render(&["UNSUBSCRIBE"], false)));
+    ops.push(Op::Cmd(render(&["PUNSUBSCRIBE"], false)));
     ops.push(Op::Cmd(render(&["CLIENT", "REPLY", "ON"], false)));
     ops.push(Op::Cmd(render(&["ECHO", "end"], false)));
     ops
@@ -261,8 +268,14 @@ fn split(stream: &[u8]) -> (Vec<String>, Vec<String>) {
         let mut scanner = crate::resp::reply::ReplyScanner::new();
         let n = scanner.scan(rest).expect("valid RESP").consumed;
         let frame = String::from_utf8_lossy(&rest[..n]).into_owned();
-        let is_message =
-            frame.starts_with(">3\r\n$7\r\nmessage") || frame.starts_with("*3\r\n$7\r\nmessage");
+        let is_message = [
+            ">3\r\n$7\r\nmessage",
+            "*3\r\n$7\r\nmessage",
+            ">4\r\n$8\r\npmessage",
+            "*4\r\n$8\r\npmessage",
+        ]
+        .iter()
+        .any(|kind| frame.starts_with(kind));
         if is_message {
             messages.push(frame)
         } else {
@@ -273,8 +286,16 @@ fn split(stream: &[u8]) -> (Vec<String>, Vec<String>) {
     (replies, messages)
 }
 
+/// 2,000 cases by default; `PROPTEST_CASES` sets more for a long run.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn proxied_equals_direct(choices in prop::collection::vec((any::<u8>(), any::<u8>(), any::<bool>()), 0..120)) {

@@ -238,7 +238,6 @@ impl Core {
     }
 
     fn finish_ack(&mut self, kind: SubKind, subscribe: bool) {
-        let count = ack_count(&self.held);
         // Redis 7 sends confirmations as pushes even under CLIENT REPLY OFF/SKIP
         // (`CLIENT_PUSHING`), so they are relayed whatever the reply mode.
         if let Some(Expect::Acks {
@@ -251,18 +250,15 @@ impl Core {
             if *k == kind && *s == subscribe {
                 // An unsubscribe-all learns its count now that every earlier confirmation
                 // has been read: one per subscription of its kind, or one if there is none.
-                let left = remaining.get_or_insert(self.state.subs.of(kind).max(1) as u32);
+                let left = remaining.get_or_insert(self.state.subs.count(kind).max(1) as u32);
                 *left = left.saturating_sub(1);
                 if *left == 0 {
                     self.ledger.pop();
                 }
             }
         }
-        if let Some(count) = count {
-            self.state.subs.confirm(kind, count);
-        }
         self.state
-            .sub_names
+            .subs
             .confirm(kind, subscribe, ack_name(&self.held).as_deref());
         if self.state.translate {
             push_as_resp2(&self.held, &mut self.to_client);
@@ -279,7 +275,7 @@ impl Core {
     fn relay_invalidation(&mut self) {
         if !self
             .state
-            .sub_names
+            .subs
             .contains(SubKind::Channel, INVALIDATE_CHANNEL)
         {
             return;
@@ -333,8 +329,7 @@ impl Core {
         s.wproto = 2;
         s.translate = false;
         s.emulating = false;
-        s.subs = Default::default();
-        s.sub_names.clear();
+        s.subs.clear();
         s.monitor = false;
         s.reply_mode = crate::session::state::ReplyMode::On;
         self.end_multi();
@@ -414,22 +409,4 @@ fn is_monitor_line(line: &[u8]) -> bool {
 fn ack_name(frame: &[u8]) -> Option<Vec<u8>> {
     let (channel, _) = Value::decode(elements(frame).nth(1)?)?;
     channel.as_str().map(<[u8]>::to_vec)
-}
-
-/// The subscription count in a confirmation (`[kind, channel, count]`).
-fn ack_count(frame: &[u8]) -> Option<u64> {
-    let mut rest = frame;
-    let header_end = memchr::memchr(b'\n', rest)?;
-    rest = &rest[header_end + 1..];
-    for _ in 0..2 {
-        let n = ReplyScanner::new()
-            .scan(rest)
-            .ok()
-            .filter(|s| s.complete)?
-            .consumed;
-        rest = &rest[n..];
-    }
-    let line = rest.strip_prefix(b":")?;
-    let end = memchr::memchr(b'\r', line)?;
-    crate::resp::request::string2ll(&line[..end]).and_then(|n| u64::try_from(n).ok())
 }
