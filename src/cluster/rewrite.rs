@@ -180,7 +180,7 @@ impl Rewriter {
     }
 
     /// `[host, port, id, metadata]` of `CLUSTER SLOTS`; metadata (Redis 7) is a map (an
-    /// array in RESP2) whose `ip` is an address too. A null host (`cluster-preferred-endpoint-
+    /// array in RESP2) whose `ip` and `hostname` are addresses too. A null host (`cluster-preferred-endpoint-
     /// type unknown-endpoint`) is the node asked. `None`: not that shape.
     fn slots_node(&self, node: &mut Value) -> Option<Result<(), RewriteError>> {
         let items = node.items_mut()?;
@@ -203,7 +203,7 @@ impl Rewriter {
         if let Some(meta) = items.get_mut(3).and_then(Value::items_mut) {
             for pair in meta.chunks_mut(2) {
                 if let [key, value] = pair {
-                    if key.as_str() == Some(b"ip") {
+                    if let Some(b"ip" | b"hostname") = key.as_str() {
                         value.set_str(local.host.as_bytes().to_vec());
                     }
                 }
@@ -212,7 +212,7 @@ impl Rewriter {
         Some(Ok(()))
     }
 
-    /// A node map of `CLUSTER SHARDS`: `ip` and `endpoint` become the local host, `port` the
+    /// A node map of `CLUSTER SHARDS`: `ip`, `endpoint` and `hostname` become the local host, `port` the
     /// local port; `tls-port` goes (the local listener speaks plain RESP).
     fn shards_node(&self, node: &mut Value) -> Option<Result<(), RewriteError>> {
         let fields = node.items_mut()?;
@@ -256,7 +256,9 @@ impl Rewriter {
                     fields.push(Value::Int(i64::from(local.port)));
                     continue;
                 }
-                Some(b"ip" | b"endpoint") => value.set_str(local.host.as_bytes().to_vec()),
+                Some(b"ip" | b"endpoint" | b"hostname") => {
+                    value.set_str(local.host.as_bytes().to_vec())
+                }
                 _ => {}
             }
             fields.push(key.clone());
@@ -265,8 +267,8 @@ impl Rewriter {
         Some(Ok(()))
     }
 
-    /// `CLUSTER NODES` text: the second field of each line, `host:port@cport[,hostname]`,
-    /// gets the local host and port.
+    /// `CLUSTER NODES` text: the second field of each line, `host:port@cport[,hostname[,aux]…]`,
+    /// gets the local host and port, and the local host for a hostname.
     fn node_lines(&self, text: &[u8]) -> Result<Vec<u8>, RewriteError> {
         let mut out = Vec::with_capacity(text.len() + 64);
         for line in text.split_inclusive(|&b| b == b'\n') {
@@ -292,7 +294,19 @@ impl Rewriter {
         let mut out = Vec::with_capacity(line.len() + 16);
         out.extend_from_slice(&line[..start]);
         out.extend_from_slice(join(&local.host, local.port).as_bytes());
-        out.extend_from_slice(&field[at..]);
+        let rest = &field[at..];
+        match memchr::memchr(b',', rest) {
+            Some(comma) => {
+                let hostname = &rest[comma + 1..];
+                let end = memchr::memchr(b',', hostname).unwrap_or(hostname.len());
+                out.extend_from_slice(&rest[..=comma]);
+                if end > 0 {
+                    out.extend_from_slice(local.host.as_bytes());
+                }
+                out.extend_from_slice(&hostname[end..]);
+            }
+            None => out.extend_from_slice(rest),
+        }
         out.extend_from_slice(&line[start + len..]);
         Ok(out)
     }

@@ -95,7 +95,13 @@ fn cluster_slots_resp2_and_resp3() {
         node(
             "10.0.0.2",
             8501,
-            &format!("*2\r\n{}{}", bulk("ip"), bulk("10.0.0.2"))
+            &format!(
+                "*4\r\n{}{}{}{}",
+                bulk("ip"),
+                bulk("10.0.0.2"),
+                bulk("hostname"),
+                bulk("n2.example")
+            )
         ),
         node("", 8502, "*0\r\n"),
     );
@@ -106,7 +112,13 @@ fn cluster_slots_resp2_and_resp3() {
         node(
             "127.0.0.1",
             7021,
-            &format!("*2\r\n{}{}", bulk("ip"), bulk("127.0.0.1"))
+            &format!(
+                "*4\r\n{}{}{}{}",
+                bulk("ip"),
+                bulk("127.0.0.1"),
+                bulk("hostname"),
+                bulk("127.0.0.1")
+            )
         ),
         node("127.0.0.1", 7092, "*0\r\n"),
     );
@@ -155,7 +167,7 @@ fn cluster_slots_with_a_null_host_names_the_node_asked() {
 }
 
 #[test]
-fn cluster_shards_uses_the_tls_port_and_drops_it() {
+fn cluster_shards_uses_the_tls_port_and_drops_it_and_rewrites_every_address() {
     let (r, _) = rewriter(Fake::default());
     let node = |fields: &[(&str, &str)]| {
         let mut s = format!("*{}\r\n", fields.len() * 2);
@@ -181,6 +193,7 @@ fn cluster_shards_uses_the_tls_port_and_drops_it() {
         ("tls-port", "8501"),
         ("ip", "10.0.0.4"),
         ("endpoint", "10.0.0.4"),
+        ("hostname", "n4.example"),
         ("role", "master"),
     ]);
     let after = node(&[
@@ -188,6 +201,7 @@ fn cluster_shards_uses_the_tls_port_and_drops_it() {
         ("port", "7041"),
         ("ip", "127.0.0.1"),
         ("endpoint", "127.0.0.1"),
+        ("hostname", "127.0.0.1"),
         ("role", "master"),
     ]);
     let out = r
@@ -205,11 +219,17 @@ fn cluster_shards_uses_the_tls_port_and_drops_it() {
 #[test]
 fn cluster_nodes_lines() {
     let (r, _) = rewriter(Fake::default());
+    // A hostname, announced or not (7.0 writes the comma only with one, 7.2 always, with
+    // auxiliary fields behind it), is an address a client may use: the local host too.
     let text = "07c3 10.0.0.1:8500@16379,cache.example myself,master - 0 0 1 connected 0-5460\n\
                 67ed 10.0.0.2:8501@16380 master - 0 1 2 connected 5461-10922\n\
+                5b1e 10.0.0.3:8502@16381,,shard-id=f00 master - 0 1 4 connected\n\
+                9c0d 10.0.0.4:8503@16382,n4.example,shard-id=ba7 master - 0 1 5 connected\n\
                 2a5d :0@0 master,noaddr - 0 1 3 disconnected\n";
-    let want = "07c3 127.0.0.1:7010@16379,cache.example myself,master - 0 0 1 connected 0-5460\n\
+    let want = "07c3 127.0.0.1:7010@16379,127.0.0.1 myself,master - 0 0 1 connected 0-5460\n\
                 67ed 127.0.0.1:7021@16380 master - 0 1 2 connected 5461-10922\n\
+                5b1e 127.0.0.1:7032@16381,,shard-id=f00 master - 0 1 4 connected\n\
+                9c0d 127.0.0.1:7043@16382,127.0.0.1,shard-id=ba7 master - 0 1 5 connected\n\
                 2a5d :0@0 master,noaddr - 0 1 3 disconnected\n";
     let out = r.topology(Topology::Nodes, bulk(text).as_bytes()).unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), bulk(want));
