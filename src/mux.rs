@@ -23,9 +23,10 @@
 //! re-authentication at every rotation, expiry, metrics and draining are the same code as for
 //! every other connection.
 //!
-//! If the shared upstream connection fails, the clients with replies still owed are closed
-//! (their commands may or may not have run, as with a connection of their own); the others
-//! carry on, and the next request opens a new shared session.
+//! If the shared upstream connection fails, the clients owed replies to requests it took are
+//! closed (their commands may or may not have run, as with a connection of their own);
+//! requests it never took go to the next shared session; the others carry on (see
+//! [`Router::lost`]).
 //!
 //! A shared client more than 1 MiB behind in reading its replies makes the shared connection
 //! wait for it, as a connection of its own would: the proxy never holds much of a big reply

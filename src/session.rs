@@ -283,7 +283,10 @@ where
         None => match Box::pin(connect(&target.connector)).await {
             Ok(u) => (u, Core::new(creds, shared.local_password.clone())),
             Err(e) => {
-                refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
+                // The router of a shared session answers each client owed a reply itself.
+                if framing.is_none() {
+                    refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
+                }
                 return Outcome::UpstreamConnect(e);
             }
         },

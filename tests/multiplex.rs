@@ -265,37 +265,45 @@ async fn shared_connections_reauthenticate_through_rotations() {
     proxy.stop().await;
 }
 
-/// When the shared connection dies, a client owed a reply is closed (its command may or may
-/// not have run); a client owed nothing carries on over a new shared connection.
+/// When the shared connection dies, a client owed a reply to a command written to it is
+/// closed (its command may or may not have run); a client whose command waited behind the
+/// owed batch (`--multiplex-max-batches 1`) gets its reply over a new shared connection, as
+/// does a client owed nothing.
 #[tokio::test]
 async fn losing_the_shared_connection_closes_only_clients_owed_replies() {
-    // One session thread: both clients share one connection, so once the owed client has seen
+    // One session thread: the clients share one connection, so once the owed client has seen
     // the loss, the other's next request cannot race it onto the dead connection (with two
     // threads, the other thread may not have read the close yet, and a request sent to it
     // then is legitimately lost).
-    let proxy = multiplexed_on_one_thread().await;
+    let proxy = multiplexed(ProxyOptions {
+        worker_threads: Some(1),
+        multiplex_max_batches: Some(1),
+        ..Default::default()
+    })
+    .await;
     let mut owed = proxy.client().await;
+    let mut waiting = proxy.client().await;
     let mut idle = proxy.client().await;
-    assert_eq!(
-        idle.command(&[b"PING"]).await.unwrap(),
-        Reply::Simple("PONG".into())
-    );
-    assert_eq!(
-        owed.command(&[b"PING"]).await.unwrap(),
-        Reply::Simple("PONG".into())
-    );
+    for c in [&mut idle, &mut owed, &mut waiting] {
+        assert_eq!(
+            c.command(&[b"PING"]).await.unwrap(),
+            Reply::Simple("PONG".into())
+        );
+    }
     let shared = proxy_conns(&proxy).await;
     assert_eq!(shared.len(), 1, "{shared:?}");
     let user = shared[0]["user"].clone();
-    // Writes wait while the server is paused: `owed` sends one, then the shared connections
-    // (all of the token's user) are killed under it.
+    // Writes wait while the server is paused: `owed` sends one, `waiting` one that waits
+    // behind it, then the shared connections (all of the token's user) are killed.
     proxy
         .redis
         .command(&[b"CLIENT", b"PAUSE", b"5000", b"WRITE"])
         .await
         .unwrap();
     owed.send(&[b"SET", b"lost:k", b"v"]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    waiting.send(&[b"SET", b"lost:waited", b"w"]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     proxy
         .redis
         .command(&[b"CLIENT", b"KILL", b"USER", user.as_bytes()])
@@ -306,6 +314,22 @@ async fn losing_the_shared_connection_closes_only_clients_owed_replies() {
         .await
         .expect("owed client answered or closed in time");
     assert!(closed.is_err(), "the owed client is closed: {closed:?}");
+    assert_eq!(
+        tokio::time::timeout(STEP, waiting.read_reply())
+            .await
+            .expect("in time")
+            .unwrap(),
+        Reply::Simple("OK".into()),
+        "the waiting client's command ran on a new shared connection"
+    );
+    assert_eq!(
+        proxy
+            .redis
+            .command(&[b"GET", b"lost:waited"])
+            .await
+            .unwrap(),
+        Reply::Bulk(Some(b"w".to_vec()))
+    );
     assert_eq!(
         tokio::time::timeout(STEP, idle.command(&[b"GET", b"lost:other"]))
             .await

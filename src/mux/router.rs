@@ -2,7 +2,7 @@
 //! upstream session with itself as that session's client, and hands each reply back to the
 //! client whose request it answers.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -53,7 +53,7 @@ pub(super) async fn route(mut r: Router, shared: Arc<Shared>, target: Arc<Target
             .await
         };
         tracing::debug!(outcome = %outcome, "shared upstream session ended");
-        r.lost();
+        r.lost(&outcome);
     }
 }
 
@@ -96,6 +96,10 @@ pub(super) struct Router {
     /// Requests of released batches not yet read by the session, each with the number of
     /// plain requests it is (0: not all plain, or partly read already).
     pub(super) out: VecDeque<(Bytes, usize)>,
+    /// The session read part of the front of `out`.
+    front_started: bool,
+    /// The session read requests: it was connected and serving.
+    read_any: bool,
     /// Requests submitted since the last batch was released (as in `out`), with their reply
     /// count and size.
     pub(super) held: VecDeque<(Bytes, usize)>,
@@ -145,6 +149,8 @@ impl Router {
             closed: false,
             shut: false,
             out: VecDeque::new(),
+            front_started: false,
+            read_any: false,
             held: VecDeque::new(),
             held_replies: 0,
             held_bytes: 0,
@@ -307,11 +313,16 @@ impl Router {
 
     /// Takes a submission into the next batch.
     pub(super) fn hold(&mut self, s: Submit) {
-        self.held_bytes += s.frames.len();
-        self.held_replies += s.replies;
-        self.held
-            .push_back((s.frames, if s.plain { s.replies } else { 0 }));
-        self.routes.push_back(Route::new(s.link, s.replies));
+        let plain = if s.plain { s.replies } else { 0 };
+        self.hold_requests(s.frames, plain, Route::new(s.link, s.replies));
+    }
+
+    /// Takes requests into the next batch: `plain` as in [`Router::held`].
+    fn hold_requests(&mut self, frames: Bytes, plain: usize, route: Route) {
+        self.held_bytes += frames.len();
+        self.held_replies += route.replies;
+        self.held.push_back((frames, plain));
+        self.routes.push_back(route);
     }
 
     /// Releases the held requests as one batch, for the session to read, unless
@@ -356,24 +367,60 @@ impl Router {
         self.scanned -= run;
     }
 
-    /// The shared session ended: every client still owed a reply is closed (requests not
-    /// taken from the channel yet go to the next session), and the next session starts clean.
-    pub(super) fn lost(&mut self) {
-        self.shut = false;
-        self.out.clear();
-        self.held.clear();
-        (self.held_replies, self.held_bytes) = (0, 0);
-        self.batches.clear();
+    /// The shared session ended. A client owed a reply to a request the session read is
+    /// closed: the request may or may not have run, as on a connection of its own. Requests
+    /// the session never read reached no server. If it served before the connection failed
+    /// (or it answered errors until a valid token came), they go to the next session, whole
+    /// and in order, and their clients see nothing; if the connection could not be opened,
+    /// their clients get the error a connection of their own would have given, and are
+    /// closed. Requests not taken from the channel yet go to the next session. The next
+    /// session starts clean.
+    pub(super) fn lost(&mut self, outcome: &Outcome) {
+        let retry = self.read_any
+            && (outcome.side() == "upstream" || matches!(outcome, Outcome::NoCredentials(_)));
+        let refusal = match outcome {
+            Outcome::UpstreamConnect(e) => {
+                let mut reply = BytesMut::new();
+                crate::resp::encode::error(&mut reply, &format!("ERR redis-entra-proxy: {e}"));
+                Some(reply.freeze())
+            }
+            _ => None,
+        };
+        let skip = usize::from(self.front_started);
+        let unread: Vec<(Bytes, usize)> = (self.out.drain(..).skip(skip))
+            .chain(self.held.drain(..))
+            .collect();
+        let unread_routes = self.routes.split_off(self.routes.len() - unread.len());
+        let mut closed = HashSet::new();
         for route in self.routes.drain(..) {
             if !route.dropped {
                 let _ = route.link.to.send(Delivery::End(Outcome::UpstreamClosed));
             }
+            closed.insert(Arc::as_ptr(&route.link));
         }
+        self.shut = false;
+        (self.front_started, self.read_any) = (false, false);
+        (self.held_replies, self.held_bytes) = (0, 0);
+        self.batches.clear();
         self.stall = None;
         self.rin = BytesMut::new();
         self.scanned = 0;
         self.scanner = ReplyScanner::new();
         self.push = false;
+        for (route, (frames, plain)) in unread_routes.into_iter().zip(unread) {
+            if route.dropped || closed.contains(&Arc::as_ptr(&route.link)) {
+                continue;
+            }
+            if retry {
+                self.hold_requests(frames, plain, route);
+                continue;
+            }
+            if let Some(reply) = &refusal {
+                route.link.send(reply.clone(), 1);
+            }
+            let _ = route.link.to.send(Delivery::End(Outcome::UpstreamClosed));
+            closed.insert(Arc::as_ptr(&route.link));
+        }
     }
 }
 
@@ -415,13 +462,16 @@ impl AsyncRead for Router {
             }
             buf.put_slice(&front[..n]);
             front.advance(n);
+            r.read_any = true;
             if front.is_empty() {
                 runs.handed(n, *plain);
                 r.out.pop_front();
+                r.front_started = false;
             } else {
                 // Split: neither part is whole requests.
                 runs.handed(n, 0);
                 *plain = 0;
+                r.front_started = true;
             }
         }
         Poll::Ready(Ok(()))

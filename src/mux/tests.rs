@@ -540,7 +540,7 @@ async fn the_router_is_the_shared_sessions_client() {
         0,
         "the end, for the closing session"
     );
-    r.lost();
+    r.lost(&Outcome::Drained);
     assert!(matches!(
         b.try_recv(),
         Ok(Delivery::End(Outcome::UpstreamClosed))
@@ -559,6 +559,117 @@ async fn the_router_is_the_shared_sessions_client() {
 
     // A reply nobody asked for ends the session with an error.
     assert!(r.write_all(b"+OK\r\n").await.is_err());
+}
+
+/// A submission of `frames` answered by `replies` replies, with its client's receiver.
+fn submission(frames: Vec<u8>, replies: usize) -> (Submit, mpsc::UnboundedReceiver<Delivery>) {
+    let (to, rx) = mpsc::unbounded_channel();
+    let submit = Submit {
+        frames: frames.into(),
+        replies,
+        plain: true,
+        link: Link::new(to),
+    };
+    (submit, rx)
+}
+
+fn get(k: &str) -> Vec<u8> {
+    format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()).into_bytes()
+}
+
+/// When a shared session fails, the client whose request it had read is closed; the requests
+/// it never read (held behind the owed batch) go to the next session whole and in order, and
+/// are answered there, unless their client is the one closed.
+#[tokio::test]
+async fn requests_a_failed_shared_session_never_read_go_to_the_next() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut r = router(2, 1);
+    let (a, mut a_rx) = submission(get("a"), 1);
+    let link_a = a.link.clone();
+    r.hold(a);
+    r.framing.lock().start();
+    let mut buf = vec![0; 1024];
+    let n = r.read(&mut buf).await.unwrap();
+    assert_eq!(buf[..n], get("a"));
+    // While a's batch is owed its reply, the next requests wait: one of a's own too.
+    let (b, mut b_rx) = submission(get("b"), 1);
+    let (c, mut c_rx) = submission([get("c1"), get("c2")].concat(), 2);
+    r.hold(b);
+    r.hold(c);
+    r.hold(Submit {
+        frames: get("a2").into(),
+        replies: 1,
+        plain: true,
+        link: link_a,
+    });
+    r.lost(&Outcome::UpstreamClosed);
+    assert!(matches!(
+        a_rx.try_recv(),
+        Ok(Delivery::End(Outcome::UpstreamClosed))
+    ));
+    assert!(a_rx.try_recv().is_err(), "a gets nothing more");
+
+    // The next session reads b's and c's requests, and answers them.
+    assert!(poll_fn(|cx| r.wait(cx, false)).await);
+    r.framing = session::Framing::default();
+    r.framing.lock().start();
+    let n = r.read(&mut buf).await.unwrap();
+    assert_eq!(buf[..n], [get("b"), get("c1"), get("c2")].concat());
+    r.write_all(b"$2\r\nvb\r\n$3\r\nvc1\r\n$3\r\nvc2\r\n")
+        .await
+        .unwrap();
+    assert_eq!(collect(&mut b_rx), (b"$2\r\nvb\r\n".to_vec(), 1));
+    assert_eq!(
+        collect(&mut c_rx),
+        (b"$3\r\nvc1\r\n$3\r\nvc2\r\n".to_vec(), 2)
+    );
+    assert!(r.routes.is_empty());
+}
+
+/// A session that read part of a client's requests took them all: that client is closed.
+/// Requests a session that never served could not send are answered with why, as a
+/// connection of the client's own would answer, and their clients closed.
+#[tokio::test]
+async fn a_shared_session_that_cannot_connect_answers_each_client_why() {
+    use tokio::io::AsyncReadExt;
+    let mut r = router(2, 0);
+    let (a, mut a_rx) = submission([get("a1"), get("a2")].concat(), 2);
+    r.hold(a);
+    r.framing.lock().start();
+    let mut buf = vec![0; 20];
+    let n = r.read(&mut buf).await.unwrap();
+    assert!(n < get("a1").len() * 2, "a's requests are read in part");
+    r.lost(&Outcome::UpstreamError(
+        std::io::ErrorKind::ConnectionReset.into(),
+    ));
+    assert!(matches!(
+        a_rx.try_recv(),
+        Ok(Delivery::End(Outcome::UpstreamClosed))
+    ));
+    assert!(
+        r.routes.is_empty() && r.held.is_empty(),
+        "a is not sent again"
+    );
+
+    let (b, mut b_rx) = submission(get("b"), 1);
+    let (c, mut c_rx) = submission([get("c1"), get("c2")].concat(), 2);
+    r.hold(b);
+    r.hold(c);
+    let e = crate::upstream::ConnectError::Connect {
+        addr: "cache:10000".into(),
+        source: std::io::ErrorKind::ConnectionRefused.into(),
+    };
+    r.lost(&Outcome::UpstreamConnect(e));
+    let want =
+        b"-ERR redis-entra-proxy: upstream cache:10000: connect failed: connection refused\r\n";
+    for rx in [&mut b_rx, &mut c_rx] {
+        assert!(matches!(rx.try_recv(), Ok(Delivery::Replies(b, 1)) if b[..] == want[..]));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Delivery::End(Outcome::UpstreamClosed))
+        ));
+    }
+    assert!(r.routes.is_empty() && r.held.is_empty());
 }
 
 /// A submission is plain when every request in it is a multibulk command that shares;
