@@ -3,16 +3,20 @@
 //! not), `/startupz` (the first token has arrived).
 //!
 //! A deliberately small HTTP/1.1 server: GET only, one request per connection, bounded
-//! request size and time. It serves probes and scrapers, not browsers, and keeps the proxy
-//! free of an HTTP server framework.
+//! request size, time and number of connections. It serves probes and scrapers, not
+//! browsers, and keeps the proxy free of an HTTP server framework.
+//!
+//! It keeps serving while the proxy drains on shutdown (`/readyz` then says so), so that
+//! liveness probes pass and the last metrics can be read until the process exits.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::credentials::refresh::CredentialsRx;
@@ -28,6 +32,12 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request accepted, and how long a client may take to send it.
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections served at once; more are closed at once. Probes and scrapers need a
+/// handful, and the descriptors come from the reserve beside the clients' (`open_files`).
+const MAX_CONNECTIONS: usize = 32;
+/// How long a readiness probe's result answers `/readyz` before the upstream is asked
+/// again: many probes at once, or in a tight loop, cost the upstream one connection and AUTH.
+const PROBE_REUSE: Duration = Duration::from_secs(2);
 
 /// State the health endpoints read; written by sessions and the refresher.
 #[derive(Debug, Default)]
@@ -82,10 +92,35 @@ pub struct Admin {
     pub health: Arc<Health>,
     pub credentials: CredentialsRx,
     pub connector: Connector,
+    /// Cancelled when the proxy starts draining.
+    pub draining: CancellationToken,
+    /// The last readiness probe of the upstream: when, and what it found. Held while a probe
+    /// runs, so that concurrent requests wait for its answer instead of probing too.
+    probed: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
-/// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+impl Admin {
+    pub fn new(
+        handle: PrometheusHandle,
+        health: Arc<Health>,
+        credentials: CredentialsRx,
+        connector: Connector,
+        draining: CancellationToken,
+    ) -> Admin {
+        Admin {
+            handle,
+            health,
+            credentials,
+            connector,
+            draining,
+            probed: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// Serves until `stop`.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -96,13 +131,18 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                     continue;
                 }
             },
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection closed: {MAX_CONNECTIONS} already open");
+            continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {
             if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &admin)).await {
                 tracing::debug!(error = %e, "admin request timed out");
             }
+            drop(slot);
         });
     }
 }
@@ -178,8 +218,12 @@ fn render_metrics(admin: &Admin) -> String {
     admin.handle.render()
 }
 
-/// Ready when a valid token is held and the upstream accepts it.
+/// Ready when the proxy is not shutting down, a valid token is held and the upstream accepts
+/// it.
 async fn readiness(admin: &Admin) -> Result<(), String> {
+    if admin.draining.is_cancelled() {
+        return Err("shutting down: draining the connections".into());
+    }
     let creds = admin.credentials.borrow().clone();
     let creds = match creds {
         None => return Err(format!("no token yet{}", why(admin))),
@@ -191,7 +235,13 @@ async fn readiness(admin: &Admin) -> Result<(), String> {
     if admin.health.upstream_fresh(creds.generation) {
         return Ok(());
     }
-    match tokio::time::timeout(PROBE_TIMEOUT, probe(admin, &creds)).await {
+    let mut probed = admin.probed.lock().await;
+    if let Some((at, result)) = &*probed {
+        if at.elapsed() < PROBE_REUSE {
+            return result.clone();
+        }
+    }
+    let result = match tokio::time::timeout(PROBE_TIMEOUT, probe(admin, &creds)).await {
         Ok(Ok(())) => {
             admin.health.upstream_ok(creds.generation);
             Ok(())
@@ -201,7 +251,9 @@ async fn readiness(admin: &Admin) -> Result<(), String> {
             "upstream {} did not answer within {PROBE_TIMEOUT:?}",
             admin.connector.addr()
         )),
-    }
+    };
+    *probed = Some((Instant::now(), result.clone()));
+    result
 }
 
 /// Connects, authenticates and PINGs once.

@@ -268,14 +268,17 @@ pub async fn run_with_source(
             }
         }
     });
+    // The admin endpoint outlives the drain: it stops once the sessions are done.
+    let admin_stop = CancellationToken::new();
     if let Some(listener) = listeners.admin.take() {
-        let admin = Arc::new(admin::Admin {
-            handle: prometheus,
+        let admin = Arc::new(admin::Admin::new(
+            prometheus,
             health,
-            credentials: rx,
+            rx,
             connector,
-        });
-        tokio::spawn(admin::serve(listener, admin, shutdown.clone()));
+            shutdown.clone(),
+        ));
+        tokio::spawn(admin::serve(listener, admin, admin_stop.clone()));
     }
     tracing::info!(
         listen = ?config.listen,
@@ -300,6 +303,7 @@ pub async fn run_with_source(
     refresher.abort();
     // Sessions still running past the drain timeout end with their threads.
     workers.stop().await;
+    admin_stop.cancel();
     Ok(())
 }
 

@@ -454,7 +454,12 @@ where
         }
         let close_at = core.close_deadline().map(instant_of);
         let timers = io.timers(core);
-        let quiet_at = io.draining.then(|| io.last_client_input + DRAIN_QUIET);
+        // Only ahead: a connection quiet long enough but still busy (a blocked BLPOP) closes
+        // when what keeps it busy ends, which wakes the poll; a deadline in the past would
+        // fire again at once, spinning.
+        let quiet_at = (io.draining)
+            .then(|| io.last_client_input + DRAIN_QUIET)
+            .filter(|at| *at > Instant::now());
         let shrink_at = (!io.shrunk).then(|| io.last_activity + IDLE_SHRINK);
         // Redis's `timeout`: only a client owed nothing, not subscribed and not monitoring.
         let idle_at = shared

@@ -66,7 +66,7 @@ async fn probes_and_metrics_of_a_working_proxy() {
 
 #[tokio::test]
 async fn readyz_says_why_when_the_upstream_refuses_the_token() {
-    let redis = std::sync::Arc::new(
+    let redis = Arc::new(
         redis_entra_proxy::devenv::RedisServer::start(Default::default())
             .await
             .unwrap(),
@@ -75,11 +75,13 @@ async fn readyz_says_why_when_the_upstream_refuses_the_token() {
     let exp = exp.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let token = mint_token("unknown-identity", exp);
     let proxy = Proxy::start_on(
-        redis,
+        redis.clone(),
         ProxyOptions {
             admin: true,
             no_ready_wait: true,
             source: Some(Arc::new(FixedSource::new(Secret::new(token.clone())))),
+            // No topology reads: the probes' connections are the only ones.
+            cluster_mode: Some(redis_entra_proxy::cluster::ClusterMode::Off),
             ..Default::default()
         },
     )
@@ -99,6 +101,35 @@ async fn readyz_says_why_when_the_upstream_refuses_the_token() {
     );
     assert!(!body.contains(&token));
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
+
+    // Many probes at once, and again and again, cost the upstream one connection every
+    // couple of seconds, not one each.
+    let received = || async {
+        let Reply::Bulk(Some(info)) = redis.command(&[b"INFO", b"stats"]).await.unwrap() else {
+            panic!("INFO")
+        };
+        let info = String::from_utf8(info).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("total_connections_received")
+    };
+    // What asking costs (a connection of its own, or none).
+    let asking = received().await;
+    let before = received().await;
+    let asking = before - asking;
+    // Past the reuse of the probe above.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let probes: Vec<_> = (0..24)
+        .map(|_| tokio::spawn(http_get(admin, "/readyz")))
+        .collect();
+    for p in probes {
+        let (status, body) = p.await.unwrap();
+        assert_eq!(status, 503);
+        assert!(body.contains("WRONGPASS"), "{body}");
+    }
+    let opened = received().await - before - asking;
+    assert_eq!(opened, 1, "upstream connections for 24 probes at once");
 }
 
 #[tokio::test]

@@ -49,6 +49,54 @@ async fn shutdown_drains_in_flight_pipelines() {
     proxy.stop().await;
 }
 
+/// While the proxy drains on shutdown, a connection kept busy (a blocked `BLPOP`) costs no
+/// CPU, the admin endpoint keeps answering (`/readyz` says the proxy is shutting down), and
+/// the process exits at the drain timeout.
+#[tokio::test]
+async fn draining_a_busy_connection_spins_nothing_and_keeps_the_admin_endpoint() {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let token = fixed_token(&redis, "drain-1", true).await;
+    let mut proxy = ProxyProcess::start(
+        &redis,
+        &["--credential", "fixed", "--drain-timeout", "4s"],
+        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+    )
+    .await;
+    proxy.wait_started().await;
+    assert_eq!(proxy.get("/readyz").await.0, 200);
+    let mut blocked = proxy.client().await;
+    blocked
+        .send(&[b"BLPOP", b"drain:never", b"0"])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.terminate();
+    // Past the quiet period after the client's last input.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = proxy.cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = proxy.cpu_ticks() - before;
+    // Spinning, the drain took a whole core: about 100 ticks.
+    assert!(used < 30, "{used} ticks of CPU in 1 s of draining");
+    let (status, body) = proxy.get("/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = proxy.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("shutting down"), "{body}");
+    assert!(proxy.metrics().await.0.contains("redis_entra_proxy_"));
+    let status = proxy.wait_exit(STEP).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        tokio::time::timeout(STEP, blocked.read_reply())
+            .await
+            .expect("closed in time")
+            .is_err(),
+        "the blocked client is closed at the drain timeout"
+    );
+}
+
 #[tokio::test]
 async fn connection_limit_answers_like_maxclients() {
     let proxy = Proxy::start_with(ProxyOptions {

@@ -126,6 +126,36 @@ impl ProxyProcess {
         self.child.id().expect("the proxy is running")
     }
 
+    /// Sends SIGTERM: the proxy stops accepting and drains.
+    #[allow(dead_code)]
+    pub fn terminate(&self) {
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "kill -TERM");
+    }
+
+    /// Waits (bounded by `within`) for the process to exit; its exit status.
+    #[allow(dead_code)]
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the proxy exits in time")
+            .expect("wait")
+    }
+
+    /// CPU time the process has used (user and system), in clock ticks (1/100 s).
+    #[allow(dead_code)]
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        // The fields after the command name, which ends with the last ')': utime and stime
+        // are the 12th and 13th.
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = after.split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
     /// Waits until `/startupz` reports the first token (bounded by [`STEP`]).
     pub async fn wait_started(&self) {
         let deadline = tokio::time::Instant::now() + STEP;
