@@ -272,7 +272,14 @@ where
     let creds = match Box::pin(no_token::current(&shared.credentials)).await {
         Ok(c) => c,
         Err(why) => {
-            Box::pin(no_token::serve(&mut client, &shared.credentials, why)).await;
+            let unauthenticated = shared.local_password.is_some() && !client_is.authenticated;
+            Box::pin(no_token::serve(
+                &mut client,
+                &shared.credentials,
+                why,
+                unauthenticated,
+            ))
+            .await;
             return Outcome::NoCredentials(why);
         }
     };

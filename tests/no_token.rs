@@ -41,3 +41,26 @@ async fn every_command_gets_the_cause_until_a_token_arrives() {
     c.expect(b"+OK\r\n").await;
     assert!(c.read_to_end().await.is_empty());
 }
+
+/// A client that has not given the local password is held to Redis's limits for such clients
+/// while no token is held too: a big bulk is refused as it starts, not buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_an_unauthenticated_client_cannot_send_big_requests() {
+    let source = ExecSource::new(
+        "exit 3".into(),
+        FieldPaths::default(),
+        Duration::from_secs(5),
+    );
+    let proxy = Proxy::start_with(ProxyOptions {
+        no_ready_wait: true,
+        source: Some(Arc::new(source)),
+        local_password: Some("pw".into()),
+        ..Default::default()
+    })
+    .await;
+    let mut c = proxy.raw().await;
+    c.send(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1000000\r\n").await;
+    c.expect(b"-ERR Protocol error: unauthenticated bulk length\r\n")
+        .await;
+    assert!(c.read_to_end().await.is_empty());
+}

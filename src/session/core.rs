@@ -31,6 +31,11 @@ use crate::secret::Secret;
 /// Bytes waiting for the client beyond which the proxy stops reading the upstream, so a
 /// client that reads slowly holds Redis's output buffer, not the proxy's memory.
 pub const CLIENT_OUT_HIGH_WATER: usize = 256 * 1024;
+/// Most bytes of replies a client that has not given the local password may leave unread
+/// (the proxy answers all of them itself: `NOAUTH`, `WRONGPASS`): above, it is closed, as Redis
+/// closes an unauthenticated client past 1 KiB of output (CVE-2025-21605). Without it, a peer
+/// sending commands and reading nothing would grow the proxy's memory without bound.
+pub const UNAUTHENTICATED_OUTPUT_MAX: usize = 1024;
 /// Bytes waiting for the upstream beyond which the proxy stops reading the client.
 pub const UPSTREAM_OUT_HIGH_WATER: usize = 256 * 1024;
 /// A connection that could not re-authenticate is closed this long before its token expires,
@@ -66,6 +71,9 @@ pub enum CloseReason {
     /// A shared client (`--multiplex`) fell so far behind in reading its replies that its
     /// shared connection waited for it, and it did not catch up within this time.
     SlowClient(Duration),
+    /// A client that has not given the local password has more than
+    /// [`UNAUTHENTICATED_OUTPUT_MAX`] of replies waiting: as Redis closes it.
+    UnauthenticatedOutput,
 }
 
 impl CloseReason {
@@ -76,7 +84,8 @@ impl CloseReason {
             | CloseReason::ClientProtocol(_)
             | CloseReason::ClientIdle(_)
             | CloseReason::PartialRequest(_)
-            | CloseReason::SlowClient(_) => "client",
+            | CloseReason::SlowClient(_)
+            | CloseReason::UnauthenticatedOutput => "client",
             CloseReason::TokenExpiring => "proxy",
             _ => "upstream",
         }
@@ -94,6 +103,7 @@ impl CloseReason {
             CloseReason::ClientIdle(_) => "client_idle_timeout",
             CloseReason::PartialRequest(_) => "partial_request_timeout",
             CloseReason::SlowClient(_) => "slow_client",
+            CloseReason::UnauthenticatedOutput => "unauthenticated_output_limit",
         }
     }
 }
@@ -123,6 +133,11 @@ impl std::fmt::Display for CloseReason {
                 f,
                 "client did not read its replies within {d:?} while its shared connection \
                  waited for it"
+            ),
+            CloseReason::UnauthenticatedOutput => write!(
+                f,
+                "client not authenticated left more than {UNAUTHENTICATED_OUTPUT_MAX} bytes \
+                 of replies unread"
             ),
         }
     }
@@ -487,6 +502,12 @@ impl Core {
     pub(super) fn local(&mut self, reply: Bytes) {
         if self.relay_current {
             self.ledger.push(Expect::Local(reply));
+        }
+        if !self.client_authenticated
+            && self.closing.is_none()
+            && self.to_client.len() + self.ledger.local_bytes() > UNAUTHENTICATED_OUTPUT_MAX
+        {
+            self.close(CloseReason::UnauthenticatedOutput);
         }
     }
 }

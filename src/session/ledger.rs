@@ -230,6 +230,16 @@ impl Ledger {
         self.total
     }
 
+    /// Bytes of the replies the proxy answered itself that wait behind others.
+    pub fn local_bytes(&self) -> usize {
+        (self.entries.iter())
+            .map(|(e, n)| match e {
+                Expect::Local(bytes) => bytes.len() * *n as usize,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Replies the client still waits for (excluding injected ones).
     pub fn client_pending(&self) -> usize {
         self.total - self.not_client

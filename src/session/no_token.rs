@@ -37,8 +37,11 @@ pub async fn current(rx: &CredentialsRx) -> Result<Arc<Credentials>, &'static st
 
 /// Answers every command with `-ERR … no valid token: <why>` until the client leaves or a
 /// valid token arrives. QUIT is answered `+OK`; malformed input gets Redis's protocol error
-/// and the connection closes.
-pub async fn serve<C>(client: &mut C, rx: &CredentialsRx, why: &str)
+/// and the connection closes. A client that still owes the local password
+/// (`unauthenticated`) is held to Redis's limits for such clients (10 arguments, 16 KiB
+/// bulks): it could not give the password here, and must not make the proxy buffer big
+/// requests.
+pub async fn serve<C>(client: &mut C, rx: &CredentialsRx, why: &str, unauthenticated: bool)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -52,6 +55,7 @@ where
         ),
     );
     let mut parser = RequestParser::new();
+    parser.set_auth_required(unauthenticated);
     let mut input = BytesMut::with_capacity(4096);
     let mut out = BytesMut::new();
     loop {

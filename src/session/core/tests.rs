@@ -188,6 +188,33 @@ fn local_password_like_requirepass() {
     assert_eq!(t.upstream_sent(), "*1\r\n$4\r\nPING\r\n");
 }
 
+/// A client that has not given the password and reads nothing cannot make the proxy hold
+/// more than 1 KiB of refusals for it: it is closed, as Redis closes it. One that gives the
+/// password may pipeline as much as it likes.
+#[test]
+fn an_unauthenticated_client_reading_nothing_is_closed_past_1_kib() {
+    let mut t = T::with_password("pw");
+    t.client(&"PING\r\n".repeat(20));
+    assert_eq!(t.core.close_reason(), None, "680 bytes owed");
+    t.client(&"PING\r\n".repeat(20));
+    assert_eq!(
+        t.core.close_reason(),
+        Some(&CloseReason::UnauthenticatedOutput)
+    );
+    assert!(!t.core.wants_client_input());
+
+    // Read as it comes, the refusals never pile up.
+    let mut t = T::with_password("pw");
+    t.server("+OK\r\n");
+    for _ in 0..100 {
+        t.client("PING\r\n");
+        assert_eq!(t.client_got(), "-NOAUTH Authentication required.\r\n");
+    }
+    assert_eq!(t.core.close_reason(), None);
+    t.client(&format!("AUTH pw\r\n{}", "ECHO a\r\n".repeat(200)));
+    assert_eq!(t.core.close_reason(), None);
+}
+
 #[test]
 fn a_refused_exec_gets_execabort_with_the_reason() {
     let mut t = T::with_password("pw");
