@@ -431,10 +431,17 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), ConfigError> {
 
 /// Reads a secret from a file, trimming one trailing newline as editors and `echo` add it.
 pub fn read_secret_file(path: &Path, option: &'static str) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(option, format!("reading {}: {e}", path.display())))?;
+    let fail = |e: std::io::Error| invalid(option, format!("reading {}: {e}", path.display()));
+    let bytes =
+        crate::secret::read_small_file(path, crate::secret::MAX_SECRET_FILE).map_err(fail)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| {
+        invalid(
+            option,
+            format!("reading {}: not UTF-8 text", path.display()),
+        )
+    })?;
     warn_if_readable_by_others(path);
-    let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+    let trimmed = text.strip_suffix('\n').unwrap_or(text);
     let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
     Ok(Secret::new(trimmed))
 }

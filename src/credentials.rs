@@ -6,6 +6,7 @@
 //! Only `credentials/azure.rs` (a later addition) may touch `azure_identity`.
 
 pub mod azure;
+pub mod child;
 pub mod exec;
 pub mod fanout;
 pub mod file;
@@ -95,6 +96,54 @@ pub enum CredentialError {
     Source(String),
     #[error("token has no usable username: set --username, or use a JWT carrying an `oid` claim")]
     NoUsername,
+}
+
+/// Most of a token source's error text kept in logs and on `/readyz` and `/startupz`: an
+/// identity endpoint may answer with a page of HTML, or echo what it was sent.
+pub const MAX_ERROR_TEXT: usize = 400;
+
+/// `text` fit to log and show: each of `secrets` (8 characters or more: shorter ones would
+/// blank ordinary words), every JWT-shaped word (tokens, assertions) and the word after
+/// `Bearer` replaced by `[redacted]`, cut to [`MAX_ERROR_TEXT`] bytes. For text that comes
+/// from outside (an endpoint's answer, a command's stderr), which may quote a secret.
+pub fn redact<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
+    let mut text = text.to_owned();
+    for secret in secrets.iter().map(AsRef::as_ref).filter(|s| s.len() >= 8) {
+        text = text.replace(secret, "[redacted]");
+    }
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    let mut after_bearer = false;
+    while !rest.is_empty() {
+        let start = rest.find(|c: char| is_token_char(c)).unwrap_or(rest.len());
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        let end = rest.find(|c: char| !is_token_char(c)).unwrap_or(rest.len());
+        let word = &rest[..end];
+        let jwt = word.starts_with("eyJ") && word.matches('.').count() >= 2;
+        out.push_str(if jwt || (after_bearer && !word.is_empty()) {
+            "[redacted]"
+        } else {
+            word
+        });
+        after_bearer = word.eq_ignore_ascii_case("bearer");
+        rest = &rest[end..];
+    }
+    cut(&mut out, MAX_ERROR_TEXT);
+    out
+}
+
+/// Cuts `text` to at most `max` bytes (on a character boundary), marking the cut with `…`.
+pub fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push('…');
+    }
 }
 
 pub type ChangedFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;

@@ -2,6 +2,8 @@
 //! live in it; its `Debug` and `Display` say `[redacted]` and its memory is wiped on drop.
 
 use std::fmt;
+use std::io;
+use std::path::Path;
 
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -42,9 +44,82 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Most bytes of a file holding one secret (a password, a client secret, a token): far more
+/// than any of them, far less than memory.
+pub const MAX_SECRET_FILE: usize = 64 * 1024;
+
+/// The error for a path that is not a regular file: a FIFO would block its reader until
+/// something writes to it, a device (`/dev/zero`) would never end.
+fn not_regular() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
+}
+
+/// Checks, through links, that `path` is a regular file, before it is opened.
+pub fn check_regular_file(path: &Path) -> io::Result<()> {
+    if std::fs::metadata(path)?.is_file() {
+        Ok(())
+    } else {
+        Err(not_regular())
+    }
+}
+
+/// [`check_regular_file`] for async code.
+pub async fn check_regular_file_async(path: &Path) -> io::Result<()> {
+    if tokio::fs::metadata(path).await?.is_file() {
+        Ok(())
+    } else {
+        Err(not_regular())
+    }
+}
+
+/// The contents of a regular file of at most `max` bytes, in a buffer wiped on drop.
+pub fn read_small_file(path: &Path, max: usize) -> io::Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    check_regular_file(path)?;
+    let mut buf = Zeroizing::new(Vec::with_capacity(max.min(16 * 1024)));
+    std::fs::File::open(path)?
+        .take(max as u64 + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes; is it the right file?"),
+        ));
+    }
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Secret;
+    use super::*;
+
+    /// Only a regular file of the allowed size is read: a FIFO is refused without blocking,
+    /// a device without reading it.
+    #[test]
+    fn secret_files_are_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, "pw\n").unwrap();
+        assert_eq!(&read_small_file(&ok, 16).unwrap()[..], b"pw\n");
+        let big = dir.path().join("big");
+        std::fs::write(&big, "x".repeat(17)).unwrap();
+        let e = read_small_file(&big, 16).unwrap_err();
+        assert!(e.to_string().contains("larger than 16 bytes"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for path in [fifo.as_path(), Path::new("/dev/zero")] {
+            let e = read_small_file(path, MAX_SECRET_FILE).unwrap_err();
+            assert_eq!(e.to_string(), "not a regular file", "{}", path.display());
+        }
+        // Through a link, the target counts.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&ok, &link).unwrap();
+        assert!(read_small_file(&link, 16).is_ok());
+    }
 
     #[test]
     fn never_prints() {

@@ -97,3 +97,35 @@ async fn nothing_secret_in_trace_logs() {
         }
     }
 }
+
+/// A token command sees none of the proxy's own secrets in its environment: not the local
+/// password, not a fixed token, not the service principal's secret given to the proxy.
+#[tokio::test]
+async fn a_token_command_does_not_inherit_the_proxys_secrets() {
+    let redis = redis_entra_proxy::devenv::RedisServer::start(Default::default())
+        .await
+        .expect("redis-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("env");
+    let cmd = format!("env > {}; exit 1", dump.display());
+    let proxy = support::proxy_process::ProxyProcess::start(
+        &redis,
+        &["--credential", "exec", "--credential-command", &cmd],
+        &[
+            ("REDIS_ENTRA_PROXY_LOCAL_PASSWORD", PASSWORD),
+            ("REDIS_ENTRA_PROXY_CLIENT_SECRET", "sp-secret-0123456789"),
+            ("REDIS_ENTRA_PROXY_TOKEN", "fixed-token-0123456789"),
+            ("PATH", "/usr/bin:/bin"),
+            ("HELPER_SETTING", "kept"),
+        ],
+    )
+    .await;
+    proxy
+        .wait_log("token fetch failed", Duration::from_secs(5))
+        .await;
+    let env = std::fs::read_to_string(&dump).expect("the command ran");
+    assert!(env.contains("HELPER_SETTING=kept"), "{env}");
+    for secret in [PASSWORD, "sp-secret-0123456789", "fixed-token-0123456789"] {
+        assert!(!env.contains(secret), "the command saw {secret}:\n{env}");
+    }
+}

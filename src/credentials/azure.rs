@@ -219,8 +219,16 @@ impl EntraSource {
                 token_file,
                 authority,
             } => {
-                // Reads the (small, local) token file synchronously; it changes every hour or
-                // so, and this rereads it on every fetch.
+                // azure_identity reads the (small, local) token file synchronously, on every
+                // fetch: a FIFO or a device there would block or exhaust memory.
+                crate::secret::check_regular_file_async(token_file)
+                    .await
+                    .map_err(|e| {
+                        CredentialError::Source(format!(
+                            "federated token file {}: {e}",
+                            token_file.display()
+                        ))
+                    })?;
                 WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
                     credential_options: ClientAssertionCredentialOptions {
                         client_options: self.client_options(http, Some(authority)),
@@ -298,12 +306,18 @@ impl EntraSource {
         }
     }
 
-    /// Known secret texts, scrubbed from every error message.
-    fn secrets(&self) -> Vec<&str> {
-        match &self.plan {
-            Plan::ClientSecret { secret, .. } => vec![secret.expose()],
-            _ => Vec::new(),
+    /// Known secret texts, scrubbed from every error message: the client secret, and the
+    /// header App Service and Azure Arc managed identity endpoints require (an endpoint's
+    /// error may echo the request).
+    fn secrets(&self) -> Vec<String> {
+        let mut secrets: Vec<String> = ["IDENTITY_HEADER", "MSI_SECRET"]
+            .into_iter()
+            .filter_map(|name| std::env::var(name).ok())
+            .collect();
+        if let Plan::ClientSecret { secret, .. } = &self.plan {
+            secrets.push(secret.expose().to_owned());
         }
+        secrets
     }
 }
 

@@ -5,17 +5,19 @@
 //!
 //! This module owns running the command: its timeout, exit status and output limits. Stdout
 //! holds the token and never appears in an error or a log; stderr, which tools use for
-//! diagnostics, is quoted in errors (its first [`STDERR_EXCERPT_BYTES`] bytes). It does not
-//! own retrying: the refresher retries failed fetches with backoff.
+//! diagnostics, is quoted in errors (its first [`STDERR_EXCERPT_BYTES`] bytes; the refresher
+//! redacts what looks like a credential). It does not own retrying: the refresher retries
+//! failed fetches with backoff. The command runs as [`child`] says: in a process group of its
+//! own, ended whole when abandoned, without the proxy's secrets in its environment.
 
 use std::fmt;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
 use zeroize::Zeroizing;
 
+use super::child;
 use super::file::{in_context, parse_token_json, FieldPaths, MAX_TOKEN_JSON_BYTES};
 use super::{CredentialError, Token, TokenFuture, TokenSource};
 
@@ -23,7 +25,7 @@ use super::{CredentialError, Token, TokenFuture, TokenSource};
 /// identity endpoint answer in a second or two when healthy, but CLIs such as `az` take
 /// several seconds to start; 25 s stays under the refresher's own per-attempt limit
 /// (`refresh::ATTEMPT_TIMEOUT`, 30 s), so this clearer error is the one logged (and the
-/// command killed, through `kill_on_drop`).
+/// command killed, with whatever it started).
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// How much of a failed command's stderr is quoted in the error: enough for the usual one-line
@@ -50,21 +52,21 @@ impl ExecSource {
 
     async fn run(&self) -> Result<Token, CredentialError> {
         let fail = |msg: String| CredentialError::Source(msg);
-        let mut child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(&self.command)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Dropping the fetch future (refresher timeout, shutdown) must not leave the
-            // command running.
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                fail(format!(
-                    "could not start the token command with /bin/sh: {e}"
-                ))
-            })?;
+        // Dropping the fetch future (refresher timeout, shutdown) must not leave the command,
+        // or anything it started, running: `group` kills them all unless it finished.
+        let (mut child, group) = child::spawn(
+            child::command("/bin/sh")
+                .arg("-c")
+                .arg(&self.command)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .map_err(|e| {
+            fail(format!(
+                "could not start the token command with /bin/sh: {e}"
+            ))
+        })?;
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(fail(
                 "the token command's output pipes were not set up".to_owned(),
@@ -88,14 +90,14 @@ impl ExecSource {
         let (out_read, err_read, status) = match outcome {
             Ok(done) => done,
             Err(_) => {
-                // The child is reaped in the background after the kill (kill_on_drop).
-                let _ = child.start_kill();
+                // Killed with its group when `group` drops; reaped in the background.
                 return Err(fail(format!(
                     "the token command timed out after {:?} and was killed",
                     self.timeout
                 )));
             }
         };
+        group.finished();
         let status =
             status.map_err(|e| fail(format!("waiting for the token command failed: {e}")))?;
         if !status.success() {
@@ -340,6 +342,37 @@ mod tests {
             assert!(msg.contains("timed out after 200ms"), "{name}: {msg}");
             assert!(started.elapsed() < Duration::from_secs(1), "{name}");
             assert_no_token(&msg, name);
+        }
+    }
+
+    /// What a command that timed out started is killed with it: a helper hung in a child of
+    /// the shell would otherwise live on, one more at every retry.
+    #[tokio::test]
+    async fn a_command_that_times_out_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let cmd = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let err = fetch(&exec(&cmd, Duration::from_millis(300)))
+            .await
+            .expect_err("times out");
+        assert!(err.to_string().contains("timed out"), "{err}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("the command wrote its child's pid")
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed at once; gone once its parent (or init) reaps it: bounded wait.
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |stat| stat.contains(") Z "))
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !gone() {
+            assert!(
+                Instant::now() < deadline,
+                "the command's child {pid} still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

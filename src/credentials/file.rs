@@ -272,6 +272,9 @@ impl FileSource {
             path: self.path.display().to_string(),
             source,
         };
+        crate::secret::check_regular_file_async(&self.path)
+            .await
+            .map_err(io)?;
         let file = tokio::fs::File::open(&self.path).await.map_err(io)?;
         // Reserved up front so that the buffer is not reallocated, which would leave an
         // unwiped copy of the token behind, for any document of ordinary size.

@@ -120,7 +120,8 @@ pub async fn run(
         let valid_for = current.as_ref().and_then(|c| c.remaining(now));
         let fetched = match outcome {
             Err(_) => Fetched::Failed(format!("timed out after {ATTEMPT_TIMEOUT:?}")),
-            Ok(Err(e)) => Fetched::Failed(e.to_string()),
+            // Sources quote what endpoints and commands said, which may hold a secret.
+            Ok(Err(e)) => Fetched::Failed(super::redact::<&str>(&e.to_string(), &[])),
             Ok(Ok(token)) => match credentials_from(token, username.as_deref(), generation + 1) {
                 Err(e) => Fetched::Failed(e.to_string()),
                 Ok(c) if c.is_expired(now) => {

@@ -42,20 +42,26 @@ impl fmt::Debug for CertificateSigner {
     }
 }
 
+/// A certificate and key file: a regular file of at most 1 MiB (a chain of certificates is a
+/// few KiB).
+fn read_pem(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    crate::secret::read_small_file(path, 1 << 20)
+        .map_err(|e| format!("reading client certificate {}: {e}", path.display()))
+}
+
 impl CertificateSigner {
     /// Reads a PEM file holding the certificate and its private key.
     pub(super) async fn read(path: &Path) -> Result<Self, String> {
-        let pem = tokio::fs::read(path)
+        let owned = path.to_owned();
+        let pem = tokio::task::spawn_blocking(move || read_pem(&owned))
             .await
-            .map_err(|e| format!("reading client certificate {}: {e}", path.display()))?;
+            .map_err(|e| format!("reading client certificate {}: {e}", path.display()))??;
         Self::from_pem(&pem, path)
     }
 
     /// [`read`](Self::read) for start-up, outside any runtime-sensitive path.
     pub(super) fn read_blocking(path: &Path) -> Result<Self, String> {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("reading client certificate {}: {e}", path.display()))?;
-        Self::from_pem(&pem, path)
+        Self::from_pem(&read_pem(path)?, path)
     }
 
     pub(super) fn from_pem(pem: &[u8], path: &Path) -> Result<Self, String> {

@@ -68,20 +68,25 @@ impl HttpClient for Observed {
     }
 }
 
-/// Runs `az` for `AzureCliCredential`. Unlike azure_identity's runners it kills the child when
-/// the fetch is abandoned (timeout), so a hung `az` does not pile up.
+/// Runs `az` for `AzureCliCredential`. Unlike azure_identity's runners it kills the child, and
+/// what it started (`az` is a script that starts Python), when the fetch is abandoned
+/// (timeout), so a hung `az` does not pile up.
 #[derive(Debug)]
 pub(super) struct CliExecutor;
 
 #[async_trait::async_trait]
 impl Executor for CliExecutor {
     async fn run(&self, program: &OsStr, args: &[&OsStr]) -> io::Result<Output> {
-        tokio::process::Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
+        let (child, group) = crate::credentials::child::spawn(
+            crate::credentials::child::command(program)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )?;
+        let output = child.wait_with_output().await?;
+        group.finished();
+        Ok(output)
     }
 }
 
@@ -91,7 +96,7 @@ impl Executor for CliExecutor {
 /// assertions) are replaced by `[redacted]`.
 pub(super) fn describe(
     err: &azure_core::Error,
-    secrets: &[&str],
+    secrets: &[String],
     last_status: Option<u16>,
 ) -> String {
     let mut message = err
@@ -99,6 +104,9 @@ pub(super) fn describe(
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
+    // azure_identity quotes some error answers whole (a page of HTML): enough of it to
+    // recognise, and room for the status and codes behind.
+    super::super::cut(&mut message, 240);
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cause {
         if let Some(ErrorKind::HttpResponse {
@@ -122,7 +130,7 @@ pub(super) fn describe(
                 message.push_str(&format!(", error {error}"));
             }
             message.push(')');
-            return redact(&message, secrets);
+            return super::super::redact(&message, secrets);
         }
         cause = e.source();
     }
@@ -139,32 +147,5 @@ pub(super) fn describe(
     if let Some(status) = last_status {
         message.push_str(&format!(" (HTTP {status})"));
     }
-    redact(&message, secrets)
-}
-
-/// Replaces each of `secrets` (8 characters or more: shorter ones would blank ordinary words)
-/// and every JWT-shaped word with `[redacted]`.
-pub(super) fn redact(text: &str, secrets: &[&str]) -> String {
-    let mut text = text.to_owned();
-    for secret in secrets.iter().filter(|s| s.len() >= 8) {
-        text = text.replace(secret, "[redacted]");
-    }
-    let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text.as_str();
-    while let Some(start) = rest.find("eyJ") {
-        let end = rest[start..]
-            .find(|c| !is_token_char(c))
-            .map_or(rest.len(), |n| start + n);
-        let word = &rest[start..end];
-        out.push_str(&rest[..start]);
-        out.push_str(if word.matches('.').count() >= 2 {
-            "[redacted]"
-        } else {
-            word
-        });
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    out
+    super::super::redact(&message, secrets)
 }

@@ -178,12 +178,20 @@ const IDENTITY_HEADER_VALUE: &str = "x-identity-header-test-value";
 /// azure_identity reads `IDENTITY_ENDPOINT` from the process environment only, and tests must
 /// not change their own. So the App Service path runs in a child copy of this test binary
 /// (running only [`app_service_child`]) whose environment points at the loopback mock.
+/// The last case is an endpoint failing with an answer that echoes the identity header.
 #[tokio::test]
 async fn app_service_request_and_token() {
     bounded(async {
-        for id in ["system", "client", "object"] {
+        for id in ["system", "client", "object", "echo"] {
             let expires_on = unix_now() + 3600;
-            let server = MockServer::answering(200, msi_answer(&jwt(id), expires_on)).await;
+            let server = if id == "echo" {
+                let body = format!(
+                    "internal error; request headers: x-identity-header: {IDENTITY_HEADER_VALUE}"
+                );
+                MockServer::answering(500, body).await
+            } else {
+                MockServer::answering(200, msi_answer(&jwt(id), expires_on)).await
+            };
             let exe = std::env::current_exe().expect("test binary path");
             let output = tokio::process::Command::new(exe)
                 .args(["--exact", "credentials::azure::tests::app_service_child"])
@@ -209,13 +217,16 @@ async fn app_service_request_and_token() {
                 String::from_utf8_lossy(&output.stderr)
             );
             let received = server.requests();
-            assert_eq!(received.len(), 1, "{id}");
+            assert!(!received.is_empty(), "{id}");
             assert_eq!(received[0].url.path(), "/msi/token");
             assert_eq!(
                 received[0].header("x-identity-header"),
                 Some(IDENTITY_HEADER_VALUE)
             );
-            assert_msi_request(&received[0], id);
+            if id != "echo" {
+                assert_eq!(received.len(), 1, "{id}");
+                assert_msi_request(&received[0], id);
+            }
         }
     })
     .await
@@ -235,6 +246,13 @@ async fn app_service_child() {
         assert!(addr.ip().is_loopback(), "the mock is on loopback");
         // The redirect sends to the endpoint's own loopback address: the URL is unchanged.
         let redirect = Redirect::to_addr(addr);
+        if id == "echo" {
+            let source = source(managed_identity("system", redirect.clone())).unwrap();
+            let err = source.fetch().await.unwrap_err().to_string();
+            assert!(!err.contains(IDENTITY_HEADER_VALUE), "{err}");
+            assert!(err.contains("[redacted]") && err.contains("500"), "{err}");
+            return;
+        }
         let source = source(managed_identity(id, redirect.clone())).unwrap();
         let got = source.fetch().await.unwrap();
         assert_eq!(got.token.expose(), jwt(id));

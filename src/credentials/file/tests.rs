@@ -467,3 +467,21 @@ async fn wait_for(
         .expect("refresher alive");
     creds.clone().expect("credentials")
 }
+
+/// A FIFO where the token file should be (a mistake, or a writer that never comes) fails the
+/// fetch at once instead of blocking it, and a blocking thread, for good.
+#[tokio::test]
+async fn a_fifo_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token.json");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let err = tokio::time::timeout(WAIT, source(&fifo).fetch())
+        .await
+        .expect("the fetch does not block")
+        .expect_err("refused");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}

@@ -103,6 +103,9 @@ mod paused {
         /// A new token that expired a second ago.
         Expired,
         Fail,
+        /// A failure whose text quotes secrets, as an endpoint echoing its request would,
+        /// and goes on for pages.
+        FailQuoting,
         /// Never answers (until `run` drops the future).
         Hang,
     }
@@ -171,6 +174,10 @@ mod paused {
                         .expect("the script issues a token before `Again`")),
                     Step::Expired => Ok(self.token(Some(real_now - Duration::from_secs(1)))),
                     Step::Fail => Err(CredentialError::Source("scripted failure".into())),
+                    Step::FailQuoting => Err(CredentialError::Source(format!(
+                        "HTTP 500: Authorization: Bearer s3cr3t-opaque eyJhbGciOi.eyJvaWQiOi.c2lnbmF0dXJl {}",
+                        "é".repeat(1000)
+                    ))),
                     Step::Hang => {
                         self.hanging.fetch_add(1, Ordering::SeqCst);
                         let _guard = HangGuard(self.hanging.clone());
@@ -468,6 +475,27 @@ mod paused {
             error.contains("keeps returning the current token"),
             "{error}"
         );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_is_shown_redacted_and_cut() {
+        let mut h = Harness::start([Step::FailQuoting]);
+        h.next_fetch().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let error = h.health.refresh_error().expect("a refresh error");
+        assert!(
+            error.starts_with(
+                "token source failed: HTTP 500: Authorization: Bearer [redacted] [redacted] éé"
+            ),
+            "{error}"
+        );
+        assert!(
+            !error.contains("s3cr3t") && !error.contains("eyJ"),
+            "{error}"
+        );
+        assert!(error.len() <= crate::credentials::MAX_ERROR_TEXT + '…'.len_utf8());
+        assert!(error.ends_with('…'), "{error}");
         h.stop().await;
     }
 
