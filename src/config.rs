@@ -172,8 +172,31 @@ pub fn read_file(path: &Path) -> Result<Options, ConfigError> {
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::File {
         path: shown,
-        reason: e.to_string(),
+        reason: toml_error(&text, &e),
     })
+}
+
+/// Where and what, without the excerpt of the file `toml` would print: the line may hold the
+/// local password. An error on a line naming a password says only that, since the message
+/// itself may quote the value.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let line_text = text.lines().nth(line - 1).unwrap_or_default();
+    let key = match line_text.split_once('=') {
+        Some((key, _)) => format!(" ({})", key.trim()),
+        None => String::new(),
+    };
+    let message = if line_text.contains("password") {
+        "not a valid setting (the value is not shown: the line names a password)"
+    } else {
+        e.message()
+    };
+    format!("line {line}, column {column}{key}: {message}")
 }
 
 pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigError> {

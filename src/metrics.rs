@@ -26,6 +26,7 @@ pub const TOKEN_EXPIRES_IN_SECONDS: &str = "redis_entra_proxy_token_expires_in_s
 pub const TOKEN_GENERATION: &str = "redis_entra_proxy_token_generation";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "redis_entra_proxy_connections_closed_total";
 pub const PROTOCOL_ERRORS_TOTAL: &str = "redis_entra_proxy_protocol_errors_total";
+pub const LOCAL_AUTH_FAILURES_TOTAL: &str = "redis_entra_proxy_local_auth_failures_total";
 pub const WARM_CONNECTIONS: &str = "redis_entra_proxy_warm_connections";
 pub const WARM_HANDED_OUT_TOTAL: &str = "redis_entra_proxy_warm_handed_out_total";
 pub const MULTIPLEX_SHARED_CLIENTS: &str = "redis_entra_proxy_multiplex_shared_clients";
@@ -126,6 +127,10 @@ fn describe() {
         "Client connections ended, by side (client, upstream, proxy) and reason."
     );
     describe_counter!(PROTOCOL_ERRORS_TOTAL, "Malformed client input, by kind.");
+    describe_counter!(
+        LOCAL_AUTH_FAILURES_TOTAL,
+        "Client AUTH or HELLO AUTH with a wrong local password."
+    );
     describe_gauge!(
         WARM_CONNECTIONS,
         "Authenticated upstream connections waiting in the warm pool."

@@ -662,3 +662,59 @@ async fn first_session_output(addr: SocketAddr, input: &[u8]) -> Vec<u8> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Wrong local passwords are counted, and logged a few lines a second at most: guesses come
+/// as fast as the network carries them.
+#[tokio::test]
+async fn wrong_local_passwords_are_counted_and_logged_sparingly() {
+    let redis = redis_entra_proxy::devenv::RedisServer::start(Default::default())
+        .await
+        .expect("redis-server starts");
+    let exp = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let exp = exp.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let token = redis_entra_proxy::devenv::mint_token("guessed-1", exp);
+    redis.acl_setuser("guessed-1", &token).await.unwrap();
+    let proxy = support::proxy_process::ProxyProcess::start(
+        &redis,
+        &["--credential", "fixed"],
+        &[
+            ("REDIS_ENTRA_PROXY_TOKEN", &token),
+            ("REDIS_ENTRA_PROXY_LOCAL_PASSWORD", "right-password-1"),
+        ],
+    )
+    .await;
+    proxy.wait_started().await;
+    let mut c = proxy.client().await;
+    const GUESSES: usize = 300;
+    for i in 0..GUESSES {
+        let guess = format!("guess-{i}");
+        let reply = c.command(&[b"AUTH", guess.as_bytes()]).await.unwrap();
+        assert!(
+            matches!(reply, Reply::Error(ref e) if e.starts_with("WRONGPASS")),
+            "{reply:?}"
+        );
+    }
+    let reply = c
+        .command(&[b"HELLO", b"3", b"AUTH", b"default", b"nope"])
+        .await
+        .unwrap();
+    assert!(
+        matches!(reply, Reply::Error(ref e) if e.starts_with("WRONGPASS")),
+        "{reply:?}"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.count("redis_entra_proxy_local_auth_failures_total", &[]),
+        (GUESSES + 1) as f64
+    );
+    let logged = proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains("wrong local password"))
+        .count();
+    assert!(
+        (1..=30).contains(&logged),
+        "{logged} lines for {GUESSES} guesses"
+    );
+    assert!(!proxy.log().contains("guess-"), "a guess was logged");
+}

@@ -594,6 +594,16 @@ fn file_errors() {
             &["log-format", "xml"],
         ),
         ("not TOML", "listen = \n", &["listen"]),
+        (
+            "a password's line is named, not shown",
+            "local-password = \"hunter2-unterminated\n",
+            &["line 1", "local-password", "not shown"],
+        ),
+        (
+            "a password's line, wrong type",
+            "local-password = 123456789\n",
+            &["local-password", "not shown"],
+        ),
     ];
     for (name, text, needles) in cases {
         let f = file_with(text);
@@ -609,6 +619,9 @@ fn file_errors() {
                 msg.contains(needle),
                 "{name}: {msg:?} should contain {needle:?}"
             );
+        }
+        for secret in ["hunter2", "123456789"] {
+            assert!(!msg.contains(secret), "{name}: {msg:?} quotes the value");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! the upstream (`AUTH`, `HELLO … AUTH`), where `CLIENT REPLY` is emulated, and where the
 //! write-side connection state (MULTI, one-shot flags, QUIT) is tracked.
 
+use crate::log_budget::LogBudget;
 use bytes::{Bytes, BytesMut};
 
 use super::core::Core;
@@ -356,8 +357,19 @@ impl Core {
             self.client_authenticated = true;
             self.local(Bytes::from_static(OK));
         } else {
-            self.reject(WRONGPASS);
+            self.wrong_password();
         }
+    }
+
+    /// A wrong local password: refused as Redis refuses it, counted, and logged (at most a
+    /// few lines a second: guesses come fast).
+    fn wrong_password(&mut self) {
+        ::metrics::counter!(crate::metrics::LOCAL_AUTH_FAILURES_TOTAL).increment(1);
+        static WRONG: LogBudget = LogBudget::new();
+        if let Some(suppressed) = WRONG.take() {
+            tracing::warn!(suppressed, "client gave a wrong local password");
+        }
+        self.reject(WRONGPASS);
     }
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the AUTH pair is checked locally
@@ -413,7 +425,7 @@ impl Core {
         }
         if let Some((user, password)) = auth {
             if !self.check_password(user, password) {
-                return self.reject(WRONGPASS);
+                return self.wrong_password();
             }
             self.client_authenticated = true;
         }
