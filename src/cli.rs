@@ -33,7 +33,7 @@ pub struct Cli {
     #[command(flatten)]
     pub options: Options,
     /// Print the effective configuration (secrets redacted) and exit.
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub print_config: bool,
 }
 

@@ -16,6 +16,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let token_env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
     if let Some(Command::Dev(mut args)) = cli.command {
+        if cli.print_config {
+            eprintln!("redis-entra-proxy: --print-config does not apply to `dev`, whose setup is made as it starts");
+            return ExitCode::from(2);
+        }
         let mut options = std::mem::take(&mut args.options).or(cli.options);
         if let Some(path) = options.config.clone() {
             match config::read_file(&path) {

@@ -309,6 +309,21 @@ fn invalid_configurations_exit_2_naming_the_option() {
     }
 }
 
+/// `dev` makes its configuration as it starts: asked to print it instead, it refuses, before
+/// or after the subcommand, rather than start.
+#[test]
+fn print_config_is_refused_with_dev() {
+    for args in [vec!["--print-config", "dev"], vec!["dev", "--print-config"]] {
+        let out = run(&args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).contains("--print-config"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn help_states_precedence_and_every_env_var() {
     let out = run(&["--help"], &[]);
