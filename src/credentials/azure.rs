@@ -172,7 +172,7 @@ impl EntraSource {
         let plan = plan::resolve(&config, env)?;
         let http = match config.transport {
             Some(client) => client,
-            None => http::production_client()?,
+            None => http::production_client(matches!(plan, Plan::ManagedIdentity { .. }))?,
         };
         Ok(EntraSource {
             plan,

@@ -23,14 +23,26 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// The client used when the configuration names none: reqwest with the rustls configuration of
 /// `tls.rs` (public roots, ring). Redirects are not followed: identity endpoints do not send
 /// them, and following one would carry a secret elsewhere.
-pub(super) fn production_client() -> Result<Arc<dyn HttpClient>, CredentialError> {
+///
+/// `local_endpoint`: the requests go to an endpoint on the machine (managed identity: IMDS at
+/// a link-local address, the App Service or Arc endpoint on localhost), in clear HTTP with
+/// the identity header. Those never go through `HTTP_PROXY`/`HTTPS_PROXY`, which would hand the
+/// header and the token to the proxy, and let it answer with a token of its choice. Requests
+/// to Entra (service principal, workload identity) follow them: that may be the only way out.
+pub(super) fn production_client(
+    local_endpoint: bool,
+) -> Result<Arc<dyn HttpClient>, CredentialError> {
     let tls = crate::tls::client_config(None)
         .map_err(|e| CredentialError::Config(format!("TLS for Entra endpoints: {e}")))?;
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .tls_backend_preconfigured((*tls).clone())
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
+        .redirect(reqwest::redirect::Policy::none());
+    if local_endpoint {
+        builder = builder.no_proxy();
+    }
+    let client = builder
         .build()
         .map_err(|e| CredentialError::Config(format!("HTTP client for Entra endpoints: {e}")))?;
     Ok(Arc::new(client))

@@ -178,11 +178,14 @@ const IDENTITY_HEADER_VALUE: &str = "x-identity-header-test-value";
 /// azure_identity reads `IDENTITY_ENDPOINT` from the process environment only, and tests must
 /// not change their own. So the App Service path runs in a child copy of this test binary
 /// (running only [`app_service_child`]) whose environment points at the loopback mock.
-/// The last case is an endpoint failing with an answer that echoes the identity header.
+/// The last cases: an endpoint failing with an answer that echoes the identity header; the
+/// production HTTP client with `HTTP_PROXY` set, which the local endpoint must not go through.
 #[tokio::test]
 async fn app_service_request_and_token() {
     bounded(async {
-        for id in ["system", "client", "object", "echo"] {
+        let proxy =
+            MockServer::answering(200, msi_answer(&jwt("from-the-proxy"), unix_now() + 3600)).await;
+        for id in ["system", "client", "object", "echo", "proxied"] {
             let expires_on = unix_now() + 3600;
             let server = if id == "echo" {
                 let body = format!(
@@ -202,6 +205,10 @@ async fn app_service_request_and_token() {
                     format!("http://{}/msi/token", server.addr),
                 )
                 .env("IDENTITY_HEADER", IDENTITY_HEADER_VALUE)
+                .env("HTTP_PROXY", format!("http://{}", proxy.addr))
+                .env("http_proxy", format!("http://{}", proxy.addr))
+                .env_remove("NO_PROXY")
+                .env_remove("no_proxy")
                 .env_remove("IDENTITY_SERVER_THUMBPRINT")
                 .env_remove("IMDS_ENDPOINT")
                 .env_remove("MSI_ENDPOINT")
@@ -225,8 +232,9 @@ async fn app_service_request_and_token() {
             );
             if id != "echo" {
                 assert_eq!(received.len(), 1, "{id}");
-                assert_msi_request(&received[0], id);
+                assert_msi_request(&received[0], if id == "proxied" { "system" } else { id });
             }
+            assert!(proxy.requests().is_empty(), "{id}: sent through HTTP_PROXY");
         }
     })
     .await
@@ -246,6 +254,15 @@ async fn app_service_child() {
         assert!(addr.ip().is_loopback(), "the mock is on loopback");
         // The redirect sends to the endpoint's own loopback address: the URL is unchanged.
         let redirect = Redirect::to_addr(addr);
+        if id == "proxied" {
+            let config = EntraConfig {
+                transport: None,
+                ..managed_identity("system", redirect.clone())
+            };
+            let got = source(config).unwrap().fetch().await.unwrap();
+            assert_eq!(got.token.expose(), jwt("proxied"));
+            return;
+        }
         if id == "echo" {
             let source = source(managed_identity("system", redirect.clone())).unwrap();
             let err = source.fetch().await.unwrap_err().to_string();
