@@ -284,20 +284,54 @@ where
         }
     };
     let m = metrics::handles();
-    let warm = target.pool.as_ref().and_then(|p| p.take());
-    let (mut upstream, mut core) = match warm {
-        Some(warm) => (warm.upstream, warm.core),
+    if let Some(framing) = &framing {
+        framing.lock().start();
+    }
+    let mut io = Io::new(shared, read_max, framing);
+    // A client that owes the local password is served without an upstream until it gives it
+    // (or leaves): a peer without the password costs the cache no connection and no AUTH.
+    // One `Option` holds the core of either kind, so that the session's future holds one.
+    let mut core = (shared.local_password.is_some() && !client_is.authenticated)
+        .then(|| Core::unconnected(creds.clone(), shared.local_password.clone()));
+    if let Some(unconnected) = &mut core {
+        // Boxed, as the phases above: only clients that owe a password run it.
+        match Box::pin(pump(
+            &mut client,
+            &mut NotConnected,
+            unconnected,
+            shared,
+            &mut io,
+        ))
+        .await
+        {
+            Outcome::UpstreamError(e) if NotConnected::asked(&e) => {}
+            outcome => {
+                if matches!(outcome, Outcome::Drained | Outcome::Closed(_)) {
+                    linger(&mut client).await;
+                }
+                return outcome;
+            }
+        }
+    }
+    let mut upstream = match target.pool.as_ref().and_then(|p| p.take()) {
+        Some(warm) => {
+            // An unconnected core's own first AUTH goes on the pooled connection: one AUTH
+            // more, behind the TCP and TLS handshakes the pool saved.
+            core.get_or_insert(warm.core);
+            warm.upstream
+        }
         None => match Box::pin(connect(&target.connector)).await {
-            Ok(u) => (u, Core::new(creds, shared.local_password.clone())),
+            Ok(u) => u,
             Err(e) => {
                 // The router of a shared session answers each client owed a reply itself.
-                if framing.is_none() {
+                if io.framing.is_none() {
                     refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
                 }
                 return Outcome::UpstreamConnect(e);
             }
         },
     };
+    let core = core.get_or_insert_with(|| Core::new(creds, shared.local_password.clone()));
     core.set_rewriter(target.rewriter.clone());
     if client_is.proto == 3 {
         core.speak_resp3();
@@ -309,15 +343,7 @@ where
         core.client_authenticated();
     }
     let active = metrics::Active::new(&m.upstream_active, false);
-    let outcome = pump(
-        &mut client,
-        &mut upstream,
-        &mut core,
-        shared,
-        read_max,
-        framing,
-    )
-    .await;
+    let outcome = pump(&mut client, &mut upstream, core, shared, &mut io).await;
     drop(active);
     // The proxy closes: FIN, then unread input is drained, so that the close does not turn
     // into a reset that destroys replies the client has not read yet.
@@ -406,6 +432,63 @@ async fn linger<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C) {
 }
 
 /// Sends one error reply to a client the proxy cannot serve, then lets it go.
+/// The upstream of a session whose client has not given the local password yet
+/// ([`Core::unconnected`]): nothing to read, and the first write (the core's first AUTH, once
+/// the password came) fails with the error that says: connect now.
+struct NotConnected;
+
+#[derive(Debug)]
+struct ConnectNow;
+
+impl std::fmt::Display for ConnectNow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client gave the password: the upstream is needed")
+    }
+}
+
+impl std::error::Error for ConnectNow {}
+
+impl NotConnected {
+    /// Whether the pump ended on the write that asks for the upstream.
+    fn asked(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<ConnectNow>())
+    }
+}
+
+impl AsyncRead for NotConnected {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+impl AsyncWrite for NotConnected {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::task::Poll::Ready(Err(io::Error::other(ConnectNow)))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, msg: &str) {
     let mut reply = BytesMut::new();
     crate::resp::encode::error(&mut reply, msg);
@@ -419,17 +502,12 @@ async fn pump<C, U>(
     upstream: &mut U,
     core: &mut Core,
     shared: &Shared,
-    read_max: usize,
-    framing: Option<Framing>,
+    io: &mut Io,
 ) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Some(framing) = &framing {
-        framing.lock().start();
-    }
-    let mut io = Io::new(shared, read_max, framing);
     // Later changes come through this session's group, at most `fanout::GROUPS` ms late.
     let mut creds = shared.fanout.subscribe();
     creds.borrow_and_update();
@@ -447,7 +525,8 @@ where
     // A server that accepts the connection and then never answers the first AUTH must not
     // hold the client forever: the connect timeout covers the AUTH too.
     let auth_timeout = shared.connector.timeout();
-    let mut auth_deadline = (!core.authenticated()).then(|| Instant::now() + auth_timeout);
+    let mut auth_deadline =
+        (!core.authenticated() && core.auth_written()).then(|| Instant::now() + auth_timeout);
     loop {
         if auth_deadline.is_some() && core.authenticated() {
             auth_deadline = None;

@@ -39,6 +39,11 @@ async fn with_password() -> PwProxy {
 
 /// [`with_password`], with `--multiplex` if `multiplex`.
 async fn with_password_on(multiplex: bool) -> PwProxy {
+    with_password_and(multiplex, None).await
+}
+
+/// [`with_password_on`], with `--warm-connections warm`.
+async fn with_password_and(multiplex: bool, warm: Option<usize>) -> PwProxy {
     let redis = Arc::new(
         RedisServer::start(RedisOptions::default())
             .await
@@ -55,6 +60,7 @@ async fn with_password_on(multiplex: bool) -> PwProxy {
         source,
         Some("s3cret"),
         multiplex,
+        warm,
     )
     .await;
     let ready = first_session_output(bare.addr, b"AUTH s3cret\r\nPING\r\nQUIT\r\n").await;
@@ -271,6 +277,73 @@ async fn works_like_requirepass(proxy: PwProxy) {
         .await;
     assert_eq!(upstream_user(&mut c).await, "oid-1");
     assert!(failed_auth_entries(&proxy.redis).await.is_empty());
+}
+
+/// A client that has not given the local password costs the cache nothing, whatever it
+/// sends: no connection, no AUTH. Giving it opens the connection (or takes a pooled one), and
+/// the commands behind it in the same write go after the proxy's AUTH; `HELLO … AUTH` works
+/// the same way.
+#[tokio::test]
+async fn clients_without_the_password_open_no_upstream_connection() {
+    for (multiplex, warm) in [(false, None), (true, None), (false, Some(2))] {
+        let case = format!("multiplex {multiplex}, warm {warm:?}");
+        let proxy = with_password_and(multiplex, warm).await;
+        let upstream = || async {
+            let list = proxy.redis.client_list().await.expect("CLIENT LIST");
+            list.iter()
+                .filter(|e| e.get("user").is_some_and(|u| u.starts_with("oid-")))
+                .count()
+        };
+        // The readiness check's session is gone (its shared connection stays when
+        // multiplexing); the pool, if any, full.
+        let settled = warm.unwrap_or(usize::from(multiplex));
+        let deadline = tokio::time::Instant::now() + STEP;
+        while upstream().await != settled {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{case}: never settled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut silent = Vec::new();
+        for _ in 0..20 {
+            silent.push(TcpStream::connect(proxy.addr).await.expect("connect"));
+        }
+        let mut c = Conn::connect(proxy.addr).await;
+        c.exchange(&[
+            ("PING\r\n", NOAUTH),
+            ("AUTH wrong\r\n", WRONGPASS),
+            ("RESET\r\n", "+RESET\r\n"),
+            ("HELLO 3 AUTH default wrong\r\n", WRONGPASS),
+            ("QUIT\r\n", "+OK\r\n"),
+        ])
+        .await;
+        let mut c = Conn::connect(proxy.addr).await;
+        c.exchange(&[("GET k\r\n", NOAUTH)]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            upstream().await,
+            settled,
+            "{case}: connections without the password"
+        );
+        c.exchange(&[(
+            "AUTH s3cret\r\nSET k v\r\nGET k\r\n",
+            "+OK\r\n+OK\r\n$1\r\nv\r\n",
+        )])
+        .await;
+        assert_eq!(upstream_user(&mut c).await, "oid-1", "{case}");
+        let mut h = Raw(TcpStream::connect(proxy.addr).await.expect("connect"));
+        h.send(b"HELLO 3 AUTH default s3cret SETNAME n\r\nCLIENT GETNAME\r\n")
+            .await;
+        let hello = text(&h.read_frame().await);
+        assert!(
+            hello.starts_with('%') && hello.contains("proto"),
+            "{case}: {hello}"
+        );
+        h.expect(b"$1\r\nn\r\n").await;
+        assert!(failed_auth_entries(&proxy.redis).await.is_empty(), "{case}");
+        drop(silent);
+    }
 }
 
 #[tokio::test]
@@ -607,6 +680,7 @@ async fn start_bare(
     source: Arc<dyn TokenSource>,
     local_password: Option<&str>,
     multiplex: bool,
+    warm: Option<usize>,
 ) -> Bare {
     let options = redis_entra_proxy::cli::Options {
         listen: Some("127.0.0.1:0".into()),
@@ -616,6 +690,7 @@ async fn start_bare(
         upstream_server_name: Some("localhost".into()),
         local_password: local_password.map(Secret::new),
         multiplex: Some(multiplex),
+        warm_connections: warm,
         admin_listen: Some("none".into()),
         ..Default::default()
     };

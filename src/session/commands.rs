@@ -220,6 +220,9 @@ impl Core {
                 self.forward(cmd, raw, Effect::None);
                 self.end_multi();
             }
+            // Before the password, RESET changes nothing but what it answers; without an
+            // upstream yet, it is answered here.
+            Special::Reset if self.deferred_auth => self.local(Bytes::from_static(b"+RESET\r\n")),
             Special::Reset => {
                 // Redis clears CLIENT REPLY OFF (not SKIP) before it answers RESET; Azure
                 // Managed Redis refuses RESET. What it did is applied when its reply is read
@@ -354,8 +357,10 @@ impl Core {
             return self.reject(IN_MULTI);
         }
         if self.check_password(user, password) {
-            self.client_authenticated = true;
+            // Answered before the first AUTH of an unconnected core is written: the client
+            // need not wait for the connection to be opened.
             self.local(Bytes::from_static(OK));
+            self.client_gave_password();
         } else {
             self.wrong_password();
         }
@@ -427,7 +432,7 @@ impl Core {
             if !self.check_password(user, password) {
                 return self.wrong_password();
             }
-            self.client_authenticated = true;
+            self.client_gave_password();
         }
         if !self.client_authenticated {
             return self.reject(HELLO_NOAUTH);

@@ -160,6 +160,9 @@ pub struct Core {
     /// Password clients must AUTH with (`--local-password`); `None` accepts any AUTH.
     pub(super) local_password: Option<Arc<Secret>>,
     pub(super) client_authenticated: bool,
+    /// No AUTH was written yet: the first waits until the client gives the local password
+    /// ([`Core::unconnected`]).
+    pub(super) deferred_auth: bool,
     /// Whether the client's current command may produce output (CLIENT REPLY emulation).
     pub(super) relay_current: bool,
     /// The newest credentials; the upstream must end up authenticated with them.
@@ -195,14 +198,26 @@ impl Core {
     /// A core for a fresh upstream connection; the first AUTH is written at once, so client
     /// commands are pipelined behind it.
     pub fn new(creds: Arc<Credentials>, local_password: Option<Arc<Secret>>) -> Self {
+        let mut core = Core::unconnected(creds, local_password);
+        core.deferred_auth = false;
+        core.inject_auth(true);
+        core
+    }
+
+    /// A core for a client that has not given the local password yet: everything it says is
+    /// answered here (`NOAUTH`, `WRONGPASS`, …) and nothing needs the upstream, whose
+    /// connection is opened only once the first AUTH is written, when the client gave the
+    /// password. A peer without it costs the cache no connection.
+    pub fn unconnected(creds: Arc<Credentials>, local_password: Option<Arc<Secret>>) -> Self {
         let mut parser = RequestParser::new();
         parser.set_auth_required(local_password.is_some());
-        let mut core = Core {
+        Core {
             parser,
             scanner: ReplyScanner::new(),
             ledger: Ledger::default(),
             state: ConnState::new(),
             client_authenticated: local_password.is_none(),
+            deferred_auth: true,
             local_password,
             relay_current: true,
             creds,
@@ -220,9 +235,7 @@ impl Core {
             stats: Stats::default(),
             auth_events: Vec::new(),
             rewriter: None,
-        };
-        core.inject_auth(true);
-        core
+        }
     }
 
     /// Cluster mode: node addresses in topology replies and redirections are rewritten.
@@ -440,8 +453,18 @@ impl Core {
     /// The client gave the local password before this session started (while it shared a
     /// connection): its commands run at once, as after its `AUTH`.
     pub fn client_authenticated(&mut self) {
+        self.client_gave_password();
+    }
+
+    /// The client is authenticated from now on; a core still [`unconnected`](Core::unconnected)
+    /// writes its first AUTH, ahead of whatever the client's commands will send.
+    pub(super) fn client_gave_password(&mut self) {
         self.client_authenticated = true;
         self.parser.set_auth_required(false);
+        if self.deferred_auth {
+            self.deferred_auth = false;
+            self.inject_auth(true);
+        }
     }
 
     /// Switches the upstream connection to RESP3 for a client that speaks RESP3 from its first

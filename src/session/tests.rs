@@ -75,15 +75,8 @@ async fn requests_held_back_while_the_upstream_stalls_are_served_without_more_in
         let mut client = proxy_side;
         let mut upstream = proxy_up;
         let mut core = Core::new(creds(), None);
-        pump(
-            &mut client,
-            &mut upstream,
-            &mut core,
-            &shared,
-            READ_CHUNK,
-            None,
-        )
-        .await
+        let mut io = Io::new(&shared, READ_CHUNK, None);
+        pump(&mut client, &mut upstream, &mut core, &shared, &mut io).await
     });
 
     // Well past the upstream-side high-water mark, written at once, then nothing more.

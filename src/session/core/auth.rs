@@ -61,6 +61,12 @@ impl Core {
         self.authed.is_some()
     }
 
+    /// The first AUTH was written (always, but for a core still
+    /// [`unconnected`](Core::unconnected)).
+    pub fn auth_written(&self) -> bool {
+        !self.deferred_auth
+    }
+
     /// The first AUTH was not answered in time: the client hears it once, as when the AUTH
     /// is refused, and the connection closes.
     pub fn auth_timed_out(&mut self, after: Duration) {
@@ -149,6 +155,10 @@ impl Core {
     /// Injects what the connection owes now: `HELLO 2` once a RESP2 client the proxy moved
     /// to RESP3 has no subscription left, and the AUTH of newer credentials.
     pub(in crate::session) fn maybe_reauth(&mut self) {
+        if self.deferred_auth {
+            // Nothing is written before the client gives the password.
+            return;
+        }
         if self.state.emulating && !self.state.subs.any() && self.between_commands() {
             self.inject_hello(2, false);
         }

@@ -215,6 +215,50 @@ fn an_unauthenticated_client_reading_nothing_is_closed_past_1_kib() {
     assert_eq!(t.core.close_reason(), None);
 }
 
+/// A core for a client that owes the password writes nothing upstream until it gives it: then
+/// its first AUTH, ahead of the client's commands, whose replies follow the client's `+OK`.
+#[test]
+fn an_unconnected_core_writes_its_first_auth_when_the_password_comes() {
+    let mut t = T {
+        core: Core::unconnected(creds(1), Some(Arc::new(Secret::new("pw")))),
+        cin: BytesMut::new(),
+    };
+    t.client("PING\r\nAUTH nope\r\nRESET\r\nHELLO 3\r\n");
+    assert_eq!(t.upstream_sent(), "");
+    assert!(!t.core.auth_written());
+    assert_eq!(
+        t.client_got(),
+        "-NOAUTH Authentication required.\r\n\
+         -WRONGPASS invalid username-password pair or user is disabled.\r\n\
+         +RESET\r\n-NOAUTH HELLO must be called with the client already authenticated, \
+         otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate \
+         the client and select the RESP protocol version at the same time\r\n"
+    );
+    // A new token meanwhile changes nothing yet.
+    t.core.set_credentials(creds(2));
+    assert_eq!(t.upstream_sent(), "");
+    t.client("AUTH pw\r\nGET k\r\n");
+    assert_eq!(t.client_got(), "+OK\r\n", "answered before the upstream is there");
+    assert_eq!(
+        t.upstream_sent(),
+        format!("{}*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", auth(2))
+    );
+    t.server("+OK\r\n$1\r\nv\r\n");
+    assert_eq!(t.client_got(), "$1\r\nv\r\n");
+    assert!(t.core.current());
+
+    // HELLO with the password: the AUTH goes before the HELLO it carried.
+    let mut t = T {
+        core: Core::unconnected(creds(1), Some(Arc::new(Secret::new("pw")))),
+        cin: BytesMut::new(),
+    };
+    t.client("HELLO 3 AUTH default pw\r\n");
+    assert_eq!(
+        t.upstream_sent(),
+        format!("{}*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n", auth(1))
+    );
+}
+
 #[test]
 fn a_refused_exec_gets_execabort_with_the_reason() {
     let mut t = T::with_password("pw");
