@@ -102,6 +102,9 @@ struct Node {
     stop: CancellationToken,
     /// Absent from the last topology read: retired once no client uses it.
     vanished: bool,
+    /// Listed by a topology read of the proxy's own (not only named by a redirection, which
+    /// a client can forge): what lets its clients connect.
+    in_topology: tokio::sync::watch::Sender<bool>,
 }
 
 struct Registry {
@@ -314,13 +317,17 @@ impl Remap for Cluster {
 }
 
 impl Cluster {
-    /// The local address of a node, opening a listener for it if it has none; `reread`: ask
-    /// the refresh task for the whole topology when the node is new.
+    /// The local address of a node, opening a listener for it if it has none. `reread`: a
+    /// reply named it, so ask the refresh task for the whole topology when the node is new;
+    /// otherwise a topology read listed it, and its clients may connect.
     fn register(&self, host: &str, port: u16, reread: bool) -> Option<Local> {
         let addr = rewrite::join(host, port);
         let mut reg = self.lock();
         if let Some(node) = reg.nodes.get_mut(&addr) {
             node.vanished = false;
+            if !reread {
+                node.in_topology.send_replace(true);
+            }
             return Some(node.local.clone());
         }
         let std_listener = self.bind(&mut reg)?;
@@ -339,6 +346,7 @@ impl Cluster {
             host: self.announce.clone(),
             port: local_port,
         };
+        let (in_topology, listed) = tokio::sync::watch::channel(!reread);
         let target = Arc::new(Target {
             // Redis writes IPv6 addresses without brackets; a socket address needs them.
             connector: self.connector.with_addr(if host.contains(':') {
@@ -352,6 +360,7 @@ impl Cluster {
             mux: self.multiplex.then(|| {
                 crate::mux::Routers::new(self.multiplex_max_batches, self.multiplex_consolidate)
             }),
+            in_topology: Some(listed),
         });
         let stop = CancellationToken::new();
         let listener = NodeListener {
@@ -371,6 +380,7 @@ impl Cluster {
                 target,
                 stop,
                 vanished: false,
+                in_topology,
             },
         );
         metrics::gauge!(crate::metrics::CLUSTER_NODES).set(reg.nodes.len() as f64);

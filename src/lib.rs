@@ -252,6 +252,7 @@ pub async fn run_with_source(
         mux: config
             .multiplex
             .then(|| mux::Routers::new(config.multiplex_max_batches, consolidate)),
+        in_topology: None,
     });
     // Histograms keep their samples until the exporter's upkeep folds them: without it, a
     // proxy nobody scrapes (or with no admin endpoint) grows with every connection and AUTH.

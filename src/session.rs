@@ -119,7 +119,15 @@ pub struct Target {
     pub clients: std::sync::atomic::AtomicUsize,
     /// With `--multiplex`: the shared connections' routers, one per session thread.
     pub mux: Option<crate::mux::Routers>,
+    /// Cluster mode, a node's listener: whether the proxy's own topology read lists the node.
+    /// A node that only a redirection named gets no connection (and no token) until a read
+    /// lists it (see [`connect_node`]).
+    pub in_topology: Option<tokio::sync::watch::Receiver<bool>>,
 }
+
+/// How long a client sent to a node that only a redirection named waits for the topology
+/// read that redirection asked for (about a second apart) to list it.
+const TOPOLOGY_WAIT: Duration = Duration::from_secs(5);
 
 /// How a session ended.
 #[derive(Debug)]
@@ -320,7 +328,7 @@ where
             core.get_or_insert(warm.core);
             warm.upstream
         }
-        None => match Box::pin(connect(&target.connector)).await {
+        None => match Box::pin(connect_node(target)).await {
             Ok(u) => u,
             Err(e) => {
                 // The router of a shared session answers each client owed a reply itself.
@@ -373,6 +381,28 @@ pub(crate) async fn connect(
             Err(e)
         }
     }
+}
+
+/// Opens the upstream connection of a client of `target`. A cluster node that only a
+/// redirection named must first appear in the proxy's own reading of the topology, within
+/// [`TOPOLOGY_WAIT`]: a client can make a script answer `MOVED` to any address, and the proxy
+/// would otherwise connect there, and send it the token over a plain upstream.
+async fn connect_node(
+    target: &Target,
+) -> Result<crate::upstream::Upstream, crate::upstream::ConnectError> {
+    if let Some(listed) = &target.in_topology {
+        let mut listed = listed.clone();
+        let found = tokio::time::timeout(TOPOLOGY_WAIT, listed.wait_for(|listed| *listed)).await;
+        if !matches!(found, Ok(Ok(_))) {
+            let e = crate::upstream::ConnectError::NotInTopology {
+                addr: target.connector.addr().to_owned(),
+            };
+            ::metrics::counter!(metrics::UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => e.label())
+                .increment(1);
+            return Err(e);
+        }
+    }
+    connect(&target.connector).await
 }
 
 /// A short exchange on a connection of the proxy's own (the warm pool, the cluster topology

@@ -36,6 +36,10 @@ pub enum ConnectError {
     Timeout { addr: String, timeout: Duration },
     #[error("upstream {addr}: TLS handshake failed: {source}")]
     Tls { addr: String, source: io::Error },
+    /// Cluster mode: only a redirection named the node, and the proxy's own reads of the
+    /// topology do not list it (a script can answer any `MOVED` it likes).
+    #[error("upstream {addr}: not a node of the cluster's topology (only a redirection named it)")]
+    NotInTopology { addr: String },
 }
 
 impl ConnectError {
@@ -45,6 +49,7 @@ impl ConnectError {
             ConnectError::Connect { .. } => "connect",
             ConnectError::Timeout { .. } => "timeout",
             ConnectError::Tls { .. } => "tls",
+            ConnectError::NotInTopology { .. } => "not_in_topology",
         }
     }
 }

@@ -423,3 +423,48 @@ async fn a_refused_shard_subscription_leaves_the_client_unsubscribed() {
         Reply::Simple("PONG".into())
     );
 }
+
+/// A client can make a script answer `MOVED` to any address. The proxy tells it a local
+/// address for it, as for any redirection, but connects there only once its own reading of
+/// the topology lists the node: here never, so the client is told why, and the address gets
+/// no connection (and no token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_redirection_gets_no_upstream_connection() {
+    let s = Setup::start(Duration::from_secs(3600), 0.75).await;
+    let catcher = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forged = catcher.local_addr().unwrap();
+    let mut c = s.proxy.client().await;
+    let script = format!("return redis.error_reply('MOVED 1 {forged}')");
+    let reply = c
+        .command(&[b"EVAL", script.as_bytes(), b"0"])
+        .await
+        .unwrap();
+    let Reply::Error(moved) = reply else {
+        panic!("{reply:?}")
+    };
+    let local: std::net::SocketAddr = moved
+        .strip_prefix("MOVED 1 ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{moved}"));
+    assert_ne!(local, forged, "rewritten to a local listener");
+    let mut sent = RespConn::connect_plain(local).await.unwrap();
+    let reply = tokio::time::timeout(STEP, sent.command(&[b"PING"]))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.contains("not a node of the cluster's topology")),
+        "{reply:?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), catcher.accept())
+            .await
+            .is_err(),
+        "the forged address got a connection"
+    );
+    // The proxy's own nodes still serve.
+    assert_eq!(
+        c.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
+}

@@ -141,3 +141,21 @@ async fn the_announced_host_is_what_clients_are_told() {
     let local = cluster.local("10.0.0.1", 8500).unwrap();
     assert_eq!(&*local.host, "proxy.internal.example");
 }
+
+/// A node only a reply named (which a client can forge: a script's `MOVED`) is not to be
+/// connected to until a topology read lists it; one a read listed is, and stays so.
+#[tokio::test]
+async fn only_nodes_a_topology_read_listed_may_be_connected_to() {
+    let (cluster, mut rx) = registry(Ports::Any);
+    cluster.local("10.0.0.7", 8500).unwrap();
+    let named = rx.try_recv().unwrap();
+    let listed = named.target.in_topology.clone().expect("a node's gate");
+    assert!(!*listed.borrow(), "named by a reply only");
+    // Named again by a reply: still not listed.
+    cluster.local("10.0.0.7", 8500).unwrap();
+    assert!(!*listed.borrow());
+    cluster.update(&[("10.0.0.7".into(), 8500), ("10.0.0.8".into(), 8500)]);
+    assert!(*listed.borrow(), "a topology read listed it");
+    let read = rx.try_recv().unwrap();
+    assert!(*read.target.in_topology.as_ref().unwrap().borrow());
+}

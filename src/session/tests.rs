@@ -112,6 +112,7 @@ fn a_session_task_stays_small() {
         rewriter: None,
         clients: Default::default(),
         mux: None,
+        in_topology: None,
     };
     let (client, _app) = tokio::io::duplex(64);
     let session = serve(client, &shared, &target);
