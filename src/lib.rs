@@ -110,13 +110,8 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
     };
     let unix = match &config.unix_socket {
         Some(path) => {
-            // A socket file left by a previous run would make bind fail.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(path);
-            }
+            // A socket file left by a previous run (killed) would make bind fail.
+            remove_socket(path);
             let bind_error = |source| RunError::Bind {
                 what: path.display().to_string(),
                 source,
@@ -165,6 +160,7 @@ pub async fn run_with_source(
 ) -> Result<(), RunError> {
     // First, so that every metric handle registered afterwards records.
     let prometheus = metrics::install();
+    let unix_socket = config.unix_socket.clone();
     let health = Arc::new(admin::Health::default());
     let (tx, rx): (_, CredentialsRx) = watch::channel(None);
     let refresher = tokio::spawn(refresh::run(
@@ -305,7 +301,18 @@ pub async fn run_with_source(
     // Sessions still running past the drain timeout end with their threads.
     workers.stop().await;
     admin_stop.cancel();
+    if let Some(path) = &unix_socket {
+        remove_socket(path);
+    }
     Ok(())
+}
+
+/// Removes the unix socket at `path`, if a socket is there (never another kind of file).
+fn remove_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.

@@ -299,18 +299,22 @@ fn log_outcome(outcome: &Outcome) {
     if let Outcome::Closed(session::CloseReason::ClientProtocol(e)) = outcome {
         metrics::counter!(crate::metrics::PROTOCOL_ERRORS_TOTAL, "kind" => e.kind()).increment(1);
     }
+    // `reason`: the metric's label, for log collectors to filter on.
+    let reason = outcome.label();
     match outcome {
-        Outcome::ClientClosed | Outcome::Drained => tracing::debug!(side, "closed: {outcome}"),
+        Outcome::ClientClosed | Outcome::Drained => {
+            tracing::debug!(side, reason, "closed: {outcome}")
+        }
         Outcome::Closed(session::CloseReason::ClientQuit) => {
-            tracing::debug!(side, "closed: {outcome}")
+            tracing::debug!(side, reason, "closed: {outcome}")
         }
         Outcome::Closed(session::CloseReason::ClientIdle(_)) => {
-            tracing::info!(side, "closed: {outcome}")
+            tracing::info!(side, reason, "closed: {outcome}")
         }
         _ => {
             static CLOSED: LogBudget = LogBudget::new();
             if let Some(suppressed) = CLOSED.take() {
-                tracing::warn!(side, suppressed, "closed: {outcome}");
+                tracing::warn!(side, reason, suppressed, "closed: {outcome}");
             }
         }
     }

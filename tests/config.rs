@@ -36,7 +36,8 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Parses `--print-config` output: `key = value` lines, comments skipped.
+/// Parses `--print-config` output: `key = value` lines, and `# key = note` for settings
+/// left unset (or secret); other comments skipped.
 fn print_config(args: &[&str], env: &[(&str, &str)]) -> BTreeMap<String, String> {
     let mut all = vec!["--print-config"];
     all.extend_from_slice(args);
@@ -49,7 +50,7 @@ fn print_config(args: &[&str], env: &[(&str, &str)]) -> BTreeMap<String, String>
     );
     text(&out.stdout)
         .lines()
-        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
         .filter_map(|l| l.split_once(" = "))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
@@ -216,7 +217,7 @@ fn print_config_redacts_secrets() {
             );
         }
         assert!(
-            stdout.contains("local-password = \"[redacted]\""),
+            stdout.contains("# local-password = [redacted]"),
             "{name}: {stdout}"
         );
         assert!(

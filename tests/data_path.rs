@@ -541,7 +541,9 @@ async fn unix_socket_listener() {
     assert_eq!(out, "PONG\n");
     let (_, out, _) = run_tool("redis-cli", &["-s", path, "GET", "u"], None).await;
     assert_eq!(out, "x\n");
+    let path = std::path::PathBuf::from(path);
     proxy.stop().await;
+    assert!(!path.exists(), "the socket file is removed at exit");
 }
 
 #[tokio::test]

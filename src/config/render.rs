@@ -1,5 +1,6 @@
 //! `--print-config`: the effective configuration as TOML, in the shape of
-//! `config/example.toml`, with every default filled in and secrets redacted.
+//! `config/example.toml`, with every default filled in and secrets redacted: a valid config
+//! file, whose unset settings and secrets are comments.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,7 +30,12 @@ pub fn render(o: &Options, token_set: bool) -> String {
         .clone()
         .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
     let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+    // A value that is a comment (unset, or a secret) makes the whole line one: the output
+    // is valid TOML, a config file for the same settings but the secrets.
+    let mut line = |k: &str, v: String| match v.strip_prefix("# ") {
+        Some(note) => out.push_str(&format!("# {k} = {note}\n")),
+        None => out.push_str(&format!("{k} = {v}\n")),
+    };
     line("listen", q(&listen));
     line("unix-socket", p(&o.unix_socket));
     line(
@@ -85,7 +91,7 @@ pub fn render(o: &Options, token_set: bool) -> String {
             .map_or("# (oid claim of the token)".into(), q),
     );
     let pw = if o.local_password.is_some() {
-        q("[redacted]")
+        "# [redacted]".into()
     } else {
         "# (unset)".into()
     };

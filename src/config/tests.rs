@@ -643,18 +643,31 @@ fn render_redacts_and_round_trips_defaults() {
     };
     let out = render(&o, true);
     assert!(!out.contains("hunter2"), "{out}");
-    assert!(out.contains("local-password = \"[redacted]\""), "{out}");
+    assert!(out.contains("# local-password = [redacted]"), "{out}");
     assert!(
         out.contains(&format!("# {TOKEN_ENV}: set (redacted)")),
         "{out}"
     );
-    // Every option is rendered.
+    // Every option is rendered, set or as a comment.
     for key in option_keys() {
         assert!(
-            out.lines().any(|l| l.starts_with(&format!("{key} = "))),
+            out.lines().any(|l| l
+                .strip_prefix("# ")
+                .unwrap_or(l)
+                .starts_with(&format!("{key} = "))),
             "{key} missing in:\n{out}"
         );
     }
+    // The output is a config file for the same settings, but the secret.
+    let f = file_with(&out);
+    let again = read_file(f.path()).expect("--print-config output parses as a config file");
+    assert_eq!(
+        render(&again, true),
+        out.replace(
+            "# local-password = [redacted]",
+            "# local-password = (unset)"
+        )
+    );
 }
 
 #[test]
