@@ -250,7 +250,8 @@ pub struct Options {
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub allow_unauthenticated_remote: Option<bool>,
 
-    /// Upstream connect timeout, TCP and TLS together [default: 10s].
+    /// Upstream connect timeout: TCP and TLS together, and again for the first AUTH
+    /// [default: 10s].
     #[arg(long, env = "REDIS_ENTRA_PROXY_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub connect_timeout: Option<Duration>,
