@@ -47,6 +47,9 @@ pub struct Health {
     /// token the server refuses is not hidden by connections still on the previous one.
     last_upstream_ok_ms: AtomicU64,
     last_upstream_ok_generation: AtomicU64,
+    /// Unix milliseconds of the last failed connect or refused AUTH: after it, the last
+    /// success no longer vouches for the upstream, and `/readyz` asks it again.
+    last_upstream_failure_ms: AtomicU64,
     /// Why the last token fetch failed; cleared by a success.
     refresh_error: Mutex<Option<String>>,
 }
@@ -54,26 +57,27 @@ pub struct Health {
 impl Health {
     /// The upstream accepted an AUTH with credentials of `generation`.
     pub fn upstream_ok(&self, generation: u64) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         self.last_upstream_ok_generation
             .store(generation, Ordering::Relaxed);
-        self.last_upstream_ok_ms
-            .store(now.as_millis() as u64, Ordering::Relaxed);
+        self.last_upstream_ok_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// The upstream recently accepted credentials of `generation`.
+    /// A connect to the upstream failed, or it refused an AUTH.
+    pub fn upstream_failed(&self) {
+        self.last_upstream_failure_ms
+            .store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// The upstream recently accepted credentials of `generation`, and nothing failed since.
     fn upstream_fresh(&self, generation: u64) -> bool {
         if self.last_upstream_ok_generation.load(Ordering::Relaxed) != generation {
             return false;
         }
         let last = self.last_upstream_ok_ms.load(Ordering::Relaxed);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        last != 0 && now.saturating_sub(last) <= UPSTREAM_FRESH.as_millis() as u64
+        let failed = self.last_upstream_failure_ms.load(Ordering::Relaxed);
+        last != 0
+            && failed < last
+            && now_ms().saturating_sub(last) <= UPSTREAM_FRESH.as_millis() as u64
     }
 
     pub fn set_refresh_error(&self, error: Option<String>) {
@@ -85,6 +89,13 @@ impl Health {
     pub(crate) fn refresh_error(&self) -> Option<String> {
         self.refresh_error.lock().ok().and_then(|e| e.clone())
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 pub struct Admin {

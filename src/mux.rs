@@ -54,7 +54,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::session::{self, Outcome, Shared, Target};
+use crate::session::{self, CloseReason, Outcome, Shared, Target};
 use crate::workers::Workers;
 
 mod balance;
@@ -241,7 +241,16 @@ where
     let phase = shared_phase(&mut client, shared, router, destination, carry).await;
     drop(sharing);
     match phase {
-        Phase::Done(outcome) => Served::Done(outcome),
+        Phase::Done(outcome) => {
+            // The proxy closes: FIN, then unread input is drained, so that the close does not
+            // turn into a reset that destroys replies the client has not read yet. (A client
+            // closed for not reading gets no such care.)
+            let slow = matches!(outcome, Outcome::Closed(CloseReason::SlowClient(_)));
+            if matches!(outcome, Outcome::Drained | Outcome::Closed(_)) && !slow {
+                session::linger(&mut client).await;
+            }
+            Served::Done(outcome)
+        }
         Phase::Move(to, carry) => Served::Move { client, to, carry },
         Phase::Pin(rest, proto, name, authenticated, reason) => {
             metrics::counter!(crate::metrics::MULTIPLEX_PINNED_TOTAL, "reason" => reason)

@@ -173,9 +173,10 @@ async fn open_one(
     shared: &Shared,
     creds: Arc<crate::credentials::Credentials>,
 ) -> Result<Warm, String> {
-    let mut upstream = session::connect(&shared.connector)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut upstream = session::connect(&shared.connector).await.map_err(|e| {
+        shared.health.upstream_failed();
+        e.to_string()
+    })?;
     let mut core = Core::new(creds, shared.local_password.clone());
     settle(&mut upstream, &mut core, shared).await?;
     Ok(Warm {

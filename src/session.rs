@@ -75,7 +75,7 @@ const REAUTH_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const REAUTH_RETRY_MAX: Duration = Duration::from_secs(30);
 /// While draining, a connection counts as idle only after the client sent nothing for this
 /// long: a pipeline written just before shutdown may still be in flight on the network.
-const DRAIN_QUIET: Duration = Duration::from_millis(100);
+pub(crate) const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// After a drained connection's write side is shut, its input is read and dropped for at
 /// most this long, so that closing with unread input does not reset the connection and
 /// destroy replies the client has not read yet.
@@ -331,6 +331,9 @@ where
         None => match Box::pin(connect_node(target)).await {
             Ok(u) => u,
             Err(e) => {
+                if !matches!(e, crate::upstream::ConnectError::NotInTopology { .. }) {
+                    shared.health.upstream_failed();
+                }
                 // The router of a shared session answers each client owed a reply itself.
                 if io.framing.is_none() {
                     refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
@@ -447,7 +450,7 @@ pub(crate) async fn exchange(
 
 /// Closes gracefully: FIN first, then input is read and dropped until the client closes too
 /// (bounded by [`LINGER`]).
-async fn linger<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C) {
+pub(crate) async fn linger<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C) {
     let _ = client.shutdown().await;
     // On the heap: an array here would be part of every session's future for its whole life.
     let mut sink = vec![0u8; 4096];
@@ -711,6 +714,7 @@ pub(crate) fn record_auth(core: &mut Core, health: &Health) {
             health.upstream_ok(e.generation);
         } else {
             m.auth_error[kind].increment(1);
+            health.upstream_failed();
         }
         m.auth_seconds[kind].record(e.latency.as_secs_f64());
     }

@@ -43,6 +43,34 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// The same error again (its I/O cause by kind and text), for each of several clients
+    /// it ended.
+    pub fn duplicate(&self) -> ConnectError {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            ConnectError::Resolve { addr, source } => ConnectError::Resolve {
+                addr: addr.clone(),
+                source: io(source),
+            },
+            ConnectError::NoAddress { addr } => ConnectError::NoAddress { addr: addr.clone() },
+            ConnectError::Connect { addr, source } => ConnectError::Connect {
+                addr: addr.clone(),
+                source: io(source),
+            },
+            ConnectError::Timeout { addr, timeout } => ConnectError::Timeout {
+                addr: addr.clone(),
+                timeout: *timeout,
+            },
+            ConnectError::Tls { addr, source } => ConnectError::Tls {
+                addr: addr.clone(),
+                source: io(source),
+            },
+            ConnectError::NotInTopology { addr } => {
+                ConnectError::NotInTopology { addr: addr.clone() }
+            }
+        }
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             ConnectError::Resolve { .. } | ConnectError::NoAddress { .. } => "resolve",

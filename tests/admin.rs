@@ -218,3 +218,25 @@ async fn new_upstream_connections_resume_tls_sessions() {
     );
     proxy.stop().await;
 }
+
+/// A failed connect is news `/readyz` does not wait a minute for: right after the upstream
+/// went away and a client could not be served, the proxy is unready and says why.
+#[tokio::test]
+async fn readyz_turns_unready_as_soon_as_a_connect_fails() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        admin: true,
+        ..Default::default()
+    })
+    .await;
+    let admin = proxy.admin_addr.expect("admin endpoint");
+    assert_eq!(http_get(admin, "/readyz").await, (200, "ready\n".into()));
+    // The server goes away (its admin connection's SHUTDOWN gets no reply).
+    let _ = proxy.redis.command(&[b"SHUTDOWN", b"NOSAVE"]).await;
+    let mut c = proxy.raw().await;
+    c.send(b"PING\r\n").await;
+    let got = String::from_utf8(c.read_to_end().await).unwrap();
+    assert!(got.contains("connect failed"), "{got}");
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("connect failed"), "{body}");
+}

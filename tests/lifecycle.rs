@@ -11,8 +11,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_pipelines() {
+    drains_in_flight_pipelines(false).await;
+}
+
+/// The same for a client sharing a connection: it keeps being read until it is quiet, and
+/// the shared connection serves it to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_pipelines_when_multiplexing() {
+    drains_in_flight_pipelines(true).await;
+}
+
+async fn drains_in_flight_pipelines(multiplex: bool) {
     let proxy = Proxy::start_with(ProxyOptions {
         drain_timeout: Some(Duration::from_secs(10)),
+        multiplex,
         ..Default::default()
     })
     .await;

@@ -950,3 +950,32 @@ async fn local_replies_keep_their_place_among_shared_ones() {
     assert_eq!(opened, 1, "upstream connections opened");
     proxy.stop().await;
 }
+
+/// When no shared connection can be opened, every client waiting gets the error a
+/// connection of its own would have given, and is closed, however many commands it sent.
+#[tokio::test]
+async fn when_no_connection_can_be_opened_every_shared_client_is_told_why() {
+    // Nothing listens there.
+    let unreachable = free_addr();
+    let proxy = multiplexed(ProxyOptions {
+        upstream: Some((unreachable.to_string(), false, None)),
+        no_ready_wait: true,
+        ..Default::default()
+    })
+    .await;
+    for input in [
+        &b"GET x\r\n"[..],
+        b"GET x\r\nGET y\r\n",
+        b"PING\r\nPING\r\nPING\r\n",
+    ] {
+        let mut raw = proxy.raw().await;
+        raw.send(input).await;
+        let got = String::from_utf8(raw.read_to_end().await).unwrap();
+        assert!(
+            got.starts_with("-ERR redis-entra-proxy: upstream ")
+                && got.contains("connect failed")
+                && got.matches("\r\n").count() == 1,
+            "{input:?}: {got:?}"
+        );
+    }
+}

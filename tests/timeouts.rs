@@ -93,9 +93,20 @@ async fn idle_clients_are_closed_but_not_subscribers_monitors_or_blocked_ones() 
 
 #[tokio::test]
 async fn a_request_left_incomplete_is_closed_after_the_partial_request_timeout() {
+    partial_requests(false).await;
+}
+
+/// The same, for a client that shares a connection (its own clock, in the multiplexer).
+#[tokio::test]
+async fn a_shared_client_is_held_to_the_partial_request_timeout_too() {
+    partial_requests(true).await;
+}
+
+async fn partial_requests(multiplex: bool) {
     let limit = Duration::from_millis(500);
     let proxy = Proxy::start_with(ProxyOptions {
         partial_request_timeout: Some(limit),
+        multiplex,
         ..Default::default()
     })
     .await;
@@ -153,6 +164,40 @@ async fn a_request_left_incomplete_is_closed_after_the_partial_request_timeout()
     want.extend_from_slice(b"+PONG\r\n");
     steady.expect(&want).await;
     proxy.stop().await;
+}
+
+/// The idle clock starts when the last reply went out, not when the request came in: a
+/// reply slower than the timeout is not followed by a close, in either mode.
+#[tokio::test]
+async fn the_idle_time_counts_from_the_last_reply() {
+    for multiplex in [false, true] {
+        let idle = Duration::from_millis(400);
+        let proxy = Proxy::start_with(ProxyOptions {
+            client_idle_timeout: Some(idle),
+            multiplex,
+            ..Default::default()
+        })
+        .await;
+        let mut c = proxy.raw().await;
+        c.send(b"SET slow v\r\n").await;
+        c.expect(b"+OK\r\n").await;
+        proxy
+            .redis
+            .command(&[b"CLIENT", b"PAUSE", b"1000", b"ALL"])
+            .await
+            .unwrap();
+        c.send(b"GET slow\r\n").await;
+        c.expect(b"$1\r\nv\r\n").await;
+        // At once after the late reply: served, not closed.
+        c.send(b"PING\r\n").await;
+        c.expect(b"+PONG\r\n").await;
+        // And idle afterwards, closed.
+        assert!(
+            closed_within(&mut c, idle * 4).await,
+            "multiplex {multiplex}"
+        );
+        proxy.stop().await;
+    }
 }
 
 #[tokio::test]

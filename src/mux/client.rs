@@ -22,6 +22,10 @@ use crate::resp::request::{Frame, RequestParser};
 use crate::secret::Secret;
 use crate::session::{self, CloseReason, Outcome, Shared};
 
+/// How long a client the router ended may take to be handed what it was sent before the end
+/// (replies received, the error that ended it) before it is closed anyway.
+const FLUSH_BEFORE_END: Duration = Duration::from_secs(1);
+
 /// The shared phase of one client. `router(proto)`: the router of this thread for protocol
 /// `proto`; `destination()`: the thread the client should move to, if any; `carry`: the
 /// state it moved here with.
@@ -52,8 +56,16 @@ where
     let mut shrink = std::pin::pin!(tokio::time::sleep(session::IDLE_SHRINK));
     let mut shrink_armed = false;
     loop {
-        if draining {
-            c.reading = false;
+        // Draining, the client goes once it is idle: nothing owed, nothing to write, nothing
+        // sent for a moment, so that a pipeline written just before the signal is served
+        // whole (as a session of its own drains).
+        if draining
+            && c.owed() == 0
+            && c.out.is_empty()
+            && c.cin.is_empty()
+            && c.last_input.elapsed() >= session::DRAIN_QUIET
+        {
+            return Phase::Done(Outcome::Drained);
         }
         if c.owed() == 0 {
             if let Some(proto) = c.switch.take() {
@@ -107,11 +119,23 @@ where
             }
         }
         let deadline = c.deadline(idle, partial);
+        // Only ahead: a past one would fire again at once.
+        let ending_by = c.ending_by();
+        let quiet_at = (draining)
+            .then(|| c.last_input + session::DRAIN_QUIET)
+            .filter(|at| *at > tokio::time::Instant::now());
         let step = tokio::select! {
             biased;
             step = poll_fn(|cx| c.poll(cx, client)) => step,
             _ = &mut stop, if !draining => {
                 draining = true;
+                continue;
+            }
+            _ = sleep_until(quiet_at), if quiet_at.is_some() => continue,
+            _ = sleep_until(ending_by), if ending_by.is_some() => {
+                if let Some((outcome, _)) = c.ending.take() {
+                    return Phase::Done(outcome);
+                }
                 continue;
             }
             _ = &mut shrink, if shrink_armed => {
@@ -183,6 +207,15 @@ pub(super) struct SharedClient {
     pub(super) authenticated: bool,
     /// When bytes last came from the client.
     pub(super) last_input: tokio::time::Instant,
+    /// When bytes last moved either way: the client's idle time counts from it, not from a
+    /// request whose reply came late.
+    last_activity: tokio::time::Instant,
+    /// Since when the request at the end of `cin` has been incomplete (reset whenever a
+    /// request completes), for `--partial-request-timeout`.
+    partial_since: Option<tokio::time::Instant>,
+    /// The router ended the client (`Delivery::End`): once the replies received before it
+    /// are written (within [`FLUSH_BEFORE_END`]), it closes so.
+    ending: Option<(Outcome, tokio::time::Instant)>,
     /// Its buffers were given back, and nothing came since ([`SharedClient::shrink`]).
     shrunk: bool,
     pub(super) router: mpsc::UnboundedSender<Submit>,
@@ -215,6 +248,9 @@ impl SharedClient {
             password,
             authenticated,
             last_input: tokio::time::Instant::now(),
+            last_activity: tokio::time::Instant::now(),
+            partial_since: None,
+            ending: None,
             shrunk: false,
             router,
             link: Link::new(to_me),
@@ -277,6 +313,11 @@ impl SharedClient {
     /// Redis's `timeout` (`idle`), or the limit on one incomplete request (`partial`), with
     /// the close it brings: they run while nothing is owed to the client (the wait is then the
     /// client's), from its last input.
+    /// When a client ended by the router gives up writing what it had before the end.
+    fn ending_by(&self) -> Option<tokio::time::Instant> {
+        self.ending.as_ref().map(|(_, by)| *by)
+    }
+
     fn deadline(
         &self,
         idle: Option<Duration>,
@@ -285,10 +326,9 @@ impl SharedClient {
         if self.owed() > 0 || !self.out.is_empty() {
             return None;
         }
-        if self.cin.is_empty() {
-            idle.map(|t| (self.last_input + t, CloseReason::ClientIdle(t)))
-        } else {
-            partial.map(|t| (self.last_input + t, CloseReason::PartialRequest(t)))
+        match self.partial_since {
+            None => idle.map(|t| (self.last_activity + t, CloseReason::ClientIdle(t))),
+            Some(since) => partial.map(|t| (since + t, CloseReason::PartialRequest(t))),
         }
     }
 
@@ -313,7 +353,16 @@ impl SharedClient {
                         self.release_locals();
                         progress = true;
                     }
-                    Some(Delivery::End(outcome)) => return Poll::Ready(Some(outcome)),
+                    // A client too slow to read ends at once; otherwise what came before the
+                    // end (the error that ends it, say) goes first.
+                    Some(Delivery::End(outcome @ Outcome::Closed(CloseReason::SlowClient(_)))) => {
+                        return Poll::Ready(Some(outcome))
+                    }
+                    Some(Delivery::End(outcome)) => {
+                        let by = tokio::time::Instant::now() + FLUSH_BEFORE_END;
+                        self.ending = Some((outcome, by));
+                        break;
+                    }
                     None => return Poll::Ready(Some(Outcome::UpstreamClosed)),
                 }
             }
@@ -333,6 +382,7 @@ impl SharedClient {
                     }
                     Poll::Ready(Ok(mut n)) => {
                         progress = true;
+                        self.last_activity = tokio::time::Instant::now();
                         self.link.written(n);
                         while n > 0 {
                             let front = self.out.front_mut().expect("written bytes were queued");
@@ -348,6 +398,15 @@ impl SharedClient {
                     Poll::Pending => break,
                 }
             }
+            if self.out.is_empty() {
+                if let Some((outcome, _)) = self.ending.take() {
+                    return Poll::Ready(Some(outcome));
+                }
+            }
+            if self.ending.is_some() {
+                // Only the replies before the end are left to write.
+                return Poll::Pending;
+            }
             if self.reading && !self.pin && self.switch.is_none() && self.has_room() {
                 self.cin.reserve(self.chunk);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, &mut self.cin) {
@@ -359,7 +418,8 @@ impl SharedClient {
                         if n >= self.chunk {
                             self.chunk = (self.chunk * 2).min(READ_MAX);
                         }
-                        self.last_input = tokio::time::Instant::now();
+                        let now = tokio::time::Instant::now();
+                        (self.last_input, self.last_activity) = (now, now);
                         self.shrunk = false;
                         self.submit();
                         progress = true;
@@ -386,6 +446,20 @@ impl SharedClient {
     /// those before it); stops at the first request that is not shareable (or malformed: the
     /// pinned session gives Redis's own error for it).
     pub(super) fn submit(&mut self) {
+        let before = self.cin.len();
+        self.submit_requests();
+        // As a session of its own counts it: from the first byte of a request, again
+        // whenever one completes. (Complete requests left waiting, for a pin or a protocol
+        // switch, wait for replies owed, which suspends the timers.)
+        let took = self.cin.len() < before;
+        if self.cin.is_empty() {
+            self.partial_since = None;
+        } else if took || self.partial_since.is_none() {
+            self.partial_since = Some(tokio::time::Instant::now());
+        }
+    }
+
+    fn submit_requests(&mut self) {
         let mut end = 0;
         let mut replies = 0;
         // Every request in `..end` is plain.

@@ -26,13 +26,17 @@ use crate::session::{self, CloseReason, Outcome, Shared, Target};
 /// is closed, and the next request starts a new session.
 pub(super) async fn route(mut r: Router, shared: Arc<Shared>, target: Arc<Target>) {
     loop {
-        // Once the proxy stops, clients submit nothing new: the router ends when nothing is
-        // owed.
+        // Once the proxy stops, draining clients may still send for a moment (a pipeline
+        // written just before the signal): the router ends when nothing is owed and none has
+        // sent anything for that moment.
         let stopping = shared.shutdown.is_cancelled();
+        let quiet_at = r.last_submit + session::DRAIN_QUIET;
+        let ending = stopping && tokio::time::Instant::now() >= quiet_at;
         let work = tokio::select! {
-            work = poll_fn(|cx| r.wait(cx, stopping)) => work,
+            work = poll_fn(|cx| r.wait(cx, ending)) => work,
             // Look again, stopping.
             _ = shared.shutdown.cancelled(), if !stopping => continue,
+            _ = tokio::time::sleep_until(quiet_at), if stopping && !ending => continue,
         };
         if !work {
             return;
@@ -129,6 +133,8 @@ pub(super) struct Router {
     scanner: ReplyScanner,
     /// The frame being scanned is a push (RESP3 `>`), which answers no request.
     pub(super) push: bool,
+    /// When a client last submitted requests.
+    last_submit: tokio::time::Instant,
     /// Where the traffic is counted for placing the shared clients (`None` in unit tests).
     pub(super) balance: Option<(Arc<Balance>, balance::Tally)>,
     /// Since the router began waiting for the front route's client to read, the end of its
@@ -170,6 +176,7 @@ impl Router {
             push: false,
             balance: None,
             stall: None,
+            last_submit: tokio::time::Instant::now(),
         }
     }
 
@@ -319,6 +326,7 @@ impl Router {
 
     /// Takes requests into the next batch: `plain` as in [`Router::held`].
     fn hold_requests(&mut self, frames: Bytes, plain: usize, route: Route) {
+        self.last_submit = tokio::time::Instant::now();
         self.held_bytes += frames.len();
         self.held_replies += route.replies;
         self.held.push_back((frames, plain));
@@ -376,13 +384,16 @@ impl Router {
     /// closed. Requests not taken from the channel yet go to the next session. The next
     /// session starts clean.
     pub(super) fn lost(&mut self, outcome: &Outcome) {
+        // A session that drained ended because nothing came for a moment: what came just
+        // after is served by the next one.
         let retry = self.read_any
-            && (outcome.side() == "upstream" || matches!(outcome, Outcome::NoCredentials(_)));
+            && (outcome.side() == "upstream"
+                || matches!(outcome, Outcome::NoCredentials(_) | Outcome::Drained));
         let refusal = match outcome {
             Outcome::UpstreamConnect(e) => {
                 let mut reply = BytesMut::new();
                 crate::resp::encode::error(&mut reply, &format!("ERR redis-entra-proxy: {e}"));
-                Some(reply.freeze())
+                Some((reply.freeze(), e))
             }
             _ => None,
         };
@@ -415,10 +426,14 @@ impl Router {
                 self.hold_requests(frames, plain, route);
                 continue;
             }
-            if let Some(reply) = &refusal {
-                route.link.send(reply.clone(), 1);
-            }
-            let _ = route.link.to.send(Delivery::End(Outcome::UpstreamClosed));
+            let end = match &refusal {
+                Some((reply, e)) => {
+                    route.link.send(reply.clone(), 1);
+                    Outcome::UpstreamConnect(e.duplicate())
+                }
+                None => Outcome::UpstreamClosed,
+            };
+            let _ = route.link.to.send(Delivery::End(end));
             closed.insert(Arc::as_ptr(&route.link));
         }
     }

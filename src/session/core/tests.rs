@@ -238,7 +238,11 @@ fn an_unconnected_core_writes_its_first_auth_when_the_password_comes() {
     t.core.set_credentials(creds(2));
     assert_eq!(t.upstream_sent(), "");
     t.client("AUTH pw\r\nGET k\r\n");
-    assert_eq!(t.client_got(), "+OK\r\n", "answered before the upstream is there");
+    assert_eq!(
+        t.client_got(),
+        "+OK\r\n",
+        "answered before the upstream is there"
+    );
     assert_eq!(
         t.upstream_sent(),
         format!("{}*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", auth(2))
