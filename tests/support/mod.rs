@@ -53,7 +53,7 @@ pub struct ProxyOptions {
     pub worker_threads: Option<usize>,
     /// `--upstream-server-name` (default `localhost`, a name of the stand-in's certificate).
     pub server_name: Option<String>,
-    /// `--cluster-mode`, `--cluster-ports` (default `0`: any free port) and
+    /// `--cluster-mode` (off unless set), `--cluster-ports` (default `0`: any free port) and
     /// `--cluster-refresh-interval`.
     pub cluster_mode: Option<redis_entra_proxy::cluster::ClusterMode>,
     pub cluster_ports: Option<String>,
@@ -156,7 +156,13 @@ impl Proxy {
             warm_connections: opts.warm_connections,
             multiplex: Some(opts.multiplex),
             multiplex_max_batches: opts.multiplex_max_batches,
-            cluster_mode: opts.cluster_mode,
+            // Off unless a test asks: in `auto`, the topology read at start opens a connection
+            // of its own beside the tests' (`--cluster-mode auto` against a plain server is
+            // covered through the binary, which runs with the defaults).
+            cluster_mode: Some(
+                opts.cluster_mode
+                    .unwrap_or(redis_entra_proxy::cluster::ClusterMode::Off),
+            ),
             cluster_ports: Some(opts.cluster_ports.clone().unwrap_or_else(|| "0".into())),
             cluster_refresh_interval: opts.cluster_refresh_interval,
             admin_listen: Some(if opts.admin { "127.0.0.1:0" } else { "none" }.into()),
