@@ -323,9 +323,14 @@ where
     }
     let mut upstream = match target.pool.as_ref().and_then(|p| p.take()) {
         Some(warm) => {
-            // An unconnected core's own first AUTH goes on the pooled connection: one AUTH
-            // more, behind the TCP and TLS handshakes the pool saved.
-            core.get_or_insert(warm.core);
+            match &mut core {
+                // The pooled connection is authenticated already: the unconnected core's
+                // first AUTH is not needed (unless the token rotated meanwhile).
+                Some(unconnected) => {
+                    unconnected.adopt_authentication(&warm.core);
+                }
+                None => core = Some(warm.core),
+            }
             warm.upstream
         }
         None => match Box::pin(connect_node(target)).await {

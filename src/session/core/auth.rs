@@ -67,6 +67,34 @@ impl Core {
         !self.deferred_auth
     }
 
+    /// This core, once [`unconnected`](Core::unconnected), goes on over the connection of
+    /// `pooled`, which is authenticated with the same credentials: its own first AUTH, not
+    /// written yet, is not needed and goes. (With other credentials, it stays: correct,
+    /// one AUTH more.) Whether it went.
+    pub fn adopt_authentication(&mut self, pooled: &Core) -> bool {
+        let Some(authed) = pooled
+            .authed
+            .filter(|a| a.generation == self.creds.generation)
+        else {
+            return false;
+        };
+        let first = matches!(
+            self.ledger.front(),
+            Some(Expect::Swallow(Injected::Auth { generation, initial: true, .. }))
+                if *generation == authed.generation
+        );
+        let mut auth = bytes::BytesMut::new();
+        self.creds.write_auth(&mut auth);
+        if !first || self.authed.is_some() || !self.to_upstream.starts_with(&auth) {
+            return false;
+        }
+        bytes::Buf::advance(&mut self.to_upstream, auth.len());
+        self.ledger.pop();
+        self.auths_in_flight -= 1;
+        self.authed = Some(authed);
+        true
+    }
+
     /// The first AUTH was not answered in time: the client hears it once, as when the AUTH
     /// is refused, and the connection closes.
     pub fn auth_timed_out(&mut self, after: Duration) {

@@ -263,6 +263,37 @@ fn an_unconnected_core_writes_its_first_auth_when_the_password_comes() {
     );
 }
 
+/// On a pooled connection, authenticated with the same token, an unconnected core drops the
+/// first AUTH it had not written yet; with another token it keeps it.
+#[test]
+fn an_unconnected_core_adopts_a_pooled_connections_authentication() {
+    let pw = || Some(Arc::new(Secret::new("pw")));
+    let pooled = |generation| {
+        let mut t = T {
+            core: Core::new(creds(generation), pw()),
+            cin: BytesMut::new(),
+        };
+        assert_eq!(t.upstream_sent(), auth(generation));
+        t.server("+OK\r\n");
+        assert!(t.core.current());
+        t.core
+    };
+    let mut t = T {
+        core: Core::unconnected(creds(1), pw()),
+        cin: BytesMut::new(),
+    };
+    t.client("AUTH pw\r\nGET k\r\n");
+    assert!(!t.core.adopt_authentication(&pooled(2)), "another token");
+    assert!(t.core.adopt_authentication(&pooled(1)));
+    assert_eq!(t.upstream_sent(), "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+    assert!(t.core.current());
+    t.server("$1\r\nv\r\n");
+    assert_eq!(t.client_got(), "+OK\r\n$1\r\nv\r\n");
+    assert!(t.core.idle());
+    // Once adopted, or once its AUTH is out, there is nothing to adopt.
+    assert!(!t.core.adopt_authentication(&pooled(1)));
+}
+
 #[test]
 fn a_refused_exec_gets_execabort_with_the_reason() {
     let mut t = T::with_password("pw");
