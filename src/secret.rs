@@ -26,9 +26,18 @@ impl Secret {
         self.0.is_empty()
     }
 
-    /// Compares with `candidate` in time that depends only on the lengths.
+    /// Compares with `candidate` in time that depends only on the candidate's length, which
+    /// the one who sent it knows: neither the secret's bytes nor its length show.
     pub fn matches(&self, candidate: &[u8]) -> bool {
-        self.0.as_bytes().ct_eq(candidate).into()
+        let secret = self.0.as_bytes();
+        if secret.is_empty() {
+            return candidate.is_empty();
+        }
+        let mut equal = candidate.len().ct_eq(&secret.len());
+        for (i, byte) in candidate.iter().enumerate() {
+            equal &= byte.ct_eq(&secret[i % secret.len()]);
+        }
+        equal.into()
     }
 }
 
@@ -131,5 +140,10 @@ mod tests {
         assert!(s.matches(b"hunter2"));
         assert!(!s.matches(b"hunter"));
         assert!(!s.matches(b"hunter23"));
+        // Compared over the candidate's length, which may be any.
+        assert!(!s.matches(b"hunter2hunter2"));
+        assert!(!s.matches(b""));
+        assert!(Secret::new("").matches(b""));
+        assert!(!Secret::new("").matches(b"x"));
     }
 }
