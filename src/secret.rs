@@ -115,11 +115,7 @@ mod tests {
         let e = read_small_file(&big, 16).unwrap_err();
         assert!(e.to_string().contains("larger than 16 bytes"), "{e}");
         let fifo = dir.path().join("fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        crate::testing::mkfifo(&fifo);
         for path in [fifo.as_path(), Path::new("/dev/zero")] {
             let e = read_small_file(path, MAX_SECRET_FILE).unwrap_err();
             assert_eq!(e.to_string(), "not a regular file", "{}", path.display());

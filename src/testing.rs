@@ -25,3 +25,12 @@ impl Woken {
         self.0.swap(false, Ordering::SeqCst)
     }
 }
+
+/// Makes a FIFO at `path` (with `mkfifo`): where a file is expected, it blocks its reader.
+pub fn mkfifo(path: &std::path::Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo {}", path.display());
+}

@@ -474,11 +474,7 @@ async fn wait_for(
 async fn a_fifo_is_refused_without_blocking() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("token.json");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    crate::testing::mkfifo(&fifo);
     let err = tokio::time::timeout(WAIT, source(&fifo).fetch())
         .await
         .expect("the fetch does not block")
