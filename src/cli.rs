@@ -66,7 +66,8 @@ pub struct DevArgs {
 #[serde(rename_all = "kebab-case")]
 pub enum CredentialKind {
     /// A fixed token if one is given; else a secret file or command if given; else the
-    /// environment's service principal, workload identity, managed identity, Azure CLI.
+    /// environment's service principal or workload identity; else managed identity where the
+    /// environment shows one; else the Azure CLI if `az` is on PATH; else managed identity.
     Auto,
     /// Managed identity (system-assigned, or user-assigned by client, object or resource id).
     ManagedIdentity,

@@ -88,6 +88,10 @@ impl std::fmt::Display for Ports {
     }
 }
 
+/// Most nodes at once that only a redirection named, waiting for a topology read to list
+/// them: a scale-out adds a few; more is a client naming addresses of its choice.
+const UNLISTED_MAX: usize = 8;
+
 /// A listener for one node, for the accept loops to serve until `stop` is cancelled.
 pub struct NodeListener {
     pub listener: tokio::net::TcpListener,
@@ -329,6 +333,17 @@ impl Cluster {
                 node.in_topology.send_replace(true);
             }
             return Some(node.local.clone());
+        }
+        if reread {
+            let unlisted = (reg.nodes.values())
+                .filter(|n| !*n.in_topology.borrow())
+                .count();
+            if unlisted >= UNLISTED_MAX {
+                // Redirections to addresses no topology read lists (a script can answer any
+                // MOVED) must not take every port of the range.
+                tracing::warn!(node = %addr, "a redirection names a node no topology read lists, and {UNLISTED_MAX} such wait already: no listener for it");
+                return None;
+            }
         }
         let std_listener = self.bind(&mut reg)?;
         let local_port = std_listener.local_addr().ok()?.port();

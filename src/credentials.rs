@@ -121,7 +121,9 @@ pub fn redact<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
         rest = &rest[start..];
         let end = rest.find(|c: char| !is_token_char(c)).unwrap_or(rest.len());
         let word = &rest[..end];
-        let jwt = word.starts_with("eyJ") && word.matches('.').count() >= 2;
+        // A JWT starts with a base64url JSON header (`eyJ`); one cut short (an excerpt) has
+        // fewer than its two dots, and its start still goes.
+        let jwt = word.starts_with("eyJ") && (word.matches('.').count() >= 2 || word.len() >= 16);
         out.push_str(if jwt || (after_bearer && !word.is_empty()) {
             "[redacted]"
         } else {

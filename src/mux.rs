@@ -26,7 +26,7 @@
 //! If the shared upstream connection fails, the clients owed replies to requests it took are
 //! closed (their commands may or may not have run, as with a connection of their own);
 //! requests it never took go to the next shared session; the others carry on (see
-//! [`Router::lost`]).
+//! `Router::lost`).
 //!
 //! A shared client more than 1 MiB behind in reading its replies makes the shared connection
 //! wait for it, as a connection of its own would: the proxy never holds much of a big reply

@@ -121,7 +121,7 @@ pub struct Target {
     pub mux: Option<crate::mux::Routers>,
     /// Cluster mode, a node's listener: whether the proxy's own topology read lists the node.
     /// A node that only a redirection named gets no connection (and no token) until a read
-    /// lists it (see [`connect_node`]).
+    /// lists it (see `connect_node`).
     pub in_topology: Option<tokio::sync::watch::Receiver<bool>>,
 }
 

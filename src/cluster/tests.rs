@@ -159,3 +159,21 @@ async fn only_nodes_a_topology_read_listed_may_be_connected_to() {
     let read = rx.try_recv().unwrap();
     assert!(*read.target.in_topology.as_ref().unwrap().borrow());
 }
+
+/// Addresses only redirections named take at most a few listeners until a topology read
+/// lists them: a client answering MOVED to addresses of its choice cannot take the range.
+#[tokio::test]
+async fn nodes_only_redirections_named_take_a_few_listeners_at_most() {
+    let (cluster, _rx) = registry(Ports::Any);
+    for i in 0..UNLISTED_MAX {
+        assert!(cluster.local(&format!("10.0.1.{i}"), 8500).is_some());
+    }
+    assert_eq!(cluster.local("10.0.1.200", 8500), None);
+    // A node a topology read listed is not counted, and frees a place.
+    cluster.update(&[("10.0.1.0".into(), 8500)]);
+    assert!(cluster.local("10.0.1.201", 8500).is_some());
+    assert!(
+        cluster.local("10.0.1.0", 8500).is_some(),
+        "known nodes are always served"
+    );
+}

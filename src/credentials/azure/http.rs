@@ -117,7 +117,9 @@ pub(super) fn describe(
         .collect::<Vec<_>>()
         .join(" ");
     // azure_identity quotes some error answers whole (a page of HTML): enough of it to
-    // recognise, and room for the status and codes behind.
+    // recognise, and room for the status and codes behind. Redacted before it is cut, so
+    // that the cut cannot leave the beginning of a secret.
+    message = super::super::redact(&message, secrets);
     super::super::cut(&mut message, 240);
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cause {

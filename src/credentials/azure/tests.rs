@@ -283,3 +283,23 @@ async fn app_service_child() {
     })
     .await
 }
+
+/// An error text is redacted before it is cut: a cut through a secret leaves none of it.
+#[test]
+fn errors_are_redacted_before_they_are_cut() {
+    let secret = "IDHDR-SECRET-0123456789".to_owned();
+    for pad in 200..260 {
+        let text = format!(
+            "{} headers: x-identity-header={secret} more",
+            "x ".repeat(pad / 2)
+        );
+        let err = azure_core::Error::with_message(azure_core::error::ErrorKind::Other, text);
+        let described = super::http::describe(&err, std::slice::from_ref(&secret), Some(500));
+        for n in 4..=secret.len() {
+            assert!(!described.contains(&secret[..n]), "{pad}: {described}");
+        }
+    }
+    // A token cut short by an excerpt is still recognised.
+    let cut = crate::credentials::redact::<&str>("token eyJhbGciOiJub25lIn0.eyJvaWQiOi", &[]);
+    assert_eq!(cut, "token [redacted]");
+}
