@@ -277,15 +277,15 @@ where
     // The futures of the phases before the byte pump are boxed: they are large (the TLS
     // handshake holds a whole TLS connection) and short-lived, and unboxed they would size
     // every session's task for its whole life.
+    let owes_password = shared.local_password.is_some() && !client_is.authenticated;
     let creds = match Box::pin(no_token::current(&shared.credentials)).await {
         Ok(c) => c,
         Err(why) => {
-            let unauthenticated = shared.local_password.is_some() && !client_is.authenticated;
             Box::pin(no_token::serve(
                 &mut client,
                 &shared.credentials,
                 why,
-                unauthenticated,
+                owes_password,
             ))
             .await;
             return Outcome::NoCredentials(why);
@@ -299,8 +299,8 @@ where
     // A client that owes the local password is served without an upstream until it gives it
     // (or leaves): a peer without the password costs the cache no connection and no AUTH.
     // One `Option` holds the core of either kind, so that the session's future holds one.
-    let mut core = (shared.local_password.is_some() && !client_is.authenticated)
-        .then(|| Core::unconnected(creds.clone(), shared.local_password.clone()));
+    let mut core =
+        owes_password.then(|| Core::unconnected(creds.clone(), shared.local_password.clone()));
     if let Some(unconnected) = &mut core {
         // Boxed, as the phases above: only clients that owe a password run it.
         match Box::pin(pump(
@@ -356,7 +356,7 @@ where
         core.name_connection(name);
     }
     if client_is.authenticated {
-        core.client_authenticated();
+        core.client_gave_password();
     }
     let active = metrics::Active::new(&m.upstream_active, false);
     let outcome = pump(&mut client, &mut upstream, core, shared, &mut io).await;
@@ -469,7 +469,6 @@ pub(crate) async fn linger<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C) {
     .await;
 }
 
-/// Sends one error reply to a client the proxy cannot serve, then lets it go.
 /// The upstream of a session whose client has not given the local password yet
 /// ([`Core::unconnected`]): nothing to read, and the first write (the core's first AUTH, once
 /// the password came) fails with the error that says: connect now.
@@ -527,6 +526,7 @@ impl AsyncWrite for NotConnected {
     }
 }
 
+/// Sends one error reply to a client the proxy cannot serve, then lets it go.
 async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, msg: &str) {
     let mut reply = BytesMut::new();
     crate::resp::encode::error(&mut reply, msg);

@@ -310,14 +310,15 @@ impl SharedClient {
         self.shrunk = true;
     }
 
-    /// Redis's `timeout` (`idle`), or the limit on one incomplete request (`partial`), with
-    /// the close it brings: they run while nothing is owed to the client (the wait is then the
-    /// client's), from its last input.
     /// When a client ended by the router gives up writing what it had before the end.
     fn ending_by(&self) -> Option<tokio::time::Instant> {
         self.ending.as_ref().map(|(_, by)| *by)
     }
 
+    /// Redis's `timeout` (`idle`), or the limit on one incomplete request (`partial`), with
+    /// the close it brings: they run while nothing is owed to the client (the wait is then the
+    /// client's), the first from the last byte moved either way, the second from the first
+    /// byte of the incomplete request.
     fn deadline(
         &self,
         idle: Option<Duration>,

@@ -3,12 +3,12 @@
 //! the upstream (`AUTH`, `HELLO … AUTH`), where `CLIENT REPLY` is emulated, and where the
 //! write-side connection state (MULTI, one-shot flags, QUIT) is tracked.
 
-use crate::log_budget::LogBudget;
 use bytes::{Bytes, BytesMut};
 
 use super::core::Core;
 use super::ledger::{Effect, Expect, SubKind};
 use super::state::ReplyMode;
+use crate::log_budget::LogBudget;
 use crate::resp::encode;
 use crate::resp::request::{string2ll, Command};
 

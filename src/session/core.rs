@@ -450,15 +450,11 @@ impl Core {
         self.state.emulating = emulate;
     }
 
-    /// The client gave the local password before this session started (while it shared a
-    /// connection): its commands run at once, as after its `AUTH`.
-    pub fn client_authenticated(&mut self) {
-        self.client_gave_password();
-    }
-
-    /// The client is authenticated from now on; a core still [`unconnected`](Core::unconnected)
-    /// writes its first AUTH, ahead of whatever the client's commands will send.
-    pub(super) fn client_gave_password(&mut self) {
+    /// The client is authenticated from now on: it gave the local password (`AUTH`,
+    /// `HELLO … AUTH`), or gave it before this session started, while it shared a connection.
+    /// A core still [`unconnected`](Core::unconnected) writes its first AUTH, ahead of
+    /// whatever the client's commands will send.
+    pub fn client_gave_password(&mut self) {
         self.client_authenticated = true;
         self.parser.set_auth_required(false);
         if self.deferred_auth {
