@@ -159,3 +159,32 @@ fn a_reply_line_with_a_bare_cr_is_refused() {
     upstream(&mut core, b"+OK\r\n+PO\rNG\r\n");
     assert!(core.close_reason().is_some());
 }
+
+/// A client that has not given the password and leaves its refusals unread is closed past
+/// 1 KiB; decided while a push from the server is half relayed, the close cut that frame. It
+/// now waits for the frame's end (and nothing more is read from the client meanwhile).
+#[test]
+fn the_unauthenticated_output_close_lands_between_frames() {
+    let password = Some(Arc::new(Secret::new("pw")));
+    let mut core = Core::new(creds(1), password);
+    upstream(&mut core, b"+OK\r\n>3\r\n$7\r\nmessage\r\n");
+    client(&mut core, &b"HELLO x\r\n".repeat(40));
+    assert_eq!(core.close_reason(), None, "not inside the push");
+    assert!(!core.wants_client_input());
+    upstream(&mut core, b"$1\r\nc\r\n$1\r\nm\r\n");
+    assert_eq!(
+        core.close_reason(),
+        Some(&redis_entra_proxy::session::CloseReason::UnauthenticatedOutput)
+    );
+    // The push whole, then the refusals queued behind it, every frame whole.
+    let out = &core.to_client[..];
+    let push = b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n";
+    assert!(out.starts_with(push), "{:?}", String::from_utf8_lossy(out));
+    let mut rest = &out[push.len()..];
+    while !rest.is_empty() {
+        let scan = ReplyScanner::new().scan(rest).expect("RESP");
+        assert!(scan.complete, "{:?}", String::from_utf8_lossy(rest));
+        assert!(rest.starts_with(b"-ERR Protocol version"));
+        rest = &rest[scan.consumed..];
+    }
+}

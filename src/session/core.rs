@@ -185,6 +185,9 @@ pub struct Core {
     closing: Option<CloseReason>,
     /// The reason to report when the ledger's `Close` entry is reached.
     pending_close: Option<CloseReason>,
+    /// Close as soon as the frame being relayed to the client ends (a close decided while a
+    /// push passes through lands between two frames).
+    close_between_frames: Option<CloseReason>,
     pub to_upstream: BytesMut,
     pub to_client: BytesMut,
     pub stats: Stats,
@@ -230,6 +233,7 @@ impl Core {
             held: BytesMut::new(),
             closing: None,
             pending_close: None,
+            close_between_frames: None,
             to_upstream: BytesMut::new(),
             to_client: BytesMut::new(),
             stats: Stats::default(),
@@ -526,7 +530,14 @@ impl Core {
             && self.closing.is_none()
             && self.to_client.len() + self.ledger.local_bytes() > UNAUTHENTICATED_OUTPUT_MAX
         {
-            self.close(CloseReason::UnauthenticatedOutput);
+            // Nothing more is read from it; the close waits for the end of a frame being
+            // relayed, if one is.
+            self.state.quit = true;
+            if self.role.is_some() {
+                self.close_between_frames = Some(CloseReason::UnauthenticatedOutput);
+            } else {
+                self.close(CloseReason::UnauthenticatedOutput);
+            }
         }
     }
 }

@@ -76,6 +76,9 @@ impl Core {
                 self.finish(role);
                 self.held.clear();
                 self.drain_local();
+                if let Some(reason) = self.close_between_frames.take() {
+                    return self.close(reason);
+                }
                 if self.state.barrier && self.ledger.client_pending() == 0 {
                     // The barrier was answered: the client's next commands are judged on
                     // what the server did.
