@@ -257,7 +257,8 @@ pub struct Options {
     #[serde(default, deserialize_with = "de_duration")]
     pub connect_timeout: Option<Duration>,
 
-    /// On SIGTERM/SIGINT, how long in-flight commands may take to finish [default: 20s].
+    /// On SIGTERM/SIGINT, how long in-flight commands may take to finish; a second signal ends
+    /// the wait at once [default: 20s].
     #[arg(long, env = "REDIS_ENTRA_PROXY_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub drain_timeout: Option<Duration>,

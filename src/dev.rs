@@ -11,8 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::process::ExitCode;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::cli::{DevArgs, Options};
 use crate::credentials::{CredentialError, Token, TokenFuture, TokenSource};
 use crate::devenv::{mint_token, DevError, RedisCluster, RedisOptions, RedisServer};
@@ -265,7 +263,7 @@ pub async fn run(args: DevArgs, options: Options) -> ExitCode {
         lifetime,
         if args.cluster { " --cluster" } else { "" },
     );
-    let shutdown = CancellationToken::new();
+    let shutdown = crate::Shutdown::default();
     tokio::spawn(crate::signals(shutdown.clone()));
     let source = Arc::new(source);
     match crate::run_with_source(config, listeners, source, shutdown).await {

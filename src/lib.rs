@@ -140,12 +140,31 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
     Ok(Listeners { tcp, unix, admin })
 }
 
+/// How the proxy is told to stop. Cancelling `drain` stops it accepting connections and lets
+/// the open ones finish what is in flight, for up to `--drain-timeout`; cancelling `now` too
+/// ends the drain at once (a second SIGTERM or SIGINT, see [`signals`]). A lone token converts
+/// into one whose drain can only time out.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    pub drain: CancellationToken,
+    pub now: CancellationToken,
+}
+
+impl From<CancellationToken> for Shutdown {
+    fn from(drain: CancellationToken) -> Self {
+        Shutdown {
+            drain,
+            now: CancellationToken::new(),
+        }
+    }
+}
+
 /// Runs the proxy with the configured token source until `shutdown` is cancelled and the
 /// sessions have drained.
 pub async fn run(
     config: Config,
     listeners: Listeners,
-    shutdown: CancellationToken,
+    shutdown: impl Into<Shutdown>,
 ) -> Result<(), RunError> {
     let source = credentials::source::from_config(&config)?;
     run_with_source(config, listeners, source, shutdown).await
@@ -156,8 +175,12 @@ pub async fn run_with_source(
     config: Config,
     mut listeners: Listeners,
     source: Arc<dyn TokenSource>,
-    shutdown: CancellationToken,
+    shutdown: impl Into<Shutdown>,
 ) -> Result<(), RunError> {
+    let Shutdown {
+        drain: shutdown,
+        now: shutdown_now,
+    } = shutdown.into();
     // First, so that every metric handle registered afterwards records.
     let prometheus = metrics::install();
     let unix_socket = config.unix_socket.clone();
@@ -294,7 +317,10 @@ pub async fn run_with_source(
         nodes,
         workers.clone(),
         config.max_connections,
-        config.drain_timeout,
+        server::Drain {
+            timeout: config.drain_timeout,
+            cut: shutdown_now,
+        },
     )
     .await;
     refresher.abort();
@@ -315,9 +341,11 @@ fn remove_socket(path: &std::path::Path) {
     }
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-pub async fn signals(shutdown: CancellationToken) {
+/// Starts the drain on the first SIGTERM or SIGINT, and ends it at once on the second: an
+/// operator who pressed Ctrl-C once and waits on a busy connection can press it again.
+pub async fn signals(shutdown: impl Into<Shutdown>) {
     use tokio::signal::unix::{signal, SignalKind};
+    let shutdown = shutdown.into();
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -325,13 +353,22 @@ pub async fn signals(shutdown: CancellationToken) {
         tracing::error!("cannot install signal handlers; SIGTERM will not drain");
         return;
     };
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut next = async || {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     };
+    let which = next().await;
     tracing::info!(
         signal = which,
-        "shutting down: no new connections, finishing in-flight commands"
+        "shutting down: no new connections, finishing in-flight commands (send it again to stop at once)"
     );
-    shutdown.cancel();
+    shutdown.drain.cancel();
+    let which = next().await;
+    tracing::warn!(
+        signal = which,
+        "second signal: closing the remaining connections now"
+    );
+    shutdown.now.cancel();
 }

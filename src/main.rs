@@ -5,7 +5,6 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 use redis_entra_proxy::cli::{Cli, Command, LogFormat};
 use redis_entra_proxy::config::{self, TOKEN_ENV};
@@ -61,7 +60,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(3);
             }
         };
-        let shutdown = CancellationToken::new();
+        let shutdown = redis_entra_proxy::Shutdown::default();
         tokio::spawn(redis_entra_proxy::signals(shutdown.clone()));
         match redis_entra_proxy::run(config, listeners, shutdown).await {
             Ok(()) => {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -47,7 +48,14 @@ struct Ctx {
     workers: Arc<Workers>,
 }
 
-/// Serves until `shared.shutdown` is cancelled, then drains for at most `drain_timeout`.
+/// How long the drain may last, and what ends it sooner (the second signal).
+pub struct Drain {
+    pub timeout: Duration,
+    pub cut: CancellationToken,
+}
+
+/// Serves until `shared.shutdown` is cancelled, then drains until the sessions are done, the
+/// drain times out or it is cut short.
 /// Clients of the TCP and unix listeners go to `main`; in cluster mode, listeners for cluster
 /// nodes arrive on `nodes` as the topology is learnt, each with its own target. Sessions run
 /// on `workers`.
@@ -58,7 +66,7 @@ pub async fn serve(
     nodes: Option<mpsc::UnboundedReceiver<NodeListener>>,
     workers: Arc<Workers>,
     max_connections: usize,
-    drain_timeout: Duration,
+    drain: Drain,
 ) {
     let ctx = Ctx {
         shared: shared.clone(),
@@ -117,18 +125,19 @@ pub async fn serve(
     if open > 0 {
         tracing::info!(
             sessions = open,
-            timeout_ms = drain_timeout.as_millis() as u64,
+            timeout_ms = drain.timeout.as_millis() as u64,
             "draining"
         );
     }
-    if tokio::time::timeout(drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = tokio::time::sleep(drain.timeout) => tracing::warn!(
             sessions = tracker.len(),
             "drain timeout reached; closing remaining connections"
-        );
+        ),
+        _ = drain.cut.cancelled() => if !tracker.is_empty() {
+            tracing::warn!(sessions = tracker.len(), "drain cut short; closing remaining connections");
+        },
     }
 }
 

@@ -109,6 +109,57 @@ async fn draining_a_busy_connection_spins_nothing_and_keeps_the_admin_endpoint()
     );
 }
 
+/// A second SIGTERM ends the drain at once: an operator who stopped the proxy and sees it
+/// wait on a busy connection (here a `BLPOP` that never returns, with a minute of drain
+/// timeout) can stop it for good, and it still exits cleanly.
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let token = fixed_token(&redis, "drain-2", true).await;
+    let mut proxy = ProxyProcess::start(
+        &redis,
+        &["--credential", "fixed", "--drain-timeout", "60s"],
+        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+    )
+    .await;
+    proxy.wait_started().await;
+    let mut blocked = proxy.client().await;
+    blocked
+        .send(&[b"BLPOP", b"drain:never", b"0"])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.terminate();
+    proxy.wait_log("shutting down", STEP).await;
+    // Still draining, well past the quiet period: the busy connection holds it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, body) = proxy.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let started = std::time::Instant::now();
+    proxy.terminate();
+    let status = proxy.wait_exit(STEP).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited {:?} after the second signal",
+        started.elapsed()
+    );
+    assert!(
+        proxy.log().contains("second signal"),
+        "{}",
+        proxy.log_tail()
+    );
+    assert!(
+        tokio::time::timeout(STEP, blocked.read_reply())
+            .await
+            .expect("closed in time")
+            .is_err(),
+        "the blocked client is closed"
+    );
+}
+
 #[tokio::test]
 async fn connection_limit_answers_like_maxclients() {
     let proxy = Proxy::start_with(ProxyOptions {
