@@ -8,10 +8,13 @@ use clap::Parser;
 
 use redis_entra_proxy::cli::{Cli, Command, LogFormat};
 use redis_entra_proxy::config::{self, TOKEN_ENV};
-use redis_entra_proxy::open_files;
 use redis_entra_proxy::RunError;
+use redis_entra_proxy::{open_files, secret};
 
 fn main() -> ExitCode {
+    if let Err(e) = secret::keep_memory_private() {
+        eprintln!("redis-entra-proxy: cannot make the process non-dumpable: {e}");
+    }
     let cli = Cli::parse();
     let token_env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
     if let Some(Command::Dev(mut args)) = cli.command {

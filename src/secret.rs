@@ -63,6 +63,18 @@ fn not_regular() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
 }
 
+/// Keeps the process's memory to itself: it holds access tokens, and maybe a client secret or
+/// the local password, that live an hour and work from anywhere. A non-dumpable process
+/// writes no core file, and other processes of the same user can neither attach to it
+/// (`ptrace`, a debugger) nor read its memory or environment (`/proc/PID/mem`,
+/// `/proc/PID/environ`, where `REDIS_ENTRA_PROXY_TOKEN` may be); root still can. Helpers it
+/// runs (`--credential exec`, `az`) are dumpable again once they exec, as usual.
+pub fn keep_memory_private() -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
+    Ok(())
+}
+
 /// Checks, through links, that `path` is a regular file, before it is opened.
 pub fn check_regular_file(path: &Path) -> io::Result<()> {
     if std::fs::metadata(path)?.is_file() {

@@ -129,3 +129,78 @@ async fn a_token_command_does_not_inherit_the_proxys_secrets() {
         assert!(!env.contains(secret), "the command saw {secret}:\n{env}");
     }
 }
+
+/// The proxy keeps its memory to itself: another process of the same user cannot read its
+/// environment (where `REDIS_ENTRA_PROXY_TOKEN` is), nor, by the same rule, its memory. Both
+/// run as `nobody`, so the test needs root to start them.
+#[test]
+fn another_process_of_the_same_user_cannot_read_the_proxys_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root, to run the proxy and the reader as another user");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    // A copy `nobody` may run, wherever the build is.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("redis-entra-proxy");
+    std::fs::copy(env!("CARGO_BIN_EXE_redis-entra-proxy"), &bin).unwrap();
+    let token = "fixed-token-0123456789";
+    let mut proxy = std::process::Command::new(&bin)
+        .args([
+            "--credential",
+            "fixed",
+            "--username",
+            "oid",
+            "--upstream",
+            "127.0.0.1:1",
+        ])
+        .args([
+            "--listen",
+            &free_addr().to_string(),
+            "--admin-listen",
+            "none",
+        ])
+        .env("REDIS_ENTRA_PROXY_TOKEN", token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .spawn()
+        .expect("binary runs");
+    let environ = format!("/proc/{}/environ", proxy.id());
+    let read_as_nobody = || {
+        std::process::Command::new("cat")
+            .arg(&environ)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .expect("cat runs")
+    };
+    // Bounded: the proxy turns non-dumpable first thing in `main`.
+    let mut last = None;
+    for _ in 0..100 {
+        let out = read_as_nobody();
+        if !out.status.success() {
+            last = None;
+            break;
+        }
+        last = Some(out.stdout);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alive = proxy.try_wait().unwrap().is_none();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(alive, "the proxy exited early");
+    if let Some(env) = last {
+        let env = String::from_utf8_lossy(&env);
+        assert!(
+            !env.contains(token),
+            "another process of the same user read the token in the proxy's environment"
+        );
+        panic!("another process of the same user read the proxy's environment");
+    }
+}

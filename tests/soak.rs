@@ -251,10 +251,11 @@ impl DevProxy {
         (field("VmRSS"), field("VmHWM"))
     }
 
+    /// Open file descriptors of the proxy. It is not dumpable, so only root may list them.
     fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid))
             .map(|d| d.count())
-            .unwrap_or(0)
+            .unwrap_or_else(|e| panic!("/proc/{}/fd (needs root): {e}", self.pid))
     }
 
     /// One sample of the proxy's Prometheus metrics: the sum of the series of `name` whose
