@@ -32,9 +32,12 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request accepted, and how long a client may take to send it.
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Admin connections served at once; more are closed at once. Probes and scrapers need a
-/// handful, and the descriptors come from the reserve beside the clients' (`open_files`).
+/// Admin connections served at once. Probes and scrapers need a handful, and the descriptors
+/// come from the reserve beside the clients' (`open_files`). When all are taken, a new
+/// connection takes the slot of the oldest one that has not sent its request yet, or is
+/// closed if every one has; the accept loop waits at most [`EVICTION_WAIT`] for that slot.
 const MAX_CONNECTIONS: usize = 32;
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 /// How long a readiness probe's result answers `/readyz` before the upstream is asked
 /// again: many probes at once, or in a tight loop, cost the upstream one connection and AUTH.
 const PROBE_REUSE: Duration = Duration::from_secs(2);
@@ -132,6 +135,7 @@ impl Admin {
 /// Serves until `stop`.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let waiting = Arc::new(Waiting::default());
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -144,21 +148,77 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
             },
             _ = stop.cancelled() => return,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("admin connection closed: {MAX_CONNECTIONS} already open");
-            continue;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            // Every slot is taken: the oldest connection that has not sent its request yet
+            // gives up its own, so that sockets that send nothing cannot keep probes out.
+            Err(_) if waiting.evict_oldest() => {
+                match tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await {
+                    Ok(Ok(slot)) => slot,
+                    _ => continue,
+                }
+            }
+            Err(_) => {
+                tracing::debug!("admin connection closed: {MAX_CONNECTIONS} requests in progress");
+                continue;
+            }
         };
         let admin = admin.clone();
+        let waiting = waiting.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &admin)).await {
-                tracing::debug!(error = %e, "admin request timed out");
+            let (id, evicted) = waiting.add();
+            tokio::select! {
+                r = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &admin, || waiting.remove(id))) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "admin request timed out");
+                    }
+                }
+                _ = evicted.cancelled() => {
+                    tracing::debug!("admin connection closed: no request yet, and its slot was needed");
+                }
             }
+            waiting.remove(id);
             drop(slot);
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, admin: &Admin) {
+/// The admin connections that have not sent a whole request yet, oldest first.
+#[derive(Default)]
+struct Waiting {
+    list: Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    next: AtomicU64,
+}
+
+impl Waiting {
+    /// Registers a new connection: its id, and the token cancelled if it is evicted.
+    fn add(&self) -> (u64, CancellationToken) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = CancellationToken::new();
+        self.lock().push_back((id, evicted.clone()));
+        (id, evicted)
+    }
+
+    /// The connection sent its request (or ended): it can no longer be evicted.
+    fn remove(&self, id: u64) {
+        self.lock().retain(|(other, _)| *other != id);
+    }
+
+    /// Evicts the oldest connection still waiting for its request; false if there is none.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.lock().pop_front();
+        oldest.map(|(_, evicted)| evicted.cancel()).is_some()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, CancellationToken)>> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads one request and answers it; `got_request` is called once the request is whole.
+async fn handle(mut stream: TcpStream, admin: &Admin, got_request: impl FnOnce()) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -170,6 +230,7 @@ async fn handle(mut stream: TcpStream, admin: &Admin) {
             return respond(&mut stream, 431, "text/plain", "request too large\n").await;
         }
     }
+    got_request();
     let line =
         String::from_utf8_lossy(buf.split(|&b| b == b'\r').next().unwrap_or_default()).into_owned();
     let mut parts = line.split(' ');

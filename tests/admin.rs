@@ -240,3 +240,39 @@ async fn readyz_turns_unready_as_soon_as_a_connect_fails() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("connect failed"), "{body}");
 }
+
+/// Sockets that connect and send nothing cannot keep probes out: with every admin connection
+/// taken by them, a probe still gets its answer at once (they are given up oldest first),
+/// not after their request timeout of 5 s, which a liveness probe would not survive.
+#[tokio::test]
+async fn idle_admin_connections_do_not_keep_probes_out() {
+    use tokio::io::AsyncReadExt;
+    let proxy = Proxy::start_with(ProxyOptions {
+        admin: true,
+        ..Default::default()
+    })
+    .await;
+    let admin = proxy.admin_addr.expect("admin endpoint");
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(admin).await.expect("connects"));
+    }
+    // Let the endpoint take them all in.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (status, body) = tokio::time::timeout(STEP, http_get(admin, "/healthz"))
+        .await
+        .expect("answered in time");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "/healthz took {:?}",
+        started.elapsed()
+    );
+    // The oldest idle connection was the one given up.
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), idle[0].read(&mut byte))
+        .await
+        .expect("the oldest idle connection is closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
