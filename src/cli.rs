@@ -135,7 +135,8 @@ pub struct Options {
     pub upstream: Option<String>,
 
     /// Use TLS to the upstream; false only for local development [default: true].
-    #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM_TLS", value_name = "BOOL", action = clap::ArgAction::Set)]
+    #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM_TLS", value_name = "BOOL", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub upstream_tls: Option<bool>,
 
     /// PEM file of extra CA certificates to trust for the upstream (public roots are built in).
@@ -248,7 +249,8 @@ pub struct Options {
 
     /// Allow listening on a non-loopback address without a local password.
     #[arg(long, env = "REDIS_ENTRA_PROXY_ALLOW_UNAUTHENTICATED_REMOTE", value_name = "BOOL",
-          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_unauthenticated_remote: Option<bool>,
 
     /// Upstream connect timeout: TCP and TLS together, and again for the first AUTH
@@ -289,7 +291,8 @@ pub struct Options {
     /// connections to the cache and less work for it; a slow command delays the others
     /// sharing its connection [default: false].
     #[arg(long, env = "REDIS_ENTRA_PROXY_MULTIPLEX", value_name = "BOOL",
-          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub multiplex: Option<bool>,
 
     /// With --multiplex: while this many batches of shared requests await their replies on a
@@ -310,7 +313,8 @@ pub struct Options {
     /// again when requests grow (over 4 KiB) or that thread saturates. Clients move only
     /// when nothing is owed to them [default: true].
     #[arg(long, env = "REDIS_ENTRA_PROXY_MULTIPLEX_CONSOLIDATE", value_name = "BOOL",
-          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub multiplex_consolidate: Option<bool>,
 
     /// OSS cluster support: `auto` turns it on when the upstream reports cluster support

@@ -255,7 +255,11 @@ async fn idle_admin_connections_do_not_keep_probes_out() {
     let admin = proxy.admin_addr.expect("admin endpoint");
     let mut idle = Vec::new();
     for _ in 0..40 {
-        idle.push(tokio::net::TcpStream::connect(admin).await.expect("connects"));
+        idle.push(
+            tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connects"),
+        );
     }
     // Let the endpoint take them all in.
     tokio::time::sleep(Duration::from_millis(200)).await;

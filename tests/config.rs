@@ -437,3 +437,40 @@ fn a_secret_file_readable_by_other_users_is_warned_about() {
         "the secret itself is never logged"
     );
 }
+
+/// Boolean options take what environment variables usually say: `1`/`0`, `yes`/`no`,
+/// `on`/`off`, `true`/`false`, in any case; anything else is refused with exit code 2.
+#[test]
+fn boolean_options_take_the_usual_spellings() {
+    for (value, want) in [
+        ("1", "true"),
+        ("yes", "true"),
+        ("On", "true"),
+        ("TRUE", "true"),
+        ("0", "false"),
+        ("no", "false"),
+        ("off", "false"),
+        ("False", "false"),
+    ] {
+        let got = print_config(
+            &["--upstream", UPSTREAM],
+            &[("REDIS_ENTRA_PROXY_MULTIPLEX", value)],
+        );
+        assert_eq!(
+            got["multiplex"], want,
+            "REDIS_ENTRA_PROXY_MULTIPLEX={value}"
+        );
+        let got = print_config(&["--upstream", UPSTREAM, "--upstream-tls", value], &[]);
+        assert_eq!(got["upstream-tls"], want, "--upstream-tls {value}");
+    }
+    let out = run(
+        &["--print-config", "--upstream", UPSTREAM],
+        &[("REDIS_ENTRA_PROXY_MULTIPLEX", "maybe")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--multiplex"),
+        "{}",
+        text(&out.stderr)
+    );
+}
