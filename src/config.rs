@@ -164,16 +164,36 @@ pub fn load(cli: Options, token_env: Option<String>) -> Result<(Config, Options)
 }
 
 /// Parses a TOML config file; unknown keys are errors, so typos do not pass silently.
+/// Relative paths in it are taken from the file's directory.
 pub fn read_file(path: &Path) -> Result<Options, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::File {
+    let mut options: Options = toml::from_str(&text).map_err(|e| ConfigError::File {
         path: shown,
         reason: toml_error(&text, &e),
-    })
+    })?;
+    // A relative path in the file means the same file wherever the proxy is started from.
+    let dir = path.parent().unwrap_or(Path::new(""));
+    for file in [
+        &mut options.unix_socket,
+        &mut options.upstream_ca_file,
+        &mut options.client_secret_file,
+        &mut options.client_certificate_file,
+        &mut options.credential_file,
+        &mut options.token_file,
+        &mut options.local_password_file,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if file.is_relative() {
+            *file = dir.join(&*file);
+        }
+    }
+    Ok(options)
 }
 
 /// Where and what, without the excerpt of the file `toml` would print: the line may hold the

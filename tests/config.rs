@@ -474,3 +474,26 @@ fn boolean_options_take_the_usual_spellings() {
         text(&out.stderr)
     );
 }
+
+/// A relative path in a config file is taken from the file's directory, so the file means the
+/// same files wherever the proxy is started from; on the command line and in the environment,
+/// from the working directory, as usual.
+#[test]
+fn relative_paths_in_a_config_file_are_taken_from_its_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("proxy.toml");
+    std::fs::write(
+        &file,
+        "upstream = \"x.example.net\"\nupstream-ca-file = \"certs/ca.pem\"\n\
+         credential-file = \"token.json\"\nunix-socket = \"/run/abs.sock\"\n",
+    )
+    .expect("write config file");
+    let file = file.to_str().expect("utf-8 temp path");
+    let got = print_config(&["--config", file], &[]);
+    let within = |name: &str| format!("\"{}\"", dir.path().join(name).display());
+    assert_eq!(got["upstream-ca-file"], within("certs/ca.pem"));
+    assert_eq!(got["credential-file"], within("token.json"));
+    assert_eq!(got["unix-socket"], "\"/run/abs.sock\"");
+    let got = print_config(&["--config", file, "--credential-file", "here.json"], &[]);
+    assert_eq!(got["credential-file"], "\"here.json\"");
+}
