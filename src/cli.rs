@@ -371,7 +371,9 @@ pub struct Options {
     #[arg(long, env = "REDIS_ENTRA_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
 
-    /// Log filter, RUST_LOG syntax [default: info].
+    /// Log level (off, error, warn, info, debug, trace; Redis's warning, notice and verbose
+    /// stand for warn, info and debug), or a filter in RUST_LOG syntax with MODULE=LEVEL
+    /// directives (info,redis_entra_proxy::mux=debug) [default: info].
     #[arg(long, env = "REDIS_ENTRA_PROXY_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
 

@@ -163,6 +163,49 @@ pub fn load(cli: Options, token_env: Option<String>) -> Result<(Config, Options)
     Ok((config, merged))
 }
 
+/// Checks a `--log-level` filter and spells it as `tracing` reads it. A bare word must be a
+/// level: `tracing` takes any other word (`warning`, Redis's name for `warn`) for a target,
+/// and the filter then lets nothing through, errors included. Redis's level names stand for
+/// the nearest ones: `warning` for `warn`, `notice` for `info`, `verbose` for `debug`.
+pub fn log_filter(raw: &str) -> Result<String, String> {
+    const LEVELS: &str = "off, error, warn, info, debug, trace";
+    let level = |word: &str| -> Option<&'static str> {
+        Some(match word.trim().to_ascii_lowercase().as_str() {
+            "off" => "off",
+            "error" => "error",
+            "warn" | "warning" => "warn",
+            "info" | "notice" => "info",
+            "debug" | "verbose" => "debug",
+            "trace" => "trace",
+            _ => return None,
+        })
+    };
+    let mut directives = Vec::new();
+    for d in raw.split(',').map(str::trim) {
+        if d.is_empty() {
+            return Err("an empty directive (two commas in a row, or one at an end)".into());
+        }
+        let directive = if d.contains(['[', '{']) {
+            // Span and field directives: as `tracing` reads them, checked below.
+            d.to_owned()
+        } else if let Some((target, word)) = d.rsplit_once('=') {
+            let l = level(word)
+                .ok_or_else(|| format!("{word:?} in {d:?} is not a level ({LEVELS})"))?;
+            format!("{}={l}", target.trim())
+        } else {
+            level(d)
+                .ok_or_else(|| {
+                    format!("{d:?} is not a level ({LEVELS}); for a module, write MODULE=LEVEL")
+                })?
+                .to_owned()
+        };
+        directives.push(directive);
+    }
+    let filter = directives.join(",");
+    tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| e.to_string())?;
+    Ok(filter)
+}
+
 /// Parses a TOML config file; unknown keys are errors, so typos do not pass silently.
 /// Relative paths in it are taken from the file's directory.
 pub fn read_file(path: &Path) -> Result<Options, ConfigError> {
@@ -348,8 +391,8 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         .log_level
         .clone()
         .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
-    tracing_subscriber::EnvFilter::try_new(&log_level)
-        .map_err(|e| invalid("log-level", format!("{log_level:?}: {e}")))?;
+    let log_level =
+        log_filter(&log_level).map_err(|e| invalid("log-level", format!("{log_level:?}: {e}")))?;
 
     Ok(Config {
         listen,

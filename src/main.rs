@@ -32,10 +32,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        init_logging(
-            options.log_level.as_deref().unwrap_or("info"),
-            options.log_format,
-        );
+        let log_level = options
+            .log_level
+            .as_deref()
+            .unwrap_or(config::DEFAULT_LOG_LEVEL);
+        let log_level = match config::log_filter(log_level) {
+            Ok(filter) => filter,
+            Err(e) => {
+                eprintln!(
+                    "redis-entra-proxy: invalid configuration: --log-level: {log_level:?}: {e}"
+                );
+                return ExitCode::from(2);
+            }
+        };
+        init_logging(&log_level, options.log_format);
         return runtime().block_on(redis_entra_proxy::dev::run(args, options));
     }
     let (mut config, merged) = match config::load(cli.options, token_env.clone()) {

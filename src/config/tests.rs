@@ -713,3 +713,34 @@ fn cluster_defaults_follow_the_listen_address() {
         (ClusterMode::Off, Ports::Any)
     );
 }
+
+/// A bare word in `--log-level` must be a level: `tracing` would read `warning` as a module
+/// name and log nothing at all, errors included. Redis's level names stand for the nearest.
+#[test]
+fn log_filter_takes_levels_and_redis_names_and_refuses_other_words() {
+    for (given, want) in [
+        ("info", "info"),
+        ("INFO", "info"),
+        ("warning", "warn"),
+        ("notice", "info"),
+        ("verbose", "debug"),
+        (
+            "warn, redis_entra_proxy::session=DEBUG",
+            "warn,redis_entra_proxy::session=debug",
+        ),
+        ("redis_entra_proxy=warning", "redis_entra_proxy=warn"),
+        ("[conn]=debug", "[conn]=debug"),
+    ] {
+        assert_eq!(log_filter(given).as_deref(), Ok(want), "{given:?}");
+    }
+    for bad in [
+        "warnings",
+        "bogus",
+        "info,,",
+        "",
+        "x=loud",
+        "info,redis_entra_proxy",
+    ] {
+        assert!(log_filter(bad).is_err(), "{bad:?} accepted");
+    }
+}
