@@ -50,8 +50,8 @@ pub struct Health {
     /// token the server refuses is not hidden by connections still on the previous one.
     last_upstream_ok_ms: AtomicU64,
     last_upstream_ok_generation: AtomicU64,
-    /// Unix milliseconds of the last failed connect or refused AUTH: after it, the last
-    /// success no longer vouches for the upstream, and `/readyz` asks it again.
+    /// Unix milliseconds of the last failed connect, refused AUTH or broken connection: after
+    /// it, the last success no longer vouches for the upstream, and `/readyz` asks it again.
     last_upstream_failure_ms: AtomicU64,
     /// Why the last token fetch failed; cleared by a success.
     refresh_error: Mutex<Option<String>>,
@@ -65,7 +65,7 @@ impl Health {
         self.last_upstream_ok_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// A connect to the upstream failed, or it refused an AUTH.
+    /// A connect to the upstream failed, it refused an AUTH, or a connection to it broke.
     pub fn upstream_failed(&self) {
         self.last_upstream_failure_ms
             .store(now_ms(), Ordering::Relaxed);
@@ -111,6 +111,8 @@ pub struct Admin {
     /// The last readiness probe of the upstream: when, and what it found. Held while a probe
     /// runs, so that concurrent requests wait for its answer instead of probing too.
     probed: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    /// What `/readyz` answered last (ready or not), to log its changes.
+    was_ready: Mutex<Option<bool>>,
 }
 
 impl Admin {
@@ -128,6 +130,7 @@ impl Admin {
             connector,
             draining,
             probed: tokio::sync::Mutex::new(None),
+            was_ready: Mutex::new(None),
         }
     }
 }
@@ -291,8 +294,26 @@ fn render_metrics(admin: &Admin) -> String {
 }
 
 /// Ready when the proxy is not shutting down, a valid token is held and the upstream accepts
-/// it.
+/// it. A change of answer is logged, once: a probe's failure alone shows only in the
+/// kubelet's events, without the reason.
 async fn readiness(admin: &Admin) -> Result<(), String> {
+    let result = check_readiness(admin).await;
+    let ready = result.is_ok();
+    let was = admin
+        .was_ready
+        .lock()
+        .map(|mut was| was.replace(ready))
+        .unwrap_or(None);
+    if was != Some(ready) {
+        match &result {
+            Ok(()) => tracing::info!("ready"),
+            Err(reason) => tracing::warn!("not ready: {reason}"),
+        }
+    }
+    result
+}
+
+async fn check_readiness(admin: &Admin) -> Result<(), String> {
     if admin.draining.is_cancelled() {
         return Err("shutting down: draining the connections".into());
     }

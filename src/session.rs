@@ -160,6 +160,21 @@ impl Outcome {
         }
     }
 
+    /// The upstream connection broke under the session (closed, reset, garbage, a stalled
+    /// AUTH): the server may be gone, so `/readyz` asks it again.
+    pub fn upstream_broke(&self) -> bool {
+        matches!(
+            self,
+            Outcome::UpstreamClosed
+                | Outcome::UpstreamError(_)
+                | Outcome::Closed(
+                    CloseReason::UpstreamAuthTimeout(_)
+                        | CloseReason::UpstreamProtocol(_)
+                        | CloseReason::UpstreamDesync
+                )
+        )
+    }
+
     pub fn side(&self) -> &'static str {
         match self {
             Outcome::Closed(r) => r.side(),
@@ -361,6 +376,9 @@ where
     let active = metrics::Active::new(&m.upstream_active, false);
     let outcome = pump(&mut client, &mut upstream, core, shared, &mut io).await;
     drop(active);
+    if outcome.upstream_broke() {
+        shared.health.upstream_failed();
+    }
     // The proxy closes: FIN, then unread input is drained, so that the close does not turn
     // into a reset that destroys replies the client has not read yet.
     if matches!(outcome, Outcome::Drained | Outcome::Closed(_)) {

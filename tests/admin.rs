@@ -241,6 +241,29 @@ async fn readyz_turns_unready_as_soon_as_a_connect_fails() {
     assert!(body.contains("connect failed"), "{body}");
 }
 
+/// When the server goes away under connections already open, `/readyz` turns unready at
+/// once, without waiting for a new client to fail to connect: the broken connections are
+/// enough for it to ask the server again.
+#[tokio::test]
+async fn readyz_turns_unready_when_open_connections_break() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        admin: true,
+        ..Default::default()
+    })
+    .await;
+    let admin = proxy.admin_addr.expect("admin endpoint");
+    let mut c = proxy.raw().await;
+    c.send(b"PING\r\n").await;
+    c.expect(b"+PONG\r\n").await;
+    assert_eq!(http_get(admin, "/readyz").await, (200, "ready\n".into()));
+    let _ = proxy.redis.command(&[b"SHUTDOWN", b"NOSAVE"]).await;
+    // The client's connection breaks with the server's.
+    let _ = c.read_to_end().await;
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("connect failed"), "{body}");
+}
+
 /// Sockets that connect and send nothing cannot keep probes out: with every admin connection
 /// taken by them, a probe still gets its answer at once (they are given up oldest first),
 /// not after their request timeout of 5 s, which a liveness probe would not survive.
