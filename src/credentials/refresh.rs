@@ -27,6 +27,10 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// Retry delays grow to this and stay there: short enough to recover quickly once the
 /// endpoint is back, long enough not to hammer it.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// While no valid token is held (none yet, or it expired) every client is refused: retries
+/// come at most this far apart (±20 %), so that the proxy is back within seconds of the
+/// identity endpoint. A retry also comes as the current token expires, whatever the backoff.
+pub const BACKOFF_WITHOUT_TOKEN: Duration = Duration::from_secs(5);
 /// One fetch may take this long before it counts as failed; identity endpoints answer in
 /// well under a second when healthy.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -95,6 +99,21 @@ impl Backoff {
     }
 }
 
+/// Delay before the next attempt after a failed one: the backoff's, but no later than the
+/// current token's expiry (`valid_for`), and at most [`BACKOFF_WITHOUT_TOKEN`] (±20 %) while
+/// no valid token is `held`.
+pub fn retry_delay(backoff: &mut Backoff, held: bool, valid_for: Option<Duration>) -> Duration {
+    let wait = backoff.next(fastrand::f64());
+    if !held {
+        return wait.min(BACKOFF_WITHOUT_TOKEN.mul_f64(0.8 + 0.4 * fastrand::f64()));
+    }
+    match valid_for {
+        // Just past the expiry, so that the attempt sees it expired.
+        Some(left) => wait.min(left + Duration::from_millis(10)),
+        None => wait,
+    }
+}
+
 /// Runs the refresher until `shutdown`. Publishes through `tx`.
 pub async fn run(
     source: Arc<dyn TokenSource>,
@@ -145,8 +164,11 @@ pub async fn run(
                 Ok(c) => Fetched::New(c),
             },
         };
+        // A token is held that sessions may still use.
+        let held = current.as_ref().is_some_and(|c| !c.is_expired(now));
         let wait = match fetched {
             Fetched::New(creds) => {
+                let failures = backoff.failures();
                 backoff.reset();
                 ok_count.increment(1);
                 health.set_refresh_error(None);
@@ -157,6 +179,7 @@ pub async fn run(
                     username = %creds.username,
                     generation,
                     expires_in_s = lifetime.map(|d| d.as_secs()),
+                    after_failures = (failures > 0).then_some(failures),
                     "token acquired"
                 );
                 tx.send_replace(Some(Arc::new(creds)));
@@ -183,17 +206,29 @@ pub async fn run(
                 wait
             }
             Fetched::Failed(reason) => {
-                let wait = backoff.next(fastrand::f64());
+                let wait = retry_delay(&mut backoff, held, valid_for);
                 error_count.increment(1);
                 health.set_refresh_error(Some(reason.clone()));
-                tracing::warn!(
-                    source = source.name(),
-                    failures = backoff.failures(),
-                    retry_in_ms = wait.as_millis() as u64,
-                    current_valid_for_s = valid_for.map(|d| d.as_secs()),
-                    %reason,
-                    "token fetch failed; retrying"
-                );
+                if held {
+                    tracing::warn!(
+                        source = source.name(),
+                        failures = backoff.failures(),
+                        retry_in_ms = wait.as_millis() as u64,
+                        current_valid_for_s = valid_for.map(|d| d.as_secs()),
+                        %reason,
+                        "token fetch failed; retrying"
+                    );
+                } else {
+                    // The proxy's worst state: every client is refused until a fetch works.
+                    tracing::error!(
+                        source = source.name(),
+                        failures = backoff.failures(),
+                        retry_in_ms = wait.as_millis() as u64,
+                        %reason,
+                        "token fetch failed and no valid token is held: clients are refused \
+                         until a fetch succeeds; retrying"
+                    );
+                }
                 wait
             }
         };

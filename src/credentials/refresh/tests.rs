@@ -319,31 +319,77 @@ mod paused {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn failures_back_off_exponentially_to_the_cap() {
-        let mut steps = vec![Step::Fail; 12];
+    /// Retries after failures, while a valid token is held, `nominal` seconds apart (±20 %).
+    async fn assert_backoff(held: bool, nominal: &[u64]) {
+        let mut steps = if held {
+            vec![Step::Valid(60 * MIN)]
+        } else {
+            vec![]
+        };
+        steps.extend(vec![Step::Fail; nominal.len()]);
         steps.push(Step::Valid(60 * MIN));
         let mut h = Harness::start(steps);
         let mut previous = h.next_fetch().await;
         assert_eq!(previous, Duration::ZERO);
-        let nominal = [1, 2, 4, 8, 16, 32, 60, 60, 60, 60, 60, 60];
-        for (i, secs) in nominal.into_iter().enumerate() {
+        if held {
+            h.next_published().await;
+            previous = h.next_fetch().await;
+        }
+        for (i, &secs) in nominal.iter().enumerate() {
             let gap = h.gap_after(&mut previous).await;
             let n = Duration::from_secs(secs);
             assert_within(
-                &format!("gap after failure {}", i + 1),
+                &format!("gap after failure {} (token held: {held})", i + 1),
                 gap,
                 n.mul_f64(0.8),
                 n.mul_f64(1.2),
             );
             if i < nominal.len() - 1 {
-                assert!(h.rx.borrow().is_none(), "nothing published on failure");
+                assert!(
+                    !h.rx.has_changed().expect("sender alive"),
+                    "nothing published on failure"
+                );
             }
         }
         let creds = h.next_published().await;
-        assert_eq!(creds.generation, 1);
-        assert_eq!(creds.token.expose(), "token-1");
+        assert_eq!(creds.generation, if held { 2 } else { 1 });
         h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_exponentially_to_the_cap() {
+        assert_backoff(true, &[1, 2, 4, 8, 16, 32, 60, 60, 60, 60, 60, 60]).await;
+    }
+
+    /// Without a valid token every client is refused: retries come every 5 s at most, so the
+    /// proxy is back within seconds of its identity endpoint.
+    #[tokio::test(start_paused = true)]
+    async fn without_a_token_retries_come_every_few_seconds() {
+        assert_eq!(BACKOFF_WITHOUT_TOKEN, Duration::from_secs(5));
+        assert_backoff(false, &[1, 2, 4, 5, 5, 5, 5, 5]).await;
+    }
+
+    /// A retry never comes later than the current token's expiry, whatever the backoff: the
+    /// proxy would otherwise refuse clients until the retry after.
+    #[test]
+    fn a_retry_comes_by_the_current_tokens_expiry() {
+        let left = Duration::from_secs(20);
+        let mut b = Backoff::default();
+        let delays: Vec<_> = (0..8)
+            .map(|_| retry_delay(&mut b, true, Some(left)))
+            .collect();
+        assert!(delays[..4].iter().all(|d| *d < left), "{delays:?}");
+        for d in &delays[5..] {
+            assert_eq!(*d, left + Duration::from_millis(10), "{delays:?}");
+        }
+        let mut b = Backoff::default();
+        let delays: Vec<_> = (0..10).map(|_| retry_delay(&mut b, false, None)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d <= BACKOFF_WITHOUT_TOKEN.mul_f64(1.2)),
+            "{delays:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
