@@ -343,20 +343,26 @@ fn remove_socket(path: &std::path::Path) {
 
 /// Starts the drain on the first SIGTERM or SIGINT, and ends it at once on the second: an
 /// operator who pressed Ctrl-C once and waits on a busy connection can press it again.
+/// SIGHUP is logged and ignored.
 pub async fn signals(shutdown: impl Into<Shutdown>) {
     use tokio::signal::unix::{signal, SignalKind};
     let shutdown = shutdown.into();
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; SIGTERM will not drain");
         return;
     };
-    let mut next = async || {
+    let mut next = async || loop {
         tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            // Its default action would end the process at once, cutting every connection
+            // (a `systemctl reload`, a logrotate hook); there is nothing to reload: tokens and
+            // the files they come from are read again on their own.
+            _ = hup.recv() => tracing::info!(signal = "SIGHUP", "ignored: nothing to reload"),
         }
     };
     let which = next().await;

@@ -160,6 +160,40 @@ async fn a_second_signal_ends_the_drain_at_once() {
     );
 }
 
+/// SIGHUP (a `systemctl reload`, a logrotate hook) is logged and ignored: its default action
+/// would end the process and cut every connection.
+#[tokio::test]
+async fn sighup_is_ignored() {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let token = fixed_token(&redis, "hup-1", true).await;
+    let mut proxy = ProxyProcess::start(
+        &redis,
+        &["--credential", "fixed"],
+        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+    )
+    .await;
+    proxy.wait_started().await;
+    let mut c = proxy.client().await;
+    assert_eq!(
+        c.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    proxy.wait_log("SIGHUP", STEP).await;
+    assert_eq!(
+        c.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
+    proxy.terminate();
+    assert!(proxy.wait_exit(STEP).await.success());
+}
+
 #[tokio::test]
 async fn connection_limit_answers_like_maxclients() {
     let proxy = Proxy::start_with(ProxyOptions {
