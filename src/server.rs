@@ -311,14 +311,14 @@ fn log_outcome(outcome: &Outcome) {
     // `reason`: the metric's label, for log collectors to filter on.
     let reason = outcome.label();
     match outcome {
-        Outcome::ClientClosed | Outcome::Drained => {
+        // The ordinary ends of a connection; an idle timeout too: a connection pool whose
+        // connections outlive it would write a line per connection at each of its cycles.
+        Outcome::ClientClosed
+        | Outcome::Drained
+        | Outcome::Closed(
+            session::CloseReason::ClientQuit | session::CloseReason::ClientIdle(_),
+        ) => {
             tracing::debug!(side, reason, "closed: {outcome}")
-        }
-        Outcome::Closed(session::CloseReason::ClientQuit) => {
-            tracing::debug!(side, reason, "closed: {outcome}")
-        }
-        Outcome::Closed(session::CloseReason::ClientIdle(_)) => {
-            tracing::info!(side, reason, "closed: {outcome}")
         }
         _ => {
             static CLOSED: LogBudget = LogBudget::new();
