@@ -163,6 +163,34 @@ pub fn load(cli: Options, token_env: Option<String>) -> Result<(Config, Options)
     Ok((config, merged))
 }
 
+/// The `REDIS_ENTRA_PROXY_*` names among `vars` that belong to no option (nor to the token
+/// or the client secret, which have no flag).
+pub fn unknown_env_vars(vars: impl IntoIterator<Item = String>) -> Vec<String> {
+    fn options(cmd: &clap::Command, known: &mut std::collections::HashSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                known.insert(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            options(sub, known);
+        }
+    }
+    let mut known = std::collections::HashSet::new();
+    options(
+        &<crate::cli::Cli as clap::CommandFactory>::command(),
+        &mut known,
+    );
+    known.insert(TOKEN_ENV.to_owned());
+    known.extend(crate::credentials::source::CLIENT_SECRET_ENVS.map(str::to_owned));
+    let mut unknown: Vec<String> = vars
+        .into_iter()
+        .filter(|v| v.starts_with("REDIS_ENTRA_PROXY_") && !known.contains(v))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// Checks a `--log-level` filter and spells it as `tracing` reads it. A bare word must be a
 /// level: `tracing` takes any other word (`warning`, Redis's name for `warn`) for a target,
 /// and the filter then lets nothing through, errors included. Redis's level names stand for
@@ -489,6 +517,13 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), ConfigError> {
     let bad = || invalid("upstream", format!("{s:?} is not HOST[:PORT]"));
     if s.is_empty() {
         return Err(bad());
+    }
+    if let Some((_, rest)) = s.split_once("://") {
+        let host = rest.split(['/', '?']).next().unwrap_or_default();
+        return Err(invalid(
+            "upstream",
+            format!("{s:?} is a URL; it takes HOST[:PORT] (here {host:?}), TLS unless --upstream-tls false"),
+        ));
     }
     if let Some(rest) = s.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(bad)?;

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
             }
         };
         init_logging(&log_level, options.log_format);
+        warn_unknown_env_vars();
         return runtime().block_on(redis_entra_proxy::dev::run(args, options));
     }
     let (mut config, merged) = match config::load(cli.options, token_env.clone()) {
@@ -56,10 +57,14 @@ fn main() -> ExitCode {
         }
     };
     if cli.print_config {
+        for name in config::unknown_env_vars(env_names()) {
+            eprintln!("redis-entra-proxy: warning: {name} is not a variable of the proxy; ignored");
+        }
         print!("{}", config::render(&merged, token_env.is_some()));
         return ExitCode::SUCCESS;
     }
     init_logging(&config.log_level, Some(config.log_format));
+    warn_unknown_env_vars();
     // Read before logging started: say it now.
     if let Some(path) = &merged.local_password_file {
         config::warn_if_readable_by_others(path);
@@ -99,6 +104,22 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("the tokio runtime starts (it only fails when the OS refuses resources)")
+}
+
+/// The names of this process's environment variables.
+fn env_names() -> impl Iterator<Item = String> {
+    std::env::vars_os().filter_map(|(name, _)| name.into_string().ok())
+}
+
+/// A mistyped variable (`REDIS_ENTRA_PROXY_LISTN`) would otherwise leave its option at the
+/// default without a word. Names only: values may be secrets.
+fn warn_unknown_env_vars() {
+    for name in config::unknown_env_vars(env_names()) {
+        tracing::warn!(
+            variable = %name,
+            "not a variable of the proxy; ignored (--help lists each option's)"
+        );
+    }
 }
 
 fn init_logging(filter: &str, format: Option<LogFormat>) {

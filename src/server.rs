@@ -315,9 +315,8 @@ fn log_outcome(outcome: &Outcome) {
         // connections outlive it would write a line per connection at each of its cycles.
         Outcome::ClientClosed
         | Outcome::Drained
-        | Outcome::Closed(
-            session::CloseReason::ClientQuit | session::CloseReason::ClientIdle(_),
-        ) => {
+        | Outcome::Closed(session::CloseReason::ClientQuit | session::CloseReason::ClientIdle(_)) =>
+        {
             tracing::debug!(side, reason, "closed: {outcome}")
         }
         _ => {

@@ -497,3 +497,23 @@ fn relative_paths_in_a_config_file_are_taken_from_its_directory() {
     let got = print_config(&["--config", file, "--credential-file", "here.json"], &[]);
     assert_eq!(got["credential-file"], "\"here.json\"");
 }
+
+/// A mistyped variable of the proxy's is named in a warning (not its value, which may be a
+/// secret): it would otherwise leave its option at the default without a word.
+#[test]
+fn an_unknown_variable_of_the_proxys_is_warned_about() {
+    let out = run(
+        &["--print-config", "--upstream", UPSTREAM],
+        &[
+            ("REDIS_ENTRA_PROXY_LISTN", "127.0.0.1:7000"),
+            ("REDIS_ENTRA_PROXY_MULTIPLEX", "true"),
+            ("REDIS_ENTRA_PROXY_TOKEN", "t0ken-value"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("REDIS_ENTRA_PROXY_LISTN"), "{stderr}");
+    for quiet in ["MULTIPLEX", "TOKEN", "127.0.0.1:7000", "t0ken"] {
+        assert!(!stderr.contains(quiet), "{quiet} in {stderr}");
+    }
+}

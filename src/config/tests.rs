@@ -146,6 +146,8 @@ fn split_host_port_cases() {
         ("unclosed bracket", "[::1", None),
         ("junk after bracket", "[::1]6380", None),
         ("empty port after bracket", "[::1]:", None),
+        ("a URL", "rediss://myredis.example.net:10000", None),
+        ("a URL with a path", "redis://myredis.example.net/0", None),
     ];
     for (name, input, want) in cases {
         let got = split_host_port(input);
@@ -163,6 +165,11 @@ fn split_host_port_cases() {
             (want, got) => panic!("{name}: {input:?}: want {want:?}, got {got:?}"),
         }
     }
+    let e = split_host_port("rediss://myredis.example.net:10000/").unwrap_err();
+    assert!(
+        e.to_string().contains("\"myredis.example.net:10000\""),
+        "says what to write: {e}"
+    );
 }
 
 fn base() -> Options {

@@ -16,7 +16,8 @@ use crate::config::{read_secret_file, Config, ConfigError, TOKEN_ENV};
 use crate::secret::Secret;
 
 /// Environment variables holding a service principal's secret, in order of preference.
-const CLIENT_SECRET_ENVS: [&str; 2] = ["REDIS_ENTRA_PROXY_CLIENT_SECRET", "AZURE_CLIENT_SECRET"];
+pub(crate) const CLIENT_SECRET_ENVS: [&str; 2] =
+    ["REDIS_ENTRA_PROXY_CLIENT_SECRET", "AZURE_CLIENT_SECRET"];
 
 pub fn from_config(config: &Config) -> Result<Arc<dyn TokenSource>, ConfigError> {
     let s = &config.sources;
