@@ -301,11 +301,14 @@ pub async fn run_with_source(
         tokio::spawn(admin::serve(listener, admin, admin_stop.clone()));
     }
     tracing::info!(
-        listen = ?config.listen,
-        unix_socket = ?config.unix_socket,
+        version = env!("CARGO_PKG_VERSION"),
+        listen = config.listen.map(|a| a.to_string()),
+        unix_socket = config.unix_socket.as_ref().map(|p| p.display().to_string()),
+        admin_listen = config.admin_listen.map(|a| a.to_string()),
         upstream = %config.upstream.addr,
         tls = config.upstream.tls,
-        cluster_mode = ?config.cluster.mode,
+        cluster_mode = format!("{:?}", config.cluster.mode).to_lowercase(),
+        multiplex = config.multiplex,
         "proxy started"
     );
     ::metrics::gauge!(metrics::CLIENT_CONNECTIONS_MAX).set(config.max_connections as f64);

@@ -150,6 +150,9 @@ where
         .with_writer(std::io::stderr);
     match format.unwrap_or(LogFormat::Text) {
         LogFormat::Text => logs.with(fmt).init(),
-        LogFormat::Json => logs.with(fmt.json().flatten_event(true)).init(),
+        // The current span (the connection's) once: its list repeated it.
+        LogFormat::Json => logs
+            .with(fmt.json().flatten_event(true).with_span_list(false))
+            .init(),
     }
 }

@@ -137,7 +137,7 @@ pub async fn run(pool: Arc<Pool>, shared: Arc<Shared>) {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "warm pool: cannot open an upstream connection");
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "warm pool: cannot open an upstream connection");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shared.shutdown.cancelled() => break,

@@ -194,6 +194,60 @@ async fn sighup_is_ignored() {
     assert!(proxy.wait_exit(STEP).await.success());
 }
 
+/// `--log-format json` writes one JSON object per line, with plain values: addresses as
+/// strings (not Rust's `Some(…)`), the configuration's spelling of settings, and a
+/// connection's span once.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_plain_values() {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let token = fixed_token(&redis, "json-1", true).await;
+    let mut proxy = ProxyProcess::start(
+        &redis,
+        &["--credential", "fixed", "--log-format", "json"],
+        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+    )
+    .await;
+    proxy.wait_started().await;
+    // A close logged as a warning, in the connection's span: a malformed request.
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"*1\r\n$abc\r\n").await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(STEP, c.read_to_end(&mut reply)).await;
+    assert!(reply.starts_with(b"-ERR Protocol error"), "{reply:?}");
+    proxy.wait_log("closed", STEP).await;
+    proxy.terminate();
+    assert!(proxy.wait_exit(STEP).await.success());
+    let log = proxy.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "proxy started")
+        .expect("a start line");
+    assert!(
+        started["listen"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("127.0.0.1:")),
+        "{started}"
+    );
+    assert_eq!(started["cluster_mode"], "auto", "{started}");
+    assert!(started["version"].is_string(), "{started}");
+    let closed = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("closed"))
+        })
+        .expect("a close line");
+    assert!(closed["span"].is_object(), "{closed}");
+    assert!(closed.get("spans").is_none(), "{closed}");
+}
+
 #[tokio::test]
 async fn connection_limit_answers_like_maxclients() {
     let proxy = Proxy::start_with(ProxyOptions {

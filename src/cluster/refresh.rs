@@ -65,7 +65,7 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Shared>, interval: Duration)
                 Err(e) => {
                     metrics::counter!(crate::metrics::CLUSTER_REFRESH_TOTAL, "outcome" => "error")
                         .increment(1);
-                    tracing::warn!(error = %e, retry_in = ?retry, "cannot read the cluster topology");
+                    tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "cannot read the cluster topology");
                     let wait = retry;
                     retry = (retry * 2).min(interval.max(RETRY_INITIAL));
                     Some(wait)

@@ -215,7 +215,7 @@ pub async fn run(
                         failures = backoff.failures(),
                         retry_in_ms = wait.as_millis() as u64,
                         current_valid_for_s = valid_for.map(|d| d.as_secs()),
-                        %reason,
+                        error = %reason,
                         "token fetch failed; retrying"
                     );
                 } else {
@@ -224,7 +224,7 @@ pub async fn run(
                         source = source.name(),
                         failures = backoff.failures(),
                         retry_in_ms = wait.as_millis() as u64,
-                        %reason,
+                        error = %reason,
                         "token fetch failed and no valid token is held: clients are refused \
                          until a fetch succeeds; retrying"
                     );

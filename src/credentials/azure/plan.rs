@@ -193,7 +193,7 @@ pub(super) fn resolve(config: &EntraConfig, env: &Environment) -> Result<Plan, C
         EntraKind::Auto => {
             let choice = auto_choice(config, env);
             for (kind, reason) in &choice.skipped {
-                tracing::info!(source = kind, reason = %reason, "entra auto: skipped");
+                tracing::info!(source = kind, why = %reason, "entra auto: skipped");
             }
             let chosen = match choice.kind {
                 EntraKind::ServicePrincipal => "service-principal",
@@ -201,7 +201,7 @@ pub(super) fn resolve(config: &EntraConfig, env: &Environment) -> Result<Plan, C
                 EntraKind::AzureCli => "azure-cli",
                 EntraKind::ManagedIdentity | EntraKind::Auto => "managed-identity",
             };
-            tracing::info!(source = chosen, reason = %choice.why, "entra auto: chosen");
+            tracing::info!(source = chosen, why = %choice.why, "entra auto: chosen");
             choice.kind
         }
         kind => kind,
