@@ -288,9 +288,14 @@ fn render_metrics(admin: &Admin) -> String {
         };
         ::metrics::gauge!(metrics::TOKEN_EXPIRES_IN_SECONDS).set(left);
         ::metrics::gauge!(metrics::TOKEN_GENERATION).set(c.generation as f64);
+    } else {
+        // No token yet: nothing left, so that an alert on a short time left fires.
+        ::metrics::gauge!(metrics::TOKEN_EXPIRES_IN_SECONDS).set(0.0);
     }
     admin.handle.run_upkeep();
-    admin.handle.render()
+    let mut text = admin.handle.render();
+    text.push_str(&metrics::render_process());
+    text
 }
 
 /// Ready when the proxy is not shutting down, a valid token is held and the upstream accepts

@@ -40,6 +40,37 @@ pub const CLUSTER_NODES: &str = "redis_entra_proxy_cluster_nodes";
 pub const CLUSTER_REFRESH_TOTAL: &str = "redis_entra_proxy_cluster_refresh_total";
 pub const CLUSTER_REDIRECTS_TOTAL: &str = "redis_entra_proxy_cluster_redirects_total";
 
+pub const BUILD_INFO: &str = "redis_entra_proxy_build_info";
+
+/// Every `(side, reason)` of [`CONNECTIONS_CLOSED_TOTAL`] (`Outcome::side`/`label`, and a
+/// session's panic), and every `kind` of [`UPSTREAM_CONNECT_ERRORS_TOTAL`]
+/// (`ConnectError::label`). They are registered at 0 from the start: a series that appears
+/// only at its first event shows Prometheus that event as its starting value, and
+/// `increase()` and `rate()` miss it.
+pub const CLOSE_LABELS: &[(&str, &str)] = &[
+    ("client", "client_closed"),
+    ("client", "client_error"),
+    ("client", "client_quit"),
+    ("client", "client_protocol_error"),
+    ("client", "client_idle_timeout"),
+    ("client", "partial_request_timeout"),
+    ("client", "slow_client"),
+    ("client", "unauthenticated_output_limit"),
+    ("upstream", "upstream_closed"),
+    ("upstream", "upstream_error"),
+    ("upstream", "upstream_connect_failed"),
+    ("upstream", "upstream_auth_failed"),
+    ("upstream", "upstream_auth_timeout"),
+    ("upstream", "upstream_protocol_error"),
+    ("upstream", "upstream_desync"),
+    ("proxy", "drained"),
+    ("proxy", "no_valid_token"),
+    ("proxy", "token_expiring"),
+    ("proxy", "panic"),
+];
+pub const CONNECT_ERROR_KINDS: &[&str] =
+    &["resolve", "connect", "timeout", "tls", "not_in_topology"];
+
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -57,6 +88,14 @@ pub fn install() -> PrometheusHandle {
             // then that one receives the metrics.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            for (side, reason) in CLOSE_LABELS {
+                metrics::counter!(CONNECTIONS_CLOSED_TOTAL, "side" => *side, "reason" => *reason)
+                    .increment(0);
+            }
+            for kind in CONNECT_ERROR_KINDS {
+                metrics::counter!(UPSTREAM_CONNECT_ERRORS_TOTAL, "kind" => *kind).increment(0);
+            }
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
@@ -64,6 +103,10 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version of the proxy in its label."
+    );
     describe_gauge!(CLIENT_CONNECTIONS_ACTIVE, "Client connections open now.");
     describe_counter!(
         CLIENT_CONNECTIONS_TOTAL,
@@ -175,6 +218,87 @@ fn describe() {
         CLUSTER_REDIRECTS_TOTAL,
         "MOVED and ASK redirections relayed with a local address, by kind (moved, ask)."
     );
+}
+
+/// The process's own figures, in the standard `process_*` names Prometheus's client
+/// libraries use (resident memory, CPU time, open and allowed file descriptors, start
+/// time), read from `/proc/self` at each scrape; nothing on other systems.
+pub fn render_process() -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        );
+    };
+    // Clock ticks of /proc's times: USER_HZ, 100 on every Linux architecture.
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which ends at the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // utime and stime are the 14th and 15th fields, starttime the 22nd (from 1, the pid).
+    if let (Some(user), Some(system)) = (field(11), field(12)) {
+        metric(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (user + system) / TICKS,
+        );
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|t| t.trim().parse::<f64>().ok())
+    });
+    if let (Some(boot), Some(start)) = (boot, field(19)) {
+        metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            boot + start / TICKS,
+        );
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib = status.lines().find_map(|l| {
+        l.strip_prefix("VmRSS:")
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+    });
+    if let Some(kib) = rss_kib {
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            kib * 1024.0,
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let max_fds = limits.lines().find_map(|l| {
+        l.strip_prefix("Max open files")
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|soft| soft.parse::<f64>().ok())
+    });
+    if let Some(max) = max_fds {
+        metric(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max,
+        );
+    }
+    out
 }
 
 /// Handles the per-connection paths use, registered once.

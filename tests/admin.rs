@@ -53,9 +53,19 @@ async fn probes_and_metrics_of_a_working_proxy() {
         "redis_entra_proxy_token_refresh_total{source=\"dev\",result=\"ok\"}",
         "redis_entra_proxy_token_expires_in_seconds",
         "redis_entra_proxy_token_generation",
+        "redis_entra_proxy_build_info{version=",
+        // Registered at 0 before any such event.
+        "redis_entra_proxy_connections_closed_total{side=\"upstream\",reason=\"upstream_desync\"}",
+        "redis_entra_proxy_upstream_connect_errors_total{kind=\"tls\"}",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_max_fds",
     ] {
         assert!(sample(&m, name).is_some(), "{name} missing from:\n{m}");
     }
+    let rss = sample(&m, "process_resident_memory_bytes ").expect("resident memory");
+    assert!(rss > 1e6, "{rss}");
     // Metrics are process-wide and tests share the process: compare at least, not equal.
     assert!(sample(&m, "redis_entra_proxy_commands_total").unwrap() >= 10.0);
     assert!(sample(&m, "redis_entra_proxy_client_connections_active").unwrap() >= 1.0);

@@ -26,6 +26,14 @@ async fn every_command_gets_the_cause_until_a_token_arrives() {
     let (status, body) = http_get(proxy.admin_addr.unwrap(), "/startupz").await;
     assert_eq!(status, 503);
     assert!(body.contains("waiting for the first token"), "{body}");
+    // Nothing left: an alert on a short time left fires for a proxy that never got a token.
+    let (_, metrics) = http_get(proxy.admin_addr.unwrap(), "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "redis_entra_proxy_token_expires_in_seconds 0"),
+        "{metrics}"
+    );
     let mut c = proxy.raw().await;
     c.send(b"PING\r\nGET k\r\n").await;
     let want = "-ERR redis-entra-proxy has no valid token: the first token has not been acquired yet; see the proxy's log and /readyz\r\n";

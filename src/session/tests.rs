@@ -189,3 +189,71 @@ fn a_session_lets_its_thread_go_after_reading_enough_in_one_poll() {
     }
     assert!(got == reply, "the reply as the server sent it");
 }
+
+/// Every close a session can report is registered at 0 from the start
+/// ([`crate::metrics::CLOSE_LABELS`]), and so is every kind of failed connect.
+#[test]
+fn every_close_and_connect_error_label_is_registered_up_front() {
+    use crate::resp::request::ProtocolError;
+    use crate::upstream::ConnectError;
+    let io = || std::io::Error::other("x");
+    let addr = String::new;
+    let connect_errors = [
+        ConnectError::Resolve {
+            addr: addr(),
+            source: io(),
+        },
+        ConnectError::NoAddress { addr: addr() },
+        ConnectError::Connect {
+            addr: addr(),
+            source: io(),
+        },
+        ConnectError::Timeout {
+            addr: addr(),
+            timeout: Duration::ZERO,
+        },
+        ConnectError::Tls {
+            addr: addr(),
+            source: io(),
+        },
+        ConnectError::NotInTopology { addr: addr() },
+    ];
+    for e in &connect_errors {
+        assert!(
+            crate::metrics::CONNECT_ERROR_KINDS.contains(&e.label()),
+            "{}",
+            e.label()
+        );
+    }
+    let d = Duration::ZERO;
+    let outcomes = [
+        Outcome::ClientClosed,
+        Outcome::ClientError(io()),
+        Outcome::UpstreamClosed,
+        Outcome::UpstreamError(io()),
+        Outcome::Drained,
+        Outcome::NoCredentials("x"),
+        Outcome::UpstreamConnect(ConnectError::NoAddress { addr: addr() }),
+        Outcome::Closed(CloseReason::ClientQuit),
+        Outcome::Closed(CloseReason::ClientProtocol(ProtocolError::TooBigInline)),
+        Outcome::Closed(CloseReason::UpstreamAuth(String::new())),
+        Outcome::Closed(CloseReason::UpstreamAuthTimeout(d)),
+        Outcome::Closed(CloseReason::UpstreamProtocol(String::new())),
+        Outcome::Closed(CloseReason::UpstreamDesync),
+        Outcome::Closed(CloseReason::TokenExpiring),
+        Outcome::Closed(CloseReason::ClientIdle(d)),
+        Outcome::Closed(CloseReason::PartialRequest(d)),
+        Outcome::Closed(CloseReason::SlowClient(d)),
+        Outcome::Closed(CloseReason::UnauthenticatedOutput),
+    ];
+    for o in &outcomes {
+        assert!(
+            crate::metrics::CLOSE_LABELS.contains(&(o.side(), o.label())),
+            "({}, {})",
+            o.side(),
+            o.label()
+        );
+    }
+    // One label per outcome, and the panic the metrics guard counts.
+    assert_eq!(crate::metrics::CLOSE_LABELS.len(), outcomes.len() + 1);
+}
