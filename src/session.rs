@@ -194,6 +194,11 @@ impl std::fmt::Display for Outcome {
             Outcome::ClientClosed => f.write_str("client closed the connection"),
             Outcome::ClientError(e) => write!(f, "client connection failed: {e}"),
             Outcome::UpstreamClosed => f.write_str("upstream closed the connection"),
+            // rustls's text for it ends in a link to its manual: what a server that crashed
+            // or was reset looks like, said plainly.
+            Outcome::UpstreamError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                f.write_str("upstream closed the connection (without a TLS close_notify)")
+            }
             Outcome::UpstreamError(e) => write!(f, "upstream connection failed: {e}"),
             Outcome::Drained => f.write_str("proxy shutting down; in-flight replies delivered"),
             Outcome::NoCredentials(why) => write!(f, "no valid token: {why}"),

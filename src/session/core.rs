@@ -53,7 +53,8 @@ pub enum CloseReason {
     ClientQuit,
     /// The client sent bytes Redis would refuse; it got Redis's error first.
     ClientProtocol(ProtocolError),
-    /// The upstream refused the proxy's first AUTH; the text is the server's error line.
+    /// The upstream refused the proxy's first AUTH; the text is the server's error line and
+    /// the identity it was sent as.
     UpstreamAuth(String),
     /// The upstream did not answer the proxy's first AUTH in time (a stalled server).
     UpstreamAuthTimeout(Duration),

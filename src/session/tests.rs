@@ -257,3 +257,20 @@ fn every_close_and_connect_error_label_is_registered_up_front() {
     // One label per outcome, and the panic the metrics guard counts.
     assert_eq!(crate::metrics::CLOSE_LABELS.len(), outcomes.len() + 1);
 }
+
+/// A server that crashed or was reset reads as such in the log, not as rustls's text with a
+/// link to its manual.
+#[test]
+fn an_upstream_gone_without_close_notify_is_said_plainly() {
+    let e = std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/",
+    );
+    let text = Outcome::UpstreamError(e).to_string();
+    assert_eq!(
+        text,
+        "upstream closed the connection (without a TLS close_notify)"
+    );
+    let other = Outcome::UpstreamError(std::io::Error::other("reset")).to_string();
+    assert_eq!(other, "upstream connection failed: reset");
+}

@@ -257,7 +257,8 @@ impl Core {
                 "{text} (redis-entra-proxy: upstream authentication as '{}' failed)",
                 self.creds.username
             );
-            self.first_auth_failed(&msg, CloseReason::UpstreamAuth(text));
+            let logged = format!("{text} (as '{}')", self.creds.username);
+            self.first_auth_failed(&msg, CloseReason::UpstreamAuth(logged));
         } else {
             // The previous token is still valid: keep the connection, retry later.
             self.stats.reauth_failed += 1;
@@ -266,6 +267,7 @@ impl Core {
             if let Some(suppressed) = REFUSED.take() {
                 tracing::warn!(
                     generation,
+                    username = %self.creds.username,
                     error = %text,
                     suppressed,
                     "upstream refused re-authentication"
