@@ -103,22 +103,59 @@ pub enum CredentialError {
 pub const MAX_ERROR_TEXT: usize = 400;
 
 /// `text` fit to log and show: each of `secrets` (8 characters or more: shorter ones would
-/// blank ordinary words), every JWT-shaped word (tokens, assertions) and the word after
-/// `Bearer` replaced by `[redacted]`, cut to [`MAX_ERROR_TEXT`] bytes. For text that comes
-/// from outside (an endpoint's answer, a command's stderr), which may quote a secret.
+/// blank ordinary words), every JWT-shaped word (tokens, assertions), the word after
+/// `Bearer`, and the value of a key that names a secret (`access_token=…`,
+/// `"client_secret": "…"`, `password: …`) replaced by `[redacted]`, cut to
+/// [`MAX_ERROR_TEXT`] bytes. For text that comes from outside (an endpoint's answer, a
+/// command's stderr), which may quote a secret.
 pub fn redact<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
     let mut text = text.to_owned();
     for secret in secrets.iter().map(AsRef::as_ref).filter(|s| s.len() >= 8) {
         text = text.replace(secret, "[redacted]");
     }
     let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    // Not a file or host name (`token.json: No such file`), which has a dot.
+    let names_secret = |word: &str| {
+        let word = word.to_ascii_lowercase();
+        !word.contains('.')
+            && [
+                "token",
+                "secret",
+                "password",
+                "passwd",
+                "key",
+                "assertion",
+                "credential",
+            ]
+            .iter()
+            .any(|k| word.contains(k))
+    };
     let mut out = String::with_capacity(text.len());
     let mut rest = text.as_str();
-    let mut after_bearer = false;
+    let (mut after_bearer, mut after_key) = (false, false);
     while !rest.is_empty() {
         let start = rest.find(|c: char| is_token_char(c)).unwrap_or(rest.len());
-        out.push_str(&rest[..start]);
+        let between = &rest[..start];
+        out.push_str(between);
         rest = &rest[start..];
+        // `key=value`, `key: value`, `"key": "value"`: the value runs to a space, a quote or
+        // a separator, whatever it holds (base64 has `+`, `/` and `=`).
+        let keyed = after_key
+            && between.contains(['=', ':'])
+            && between
+                .chars()
+                .all(|c| matches!(c, '=' | ':' | '"' | '\'') || c.is_whitespace());
+        if keyed && !rest.is_empty() {
+            let end = rest
+                .find(|c: char| {
+                    c.is_whitespace() || matches!(c, '"' | '\'' | ',' | '&' | ';' | '}')
+                })
+                .unwrap_or(rest.len());
+            out.push_str("[redacted]");
+            rest = &rest[end..];
+            (after_bearer, after_key) = (false, false);
+            continue;
+        }
         let end = rest.find(|c: char| !is_token_char(c)).unwrap_or(rest.len());
         let word = &rest[..end];
         // A JWT starts with a base64url JSON header (`eyJ`); one cut short (an excerpt) has
@@ -130,6 +167,7 @@ pub fn redact<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
             word
         });
         after_bearer = word.eq_ignore_ascii_case("bearer");
+        after_key = names_secret(word);
         rest = &rest[end..];
     }
     cut(&mut out, MAX_ERROR_TEXT);

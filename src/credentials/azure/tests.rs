@@ -303,3 +303,36 @@ fn errors_are_redacted_before_they_are_cut() {
     let cut = crate::credentials::redact::<&str>("token eyJhbGciOiJub25lIn0.eyJvaWQiOi", &[]);
     assert_eq!(cut, "token [redacted]");
 }
+
+/// The value of a key that names a secret goes, whatever its shape: a helper that fails
+/// with `access_token=…` in its message, or an endpoint echoing a JSON body.
+#[test]
+fn values_of_secret_keys_are_redacted() {
+    let redact = |t: &str| crate::credentials::redact::<&str>(t, &[]);
+    for (given, want) in [
+        (
+            "error: access_token=s3cr3tvalue-not-jwt rejected",
+            "error: access_token=[redacted] rejected",
+        ),
+        (
+            r#"{"client_secret": "ab+/cd==", "tenant": "t1"}"#,
+            r#"{"client_secret": "[redacted]", "tenant": "t1"}"#,
+        ),
+        (
+            "PASSWORD: hunter2!x, user: bob",
+            "PASSWORD: [redacted], user: bob",
+        ),
+        ("x-api-key:abc&y=1", "x-api-key:[redacted]&y=1"),
+        // No value: nothing to take.
+        ("the token expired", "the token expired"),
+        ("token=", "token="),
+        ("user: bob", "user: bob"),
+        // A file name is not a key.
+        (
+            "token file /run/token.json: No such file",
+            "token file /run/token.json: No such file",
+        ),
+    ] {
+        assert_eq!(redact(given), want, "{given}");
+    }
+}
