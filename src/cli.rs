@@ -32,7 +32,7 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub options: Options,
-    /// Print the effective configuration (secrets redacted) and exit.
+    /// Check the configuration as a start would, print it (secrets redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
 }

@@ -60,6 +60,13 @@ fn main() -> ExitCode {
         for name in config::unknown_env_vars(env_names()) {
             eprintln!("redis-entra-proxy: warning: {name} is not a variable of the proxy; ignored");
         }
+        // The token source too, as a start would: a check before deploying.
+        if let Err(e) = runtime()
+            .block_on(async { redis_entra_proxy::credentials::source::from_config(&config) })
+        {
+            eprintln!("redis-entra-proxy: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
         print!("{}", config::render(&merged, token_env.is_some()));
         return ExitCode::SUCCESS;
     }

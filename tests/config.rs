@@ -200,7 +200,14 @@ fn print_config_redacts_secrets() {
     ];
     for (name, extra, mut env) in cases {
         env.push(("REDIS_ENTRA_PROXY_TOKEN", TOKEN));
-        let mut args = vec!["--print-config", "--upstream", UPSTREAM];
+        // Not a JWT: the start (and so --print-config) needs the identity named.
+        let mut args = vec![
+            "--print-config",
+            "--upstream",
+            UPSTREAM,
+            "--username",
+            "oid-1",
+        ];
         args.extend(extra);
         let out = run(&args, &env);
         assert!(
@@ -508,6 +515,7 @@ fn an_unknown_variable_of_the_proxys_is_warned_about() {
             ("REDIS_ENTRA_PROXY_LISTN", "127.0.0.1:7000"),
             ("REDIS_ENTRA_PROXY_MULTIPLEX", "true"),
             ("REDIS_ENTRA_PROXY_TOKEN", "t0ken-value"),
+            ("REDIS_ENTRA_PROXY_USERNAME", "oid-1"),
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -515,5 +523,34 @@ fn an_unknown_variable_of_the_proxys_is_warned_about() {
     assert!(stderr.contains("REDIS_ENTRA_PROXY_LISTN"), "{stderr}");
     for quiet in ["MULTIPLEX", "TOKEN", "127.0.0.1:7000", "t0ken"] {
         assert!(!stderr.contains(quiet), "{quiet} in {stderr}");
+    }
+}
+
+/// `--print-config` checks the token source as a start would, so that it can vet a
+/// configuration before it is deployed: what would exit 2 at start-up exits 2 here too.
+#[test]
+fn print_config_checks_the_token_source() {
+    for (args, names) in [
+        (vec!["--credential", "fixed"], "--token-file"),
+        (
+            vec!["--credential", "exec", "--credential-command", "  "],
+            "--credential-command",
+        ),
+    ] {
+        let mut all = vec!["--print-config", "--upstream", UPSTREAM];
+        all.extend(args.iter().copied());
+        let out = run(&all, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(names),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: nothing printed");
     }
 }

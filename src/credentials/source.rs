@@ -63,10 +63,14 @@ pub fn from_config(config: &Config) -> Result<Arc<dyn TokenSource>, ConfigError>
             Ok(Arc::new(FileSource::new(path, field_paths(config)?)))
         }
         CredentialKind::Exec => {
-            let command = s.credential_command.clone().ok_or(ConfigError::Missing {
-                option: "credential-command",
-                hint: " for --credential exec",
-            })?;
+            let command = s
+                .credential_command
+                .clone()
+                .filter(|c| !c.trim().is_empty())
+                .ok_or(ConfigError::Missing {
+                    option: "credential-command",
+                    hint: " for --credential exec (a command that prints the token)",
+                })?;
             Ok(Arc::new(ExecSource::new(
                 command,
                 field_paths(config)?,
