@@ -305,9 +305,9 @@ declare -A CASE_ARGS=(
     # Clients that say HELLO 3 first (go-redis v9, Lettuce, redis-py with protocol=3).
     [c50_resp3]="-3 -c 50 -n $((100000 / SCALE)) -t set,get"
     [c50_p16]="-c 50 -P 16 -n $((500000 / SCALE)) -t set,get"
-    # Runs of a second or less measured the start more than the steady state (50 new
-    # connections, each proxy settling its threads): the proxy's rate over 20,000 16 KiB SETs
-    # was about 10 % below its rate over 100,000, in rounds twice as spread.
+    # Runs of a second or less measure the start as much as the steady state (50 new
+    # connections, the proxy settling its threads). On the dev setup, six runs alternating,
+    # 20,000 16 KiB SETs went at 25.0-30.3k/s (median 27.2k), 100,000 at 29.3-31.4k (30.5k).
     [v16k]="-c 50 -d 16384 -n $((100000 / SCALE)) -t set,get"
     [c1]="-c 1 -n $((20000 / SCALE)) -t set,get"
     # The same with redis-benchmark, redis-server and the process in the middle all on one CPU.
