@@ -168,8 +168,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
         };
         let admin = admin.clone();
         let waiting = waiting.clone();
+        // Listed before its task runs, so that the next accept can already evict it.
+        let (id, evicted) = waiting.add();
         tokio::spawn(async move {
-            let (id, evicted) = waiting.add();
             tokio::select! {
                 r = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &admin, || waiting.remove(id))) => {
                     if let Err(e) = r {
