@@ -43,6 +43,17 @@ pub enum ClusterMode {
     Off,
 }
 
+impl ClusterMode {
+    /// As the configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClusterMode::Auto => "auto",
+            ClusterMode::On => "on",
+            ClusterMode::Off => "off",
+        }
+    }
+}
+
 /// Local ports for node listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ports {

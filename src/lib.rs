@@ -307,7 +307,7 @@ pub async fn run_with_source(
         admin_listen = config.admin_listen.map(|a| a.to_string()),
         upstream = %config.upstream.addr,
         tls = config.upstream.tls,
-        cluster_mode = format!("{:?}", config.cluster.mode).to_lowercase(),
+        cluster_mode = config.cluster.mode.name(),
         multiplex = config.multiplex,
         "proxy started"
     );

@@ -129,7 +129,7 @@ pub fn render(o: &Options, token_set: bool) -> String {
     );
     line(
         "cluster-mode",
-        q(&format!("{:?}", o.cluster_mode.unwrap_or(ClusterMode::Auto)).to_lowercase()),
+        q(o.cluster_mode.unwrap_or(ClusterMode::Auto).name()),
     );
     line(
         "cluster-ports",
