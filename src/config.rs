@@ -144,6 +144,8 @@ pub struct Config {
     /// `None`: one per CPU.
     pub worker_threads: Option<usize>,
     pub max_connections: usize,
+    /// `--max-connections` was set, rather than left at its default.
+    pub max_connections_set: bool,
     pub refresh_ratio: f64,
     pub reauth_window: Duration,
     pub admin_listen: Option<SocketAddr>,
@@ -454,6 +456,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
         cluster,
         worker_threads: o.worker_threads,
         max_connections,
+        max_connections_set: o.max_connections.is_some(),
         refresh_ratio,
         reauth_window: o.reauth_window.unwrap_or(DEFAULT_REAUTH_WINDOW),
         admin_listen,

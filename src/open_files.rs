@@ -77,7 +77,15 @@ pub fn fit(config: &mut Config) {
         Some(limit) if limit < need => clients_within(limit, warm_connections),
         _ => max_connections,
     };
-    if fits < max_connections {
+    if fits < max_connections && !config.max_connections_set {
+        // Nobody asked for the default's 10,000: say so, but it is no fault.
+        tracing::info!(
+            open_file_limit = after,
+            hard_limit = maximum,
+            "the open-file limit holds {fits} client connections; serving at most that many \
+             (--max-connections sets how many; its default is {max_connections})"
+        );
+    } else if fits < max_connections {
         tracing::warn!(
             open_file_limit = after,
             hard_limit = maximum,

@@ -285,17 +285,21 @@ async fn connection_limit_answers_like_maxclients() {
 /// The binary in front of its own stand-in server, with a fixed token and the open-file
 /// limit `open_files` (soft, hard).
 async fn limited_proxy(
-    max_connections: usize,
+    max_connections: Option<usize>,
     open_files: (u64, u64),
 ) -> (ProxyProcess, RedisServer) {
     let redis = RedisServer::start(RedisOptions::default())
         .await
         .expect("redis-server starts");
     let token = fixed_token(&redis, "limits-1", true).await;
-    let max = max_connections.to_string();
+    let max = max_connections.map(|m| m.to_string());
+    let mut args = vec!["--credential", "fixed"];
+    if let Some(max) = &max {
+        args.extend(["--max-connections", max]);
+    }
     let proxy = ProxyProcess::start_limited(
         &redis,
-        &["--credential", "fixed", "--max-connections", &max],
+        &args,
         &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
         Some(open_files),
     )
@@ -368,7 +372,7 @@ async fn serves_exactly(proxy: &ProxyProcess, n: usize) -> Vec<RespConn> {
 async fn a_short_open_file_limit_is_raised_to_hold_every_connection() {
     // 100 clients need 2 × 100 + 64 descriptors; the shell leaves the proxy 150 of a possible
     // 1,000, which would hold 43.
-    let (proxy, _redis) = limited_proxy(100, (150, 1_000)).await;
+    let (proxy, _redis) = limited_proxy(Some(100), (150, 1_000)).await;
     assert_eq!(open_file_limits(proxy.pid()), (264, 1_000));
     assert!(
         proxy.log().contains("raised the open-file limit"),
@@ -383,7 +387,7 @@ async fn a_hard_limit_too_low_lowers_the_connection_limit_like_maxclients() {
     // 200 descriptors hold (200 − 64) / 2 = 68 clients, not the 1,000 asked for. Without the
     // fit, the 69th would be served and, some twenty later, clients would get no answer at all
     // (accept failing) or a failed upstream connect.
-    let (proxy, _redis) = limited_proxy(1_000, (200, 200)).await;
+    let (proxy, _redis) = limited_proxy(Some(1_000), (200, 200)).await;
     assert_eq!(open_file_limits(proxy.pid()), (200, 200));
     assert!(
         proxy.log().contains("holds only 68 client connections"),
@@ -398,6 +402,20 @@ async fn a_hard_limit_too_low_lowers_the_connection_limit_like_maxclients() {
             Reply::Simple("PONG".into())
         );
     }
+}
+
+/// With `--max-connections` left at its default, a limit that holds fewer is said at info:
+/// nobody asked for 10,000, and a warning at every start would be noise.
+#[tokio::test]
+async fn a_limit_short_of_the_default_is_no_warning() {
+    let (proxy, _redis) = limited_proxy(None, (200, 200)).await;
+    let log = proxy.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("holds 68 client connections"))
+        .unwrap_or_else(|| panic!("{}", proxy.log_tail()));
+    assert!(line.contains("INFO"), "{line}");
+    serves_exactly(&proxy, 68).await;
 }
 
 #[tokio::test]
