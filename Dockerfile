@@ -68,6 +68,11 @@ USER 65532:65532
 # The process writes nothing to its filesystem (tokens live in memory), so the root
 # filesystem can be read-only; only --unix-socket needs a writable directory (mount one).
 ENTRYPOINT ["/redis-entra-proxy"]
+# `docker ps` and compose's `service_healthy` read it (Kubernetes ignores it: it has its own
+# probes, see config/kubernetes-sidecar.yaml). The image has no curl: the proxy asks its own
+# admin endpoint (--admin-listen, from the container's environment).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["/redis-entra-proxy", "healthcheck"]
 # No CMD: the configuration comes from REDIS_ENTRA_PROXY_* variables or flags, and the
 # defaults (--listen 127.0.0.1:6379) are right for a sidecar. Listening on 0.0.0.0 would
 # need a local password (--local-password-file) or --allow-unauthenticated-remote.

@@ -37,11 +37,25 @@ pub struct Cli {
     pub print_config: bool,
 }
 
+// Parsed once per process: the size of `Dev` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a built-in local setup: a TLS redis-server standing in for Azure Managed Redis,
     /// with rotating tokens, and the proxy in front of it. No Azure needed.
     Dev(DevArgs),
+    /// Ask a running proxy's admin endpoint whether it is healthy (`/healthz`; with `--ready`,
+    /// `/readyz`) and exit 0 if it is, 1 if not: a container HEALTHCHECK for an image without
+    /// curl. The address is `--admin-listen`'s, from the flags before `healthcheck`, the
+    /// environment or the config file; a wildcard address is asked on loopback.
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct HealthcheckArgs {
+    /// Ask `/readyz` (a valid token, and an upstream that accepts it) instead of `/healthz`.
+    #[arg(long)]
+    pub ready: bool,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -165,6 +165,19 @@ pub fn load(cli: Options, token_env: Option<String>) -> Result<(Config, Options)
     Ok((config, merged))
 }
 
+/// `--admin-listen`: where the admin endpoint listens, or `None` (`none`).
+pub fn admin_listen(o: &Options) -> Result<Option<SocketAddr>, ConfigError> {
+    match o.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN) {
+        "none" => Ok(None),
+        s => s.parse::<SocketAddr>().map(Some).map_err(|_| {
+            invalid(
+                "admin-listen",
+                format!("{s:?} is not IP:PORT (e.g. 127.0.0.1:9090) or `none`"),
+            )
+        }),
+    }
+}
+
 /// The `REDIS_ENTRA_PROXY_*` names among `vars` that belong to no option (nor to the token
 /// or the client secret, which have no flag).
 pub fn unknown_env_vars(vars: impl IntoIterator<Item = String>) -> Vec<String> {
@@ -400,15 +413,7 @@ pub fn validate(o: Options, token_env: Option<String>) -> Result<Config, ConfigE
             format!("{refresh_ratio} is outside 0.05..=0.95"),
         ));
     }
-    let admin_listen = match o.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN) {
-        "none" => None,
-        s => Some(s.parse::<SocketAddr>().map_err(|_| {
-            invalid(
-                "admin-listen",
-                format!("{s:?} is not IP:PORT (e.g. 127.0.0.1:9090) or `none`"),
-            )
-        })?),
-    };
+    let admin_listen = admin_listen(&o)?;
     let max_connections = o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if max_connections == 0 {
         return Err(invalid("max-connections", "must be at least 1"));

@@ -17,6 +17,9 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let token_env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    if let Some(Command::Healthcheck(args)) = &cli.command {
+        return healthcheck(cli.options, args.ready);
+    }
     if let Some(Command::Dev(mut args)) = cli.command {
         if cli.print_config {
             eprintln!("redis-entra-proxy: --print-config does not apply to `dev`, whose setup is made as it starts");
@@ -111,6 +114,75 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("the tokio runtime starts (it only fails when the OS refuses resources)")
+}
+
+/// `healthcheck`: one GET of `/healthz` (or `/readyz`) on the admin endpoint; 0 if it answers
+/// 200, 1 if it answers otherwise or not at all, 2 if there is no admin endpoint to ask.
+fn healthcheck(options: redis_entra_proxy::cli::Options, ready: bool) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    use std::time::Duration;
+    let options = match options.config.clone() {
+        Some(path) => match config::read_file(&path) {
+            Ok(file) => options.or(file),
+            Err(e) => {
+                eprintln!("redis-entra-proxy healthcheck: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => options,
+    };
+    let addr = match config::admin_listen(&options) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            eprintln!("redis-entra-proxy healthcheck: --admin-listen is none: nothing to ask");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("redis-entra-proxy healthcheck: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // A wildcard address listens on loopback too.
+    let addr = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    };
+    let path = if ready { "/readyz" } else { "/healthz" };
+    // `/readyz` may probe the upstream, for up to 5 s.
+    let timeout = Duration::from_secs(if ready { 7 } else { 3 });
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+        let mut answer = Vec::new();
+        s.take(64 * 1024).read_to_end(&mut answer)?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    })();
+    match answer {
+        Ok(text) => {
+            let status = text.split(' ').nth(1).unwrap_or_default();
+            let body = text
+                .split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b.trim_end());
+            println!("http://{addr}{path}: {status} {body}");
+            if status == "200" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            println!("http://{addr}{path}: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// The names of this process's environment variables.

@@ -248,6 +248,49 @@ async fn json_logs_are_one_object_per_line_with_plain_values() {
     assert!(closed.get("spans").is_none(), "{closed}");
 }
 
+/// `healthcheck` asks a running proxy's admin endpoint, for a container HEALTHCHECK in an
+/// image without curl: 0 when it answers 200, 1 when it answers otherwise or not at all.
+#[tokio::test]
+async fn the_healthcheck_command_asks_the_admin_endpoint() {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let token = fixed_token(&redis, "health-1", true).await;
+    let proxy = ProxyProcess::start(
+        &redis,
+        &["--credential", "fixed"],
+        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+    )
+    .await;
+    proxy.wait_started().await;
+    let check = |admin: String, args: &'static [&'static str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+            .args(args)
+            .env("REDIS_ENTRA_PROXY_ADMIN_LISTEN", admin)
+            .output()
+            .expect("runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let admin = proxy.admin.to_string();
+    let (code, out) = check(admin.clone(), &["healthcheck"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("/healthz: 200 ok"), "{out}");
+    let (code, out) = check(admin, &["healthcheck", "--ready"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("/readyz: 200 ready"), "{out}");
+    // A wildcard address is asked on loopback.
+    let (code, out) = check(format!("0.0.0.0:{}", proxy.admin.port()), &["healthcheck"]);
+    assert_eq!(code, Some(0), "{out}");
+    // Nothing listening.
+    let (code, out) = check(free_addr().to_string(), &["healthcheck"]);
+    assert_eq!(code, Some(1), "{out}");
+    let (code, _) = check("none".into(), &["healthcheck"]);
+    assert_eq!(code, Some(2));
+}
+
 #[tokio::test]
 async fn connection_limit_answers_like_maxclients() {
     let proxy = Proxy::start_with(ProxyOptions {
