@@ -77,7 +77,11 @@ fn main() -> ExitCode {
     warn_unknown_env_vars();
     // Read before logging started: say it now.
     if let Some(path) = &merged.local_password_file {
-        config::warn_if_readable_by_others(path);
+        if merged.local_password.is_some() {
+            tracing::warn!("--local-password-file is set but ignored: --local-password is set too");
+        } else {
+            config::warn_if_readable_by_others(path);
+        }
     }
     open_files::fit(&mut config);
     runtime().block_on(async move {

@@ -291,6 +291,34 @@ async fn the_healthcheck_command_asks_the_admin_endpoint() {
     assert_eq!(code, Some(2));
 }
 
+/// Settings of a token source other than the one in use are named in a warning: most
+/// likely a mistake (a forgotten variable, the wrong --credential).
+#[tokio::test]
+async fn settings_of_another_token_source_are_warned_about() {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let token = fixed_token(&redis, "ignored-1", true).await;
+    let proxy = ProxyProcess::start(
+        &redis,
+        &[
+            "--credential",
+            "fixed",
+            "--credential-file",
+            "/nonexistent/token.json",
+        ],
+        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+    )
+    .await;
+    proxy.wait_started().await;
+    proxy
+        .wait_log(
+            "--credential-file is set but ignored: the token source is fixed",
+            STEP,
+        )
+        .await;
+}
+
 #[tokio::test]
 async fn connection_limit_answers_like_maxclients() {
     let proxy = Proxy::start_with(ProxyOptions {

@@ -35,6 +35,32 @@ pub fn from_config(config: &Config) -> Result<Arc<dyn TokenSource>, ConfigError>
             "credential auto: using the token source configured explicitly"
         );
     }
+    // Settings of another source than the one in use: a mistake, most likely.
+    let ignored = [
+        (
+            kind != CredentialKind::Fixed && config.token_file.is_some(),
+            "--token-file",
+        ),
+        (
+            kind != CredentialKind::Fixed && config.token.is_some(),
+            TOKEN_ENV,
+        ),
+        (
+            kind != CredentialKind::File && s.credential_file.is_some(),
+            "--credential-file",
+        ),
+        (
+            kind != CredentialKind::Exec && s.credential_command.is_some(),
+            "--credential-command",
+        ),
+    ];
+    for (_, what) in ignored.iter().filter(|(unused, _)| *unused) {
+        tracing::warn!(
+            source = kind.name(),
+            "{what} is set but ignored: the token source is {}",
+            kind.name()
+        );
+    }
     let entra = |kind: EntraKind| -> Result<Arc<dyn TokenSource>, ConfigError> {
         let config = EntraConfig {
             kind,
