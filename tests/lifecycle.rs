@@ -66,16 +66,7 @@ async fn drains_in_flight_pipelines(multiplex: bool) {
 /// the process exits at the drain timeout.
 #[tokio::test]
 async fn draining_a_busy_connection_spins_nothing_and_keeps_the_admin_endpoint() {
-    let redis = RedisServer::start(RedisOptions::default())
-        .await
-        .expect("redis-server starts");
-    let token = fixed_token(&redis, "drain-1", true).await;
-    let mut proxy = ProxyProcess::start(
-        &redis,
-        &["--credential", "fixed", "--drain-timeout", "4s"],
-        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
-    )
-    .await;
+    let (mut proxy, _redis) = fixed_proxy("drain-1", &["--drain-timeout", "4s"]).await;
     proxy.wait_started().await;
     assert_eq!(proxy.get("/readyz").await.0, 200);
     let mut blocked = proxy.client().await;
@@ -114,16 +105,7 @@ async fn draining_a_busy_connection_spins_nothing_and_keeps_the_admin_endpoint()
 /// timeout) can stop it for good, and it still exits cleanly.
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
-    let redis = RedisServer::start(RedisOptions::default())
-        .await
-        .expect("redis-server starts");
-    let token = fixed_token(&redis, "drain-2", true).await;
-    let mut proxy = ProxyProcess::start(
-        &redis,
-        &["--credential", "fixed", "--drain-timeout", "60s"],
-        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
-    )
-    .await;
+    let (mut proxy, _redis) = fixed_proxy("drain-2", &["--drain-timeout", "60s"]).await;
     proxy.wait_started().await;
     let mut blocked = proxy.client().await;
     blocked
@@ -164,16 +146,7 @@ async fn a_second_signal_ends_the_drain_at_once() {
 /// would end the process and cut every connection.
 #[tokio::test]
 async fn sighup_is_ignored() {
-    let redis = RedisServer::start(RedisOptions::default())
-        .await
-        .expect("redis-server starts");
-    let token = fixed_token(&redis, "hup-1", true).await;
-    let mut proxy = ProxyProcess::start(
-        &redis,
-        &["--credential", "fixed"],
-        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
-    )
-    .await;
+    let (mut proxy, _redis) = fixed_proxy("hup-1", &[]).await;
     proxy.wait_started().await;
     let mut c = proxy.client().await;
     assert_eq!(
@@ -199,16 +172,7 @@ async fn sighup_is_ignored() {
 /// connection's span once.
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_plain_values() {
-    let redis = RedisServer::start(RedisOptions::default())
-        .await
-        .expect("redis-server starts");
-    let token = fixed_token(&redis, "json-1", true).await;
-    let mut proxy = ProxyProcess::start(
-        &redis,
-        &["--credential", "fixed", "--log-format", "json"],
-        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
-    )
-    .await;
+    let (mut proxy, _redis) = fixed_proxy("json-1", &["--log-format", "json"]).await;
     proxy.wait_started().await;
     // A close logged as a warning, in the connection's span: a malformed request.
     let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -252,16 +216,7 @@ async fn json_logs_are_one_object_per_line_with_plain_values() {
 /// image without curl: 0 when it answers 200, 1 when it answers otherwise or not at all.
 #[tokio::test]
 async fn the_healthcheck_command_asks_the_admin_endpoint() {
-    let redis = RedisServer::start(RedisOptions::default())
-        .await
-        .expect("redis-server starts");
-    let token = fixed_token(&redis, "health-1", true).await;
-    let proxy = ProxyProcess::start(
-        &redis,
-        &["--credential", "fixed"],
-        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
-    )
-    .await;
+    let (proxy, _redis) = fixed_proxy("health-1", &[]).await;
     proxy.wait_started().await;
     let check = |admin: String, args: &'static [&'static str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
@@ -295,19 +250,9 @@ async fn the_healthcheck_command_asks_the_admin_endpoint() {
 /// likely a mistake (a forgotten variable, the wrong --credential).
 #[tokio::test]
 async fn settings_of_another_token_source_are_warned_about() {
-    let redis = RedisServer::start(RedisOptions::default())
-        .await
-        .expect("redis-server starts");
-    let token = fixed_token(&redis, "ignored-1", true).await;
-    let proxy = ProxyProcess::start(
-        &redis,
-        &[
-            "--credential",
-            "fixed",
-            "--credential-file",
-            "/nonexistent/token.json",
-        ],
-        &[("REDIS_ENTRA_PROXY_TOKEN", &token)],
+    let (proxy, _redis) = fixed_proxy(
+        "ignored-1",
+        &["--credential-file", "/nonexistent/token.json"],
     )
     .await;
     proxy.wait_started().await;
@@ -376,6 +321,19 @@ async fn limited_proxy(
     )
     .await;
     proxy.wait_started().await;
+    (proxy, redis)
+}
+
+/// A proxy process in front of its own redis-server, with a fixed token for `oid` (known to
+/// the server), started with `args` too.
+async fn fixed_proxy(oid: &str, args: &[&str]) -> (ProxyProcess, RedisServer) {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let token = fixed_token(&redis, oid, true).await;
+    let mut all = vec!["--credential", "fixed"];
+    all.extend_from_slice(args);
+    let proxy = ProxyProcess::start(&redis, &all, &[("REDIS_ENTRA_PROXY_TOKEN", &token)]).await;
     (proxy, redis)
 }
 
