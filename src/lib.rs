@@ -288,6 +288,14 @@ pub async fn run_with_source(
             }
         }
     });
+    // The counts of log lines left out in bursts that no line followed (`log_budget`).
+    let flusher = tokio::spawn(async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            log_budget::flush(false);
+        }
+    });
     // The admin endpoint outlives the drain: it stops once the sessions are done.
     let admin_stop = CancellationToken::new();
     if let Some(listener) = listeners.admin.take() {
@@ -329,6 +337,8 @@ pub async fn run_with_source(
     refresher.abort();
     // Sessions still running past the drain timeout end with their threads.
     workers.stop().await;
+    flusher.abort();
+    log_budget::flush(true);
     admin_stop.cancel();
     if let Some(path) = &unix_socket {
         remove_socket(path);

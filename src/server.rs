@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::cluster::NodeListener;
 use crate::log_budget::LogBudget;
+use crate::metrics::CLOSE_LABELS;
 use crate::mux::Served;
 use crate::session::{self, Outcome, Shared, Target};
 use crate::workers::{Placement, Portable, Workers};
@@ -176,7 +177,7 @@ where
             .increment(1);
         ctx.tracker.spawn(
             async move {
-                static REFUSED: LogBudget = LogBudget::new();
+                static REFUSED: LogBudget = LogBudget::new("refused: max connections reached");
                 if let Some(suppressed) = REFUSED.take() {
                     tracing::warn!(suppressed, "refused: max connections reached");
                 }
@@ -301,6 +302,17 @@ impl<S: Portable> Handoff<S> {
     }
 }
 
+/// One [`LogBudget`] per close label, each named after its reason.
+const fn close_budgets() -> [LogBudget; CLOSE_LABELS.len()] {
+    let mut budgets = [const { LogBudget::new("closed") }; CLOSE_LABELS.len()];
+    let mut i = 0;
+    while i < CLOSE_LABELS.len() {
+        budgets[i] = LogBudget::new(CLOSE_LABELS[i].1);
+        i += 1;
+    }
+    budgets
+}
+
 fn log_outcome(outcome: &Outcome) {
     let side = outcome.side();
     metrics::counter!(crate::metrics::CONNECTIONS_CLOSED_TOTAL, "side" => side, "reason" => outcome.label())
@@ -320,8 +332,14 @@ fn log_outcome(outcome: &Outcome) {
             tracing::debug!(side, reason, "closed: {outcome}")
         }
         _ => {
-            static CLOSED: LogBudget = LogBudget::new();
-            if let Some(suppressed) = CLOSED.take() {
+            // A budget per reason: a flood of one (failed connects in an outage) leaves the
+            // lines of a rarer one (a refused AUTH) in.
+            static CLOSED: [LogBudget; CLOSE_LABELS.len()] = close_budgets();
+            let which = CLOSE_LABELS
+                .iter()
+                .position(|&(s, r)| (s, r) == (side, reason))
+                .unwrap_or(0);
+            if let Some(suppressed) = CLOSED[which].take() {
                 tracing::warn!(side, reason, suppressed, "closed: {outcome}");
             }
         }

@@ -487,4 +487,20 @@ async fn a_flood_of_failing_connections_logs_a_few_lines_a_second() {
         (1..=10 * seconds).contains(&lines),
         "{lines} close lines for {ATTEMPTS} connections in {seconds} s"
     );
+    // Every connection is accounted for in the log: a line, or a count of lines left out,
+    // the last burst's included once its second is over.
+    proxy.wait_log("more such lines left out", STEP).await;
+    let log = proxy.log();
+    let lines = log.lines().filter(|l| l.contains("closed: ")).count() as u64;
+    let left_out: u64 = log
+        .lines()
+        .filter_map(|l| l.split("suppressed=").nth(1))
+        .filter_map(|n| {
+            n.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(lines + left_out, ATTEMPTS as u64, "{}", proxy.log_tail());
 }

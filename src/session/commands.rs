@@ -370,7 +370,7 @@ impl Core {
     /// few lines a second: guesses come fast).
     fn wrong_password(&mut self) {
         ::metrics::counter!(crate::metrics::LOCAL_AUTH_FAILURES_TOTAL).increment(1);
-        static WRONG: LogBudget = LogBudget::new();
+        static WRONG: LogBudget = LogBudget::new("client gave a wrong local password");
         if let Some(suppressed) = WRONG.take() {
             tracing::warn!(suppressed, "client gave a wrong local password");
         }

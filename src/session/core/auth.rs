@@ -263,7 +263,7 @@ impl Core {
             // The previous token is still valid: keep the connection, retry later.
             self.stats.reauth_failed += 1;
             self.reauth_failed = true;
-            static REFUSED: LogBudget = LogBudget::new();
+            static REFUSED: LogBudget = LogBudget::new("upstream refused re-authentication");
             if let Some(suppressed) = REFUSED.take() {
                 tracing::warn!(
                     generation,
