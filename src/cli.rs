@@ -43,12 +43,43 @@ pub struct Cli {
 pub enum Command {
     /// Run a built-in local setup: a TLS redis-server standing in for Azure Managed Redis,
     /// with rotating tokens, and the proxy in front of it. No Azure needed.
+    #[command(mut_args(hide_in_dev))]
     Dev(DevArgs),
     /// Ask a running proxy's admin endpoint whether it is healthy (`/healthz`; with `--ready`,
     /// `/readyz`) and exit 0 if it is, 1 if not: a container HEALTHCHECK for an image without
     /// curl. The address is `--admin-listen`'s, from the flags before `healthcheck`, the
     /// environment or the config file; a wildcard address is asked on loopback.
     Healthcheck(HealthcheckArgs),
+}
+
+/// Options `dev` sets itself (its own upstream and token issuer): left out of `dev --help`,
+/// and warned about when given (`dev::run`).
+pub const SET_BY_DEV: &[&str] = &[
+    "upstream",
+    "upstream_tls",
+    "upstream_ca_file",
+    "upstream_server_name",
+    "credential",
+    "client_id",
+    "object_id",
+    "resource_id",
+    "tenant_id",
+    "client_secret_file",
+    "client_certificate_file",
+    "credential_file",
+    "credential_command",
+    "json_username_path",
+    "json_token_path",
+    "json_expiry_path",
+    "scope",
+    "authority_host",
+    "token_file",
+    "username",
+];
+
+fn hide_in_dev(arg: clap::Arg) -> clap::Arg {
+    let hide = SET_BY_DEV.contains(&arg.get_id().as_str());
+    arg.hide(hide)
 }
 
 #[derive(Debug, Args, Clone)]

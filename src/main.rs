@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         };
         init_logging(&log_level, options.log_format);
         warn_unknown_env_vars();
+        warn_set_by_dev();
         return runtime().block_on(redis_entra_proxy::dev::run(args, options));
     }
     let (mut config, merged) = match config::load(cli.options, token_env.clone()) {
@@ -186,6 +187,32 @@ fn healthcheck(options: redis_entra_proxy::cli::Options, ready: bool) -> ExitCod
             println!("http://{addr}{path}: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `dev` sets the upstream and token options itself: says which of them it was given
+/// (flags or environment), which it ignores.
+fn warn_set_by_dev() {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let matches = Cli::command().get_matches();
+    let given = |m: &clap::ArgMatches, id: &str| {
+        matches!(
+            m.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let dev = matches.subcommand_matches("dev");
+    let ignored: Vec<String> = redis_entra_proxy::cli::SET_BY_DEV
+        .iter()
+        .filter(|id| given(&matches, id) || dev.is_some_and(|d| given(d, id)))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            "dev runs its own upstream and token issuer: {} ignored",
+            ignored.join(", ")
+        );
     }
 }
 

@@ -554,3 +554,31 @@ fn print_config_checks_the_token_source() {
         assert!(out.stdout.is_empty(), "{args:?}: nothing printed");
     }
 }
+
+/// `dev --help` leaves out the options `dev` sets itself (its own upstream and token issuer),
+/// and keeps the proxy's own.
+#[test]
+fn dev_help_leaves_out_what_dev_sets() {
+    let out = run(&["dev", "--help"], &[]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for set in [
+        "--upstream ",
+        "--credential ",
+        "--token-file",
+        "--client-id",
+    ] {
+        assert!(!help.contains(set), "{set} in dev --help:\n{help}");
+    }
+    for kept in [
+        "--listen",
+        "--local-password",
+        "--multiplex",
+        "--rotate-every",
+    ] {
+        assert!(
+            help.contains(kept),
+            "{kept} missing from dev --help:\n{help}"
+        );
+    }
+}
