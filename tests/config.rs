@@ -566,7 +566,7 @@ fn dev_help_leaves_out_what_dev_sets() {
         "--upstream ",
         "--credential ",
         "--token-file",
-        "--client-id",
+        "--client-id ",
     ] {
         assert!(!help.contains(set), "{set} in dev --help:\n{help}");
     }
