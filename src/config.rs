@@ -209,7 +209,9 @@ pub fn unknown_env_vars(vars: impl IntoIterator<Item = String>) -> Vec<String> {
 /// Checks a `--log-level` filter and spells it as `tracing` reads it. A bare word must be a
 /// level: `tracing` takes any other word (`warning`, Redis's name for `warn`) for a target,
 /// and the filter then lets nothing through, errors included. Redis's level names stand for
-/// the nearest ones: `warning` for `warn`, `notice` for `info`, `verbose` for `debug`.
+/// the nearest ones: `warning` for `warn`, `notice` for `info`, `verbose` for `debug`. A
+/// filter without a bare level gets `warn` for the rest; hyphens in a target are
+/// underscores (`redis-entra-proxy=debug`).
 pub fn log_filter(raw: &str) -> Result<String, String> {
     const LEVELS: &str = "off, error, warn, info, debug, trace";
     let level = |word: &str| -> Option<&'static str> {
@@ -234,7 +236,8 @@ pub fn log_filter(raw: &str) -> Result<String, String> {
         } else if let Some((target, word)) = d.rsplit_once('=') {
             let l = level(word)
                 .ok_or_else(|| format!("{word:?} in {d:?} is not a level ({LEVELS})"))?;
-            format!("{}={l}", target.trim())
+            // Module paths have underscores where the crate's name has hyphens.
+            format!("{}={l}", target.trim().replace('-', "_"))
         } else {
             level(d)
                 .ok_or_else(|| {
@@ -243,6 +246,11 @@ pub fn log_filter(raw: &str) -> Result<String, String> {
                 .to_owned()
         };
         directives.push(directive);
+    }
+    // Without a level of its own, a filter lets nothing else through (`redis_entra_proxy=debug`
+    // alone would hide every other module's errors): warnings and errors of the rest stay.
+    if !directives.iter().any(|d| level(d).is_some()) {
+        directives.insert(0, "warn".to_owned());
     }
     let filter = directives.join(",");
     tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| e.to_string())?;

@@ -735,8 +735,11 @@ fn log_filter_takes_levels_and_redis_names_and_refuses_other_words() {
             "warn, redis_entra_proxy::session=DEBUG",
             "warn,redis_entra_proxy::session=debug",
         ),
-        ("redis_entra_proxy=warning", "redis_entra_proxy=warn"),
-        ("[conn]=debug", "[conn]=debug"),
+        // Without a level of its own, the rest keeps its warnings and errors.
+        ("redis_entra_proxy=warning", "warn,redis_entra_proxy=warn"),
+        ("redis-entra-proxy=debug", "warn,redis_entra_proxy=debug"),
+        ("info,[conn]=debug", "info,[conn]=debug"),
+        ("[conn]=debug", "warn,[conn]=debug"),
     ] {
         assert_eq!(log_filter(given).as_deref(), Ok(want), "{given:?}");
     }
