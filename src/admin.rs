@@ -24,8 +24,10 @@ use crate::metrics;
 use crate::upstream::Connector;
 
 /// The upstream counts as reachable if it answered within this window; otherwise `/readyz`
-/// probes it (connect, AUTH, PING) before answering.
-pub const UPSTREAM_FRESH: Duration = Duration::from_secs(60);
+/// probes it (connect, AUTH, PING) before answering. Short, so that a server gone while no
+/// connection was open to notice is seen within a probe or two; a probe costs the server one
+/// short connection, at most every this often (kubelet probes every 10 s by default).
+pub const UPSTREAM_FRESH: Duration = Duration::from_secs(15);
 /// Bound on a readiness probe of the upstream: shorter than Kubernetes' default probe
 /// timeout would allow for two attempts.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
