@@ -104,7 +104,7 @@ pub const MAX_ERROR_TEXT: usize = 400;
 
 /// `text` fit to log and show: each of `secrets` (8 characters or more: shorter ones would
 /// blank ordinary words), every JWT-shaped word (tokens, assertions), the word after
-/// `Bearer`, and the value of a key that names a secret (`access_token=…`,
+/// `Bearer` or `Basic`, and the value of a key that names a secret (`access_token=…`,
 /// `"client_secret": "…"`, `password: …`) replaced by `[redacted]`, cut to
 /// [`MAX_ERROR_TEXT`] bytes. For text that comes from outside (an endpoint's answer, a
 /// command's stderr), which may quote a secret.
@@ -146,11 +146,14 @@ pub fn redact<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
                 .chars()
                 .all(|c| matches!(c, '=' | ':' | '"' | '\'') || c.is_whitespace());
         if keyed && !rest.is_empty() {
-            let end = rest
-                .find(|c: char| {
+            // A quoted value runs to its closing quote, spaces and all.
+            let end = match between.trim_end().chars().last() {
+                Some(q @ ('"' | '\'')) => rest.find(q),
+                _ => rest.find(|c: char| {
                     c.is_whitespace() || matches!(c, '"' | '\'' | ',' | '&' | ';' | '}')
-                })
-                .unwrap_or(rest.len());
+                }),
+            }
+            .unwrap_or(rest.len());
             out.push_str("[redacted]");
             rest = &rest[end..];
             (after_bearer, after_key) = (false, false);
@@ -166,7 +169,7 @@ pub fn redact<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
         } else {
             word
         });
-        after_bearer = word.eq_ignore_ascii_case("bearer");
+        after_bearer = word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic");
         after_key = names_secret(word);
         rest = &rest[end..];
     }

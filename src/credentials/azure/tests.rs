@@ -323,6 +323,12 @@ fn values_of_secret_keys_are_redacted() {
             "PASSWORD: [redacted], user: bob",
         ),
         ("x-api-key:abc&y=1", "x-api-key:[redacted]&y=1"),
+        // A quoted value, spaces and all.
+        (r#"password="two words" ok"#, r#"password="[redacted]" ok"#),
+        (
+            "Authorization: Basic dXNlcjpwYXNz",
+            "Authorization: Basic [redacted]",
+        ),
         // No value: nothing to take.
         ("the token expired", "the token expired"),
         ("token=", "token="),
