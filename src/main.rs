@@ -64,7 +64,9 @@ fn main() -> ExitCode {
         for name in config::unknown_env_vars(env_names()) {
             eprintln!("redis-entra-proxy: warning: {name} is not a variable of the proxy; ignored");
         }
-        // The token source too, as a start would: a check before deploying.
+        // The token source too, as a start would: a check before deploying (its warnings, such
+        // as settings of another source, on stderr).
+        init_logging("warn", Some(LogFormat::Text));
         if let Err(e) = runtime()
             .block_on(async { redis_entra_proxy::credentials::source::from_config(&config) })
         {
@@ -184,7 +186,14 @@ fn healthcheck(options: redis_entra_proxy::cli::Options, ready: bool) -> ExitCod
             }
         }
         Err(e) => {
-            println!("http://{addr}{path}: {e}");
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                println!("http://{addr}{path}: no answer within {timeout:?}");
+            } else {
+                println!("http://{addr}{path}: {e}");
+            }
             ExitCode::from(1)
         }
     }
