@@ -156,13 +156,20 @@ pub struct Config {
 /// Merges flags and environment (already merged by clap) over the config file, then applies
 /// defaults and validates. `token_env` is the value of [`TOKEN_ENV`].
 pub fn load(cli: Options, token_env: Option<String>) -> Result<(Config, Options), ConfigError> {
-    let file = match &cli.config {
-        Some(path) => read_file(path)?,
-        None => Options::default(),
-    };
-    let merged = cli.or(file);
+    let merged = with_file(cli)?;
     let config = validate(merged.clone(), token_env)?;
     Ok((config, merged))
+}
+
+/// `cli` (flags and environment) with, beneath it, the config file it names (`--config`).
+pub fn with_file(cli: Options) -> Result<Options, ConfigError> {
+    match &cli.config {
+        Some(path) => {
+            let file = read_file(path)?;
+            Ok(cli.or(file))
+        }
+        None => Ok(cli),
+    }
 }
 
 /// `--admin-listen`: where the admin endpoint listens, or `None` (`none`).

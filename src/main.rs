@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use redis_entra_proxy::cli::{Cli, Command, LogFormat};
 use redis_entra_proxy::config::{self, TOKEN_ENV};
@@ -15,7 +15,9 @@ fn main() -> ExitCode {
     if let Err(e) = secret::keep_memory_private() {
         eprintln!("redis-entra-proxy: cannot make the process non-dumpable: {e}");
     }
-    let cli = Cli::parse();
+    // Parsed once; `dev` looks again at where its options came from (`warn_set_by_dev`).
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let token_env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
     if let Some(Command::Healthcheck(args)) = &cli.command {
         return healthcheck(cli.options, args.ready);
@@ -25,16 +27,13 @@ fn main() -> ExitCode {
             eprintln!("redis-entra-proxy: --print-config does not apply to `dev`, whose setup is made as it starts");
             return ExitCode::from(2);
         }
-        let mut options = std::mem::take(&mut args.options).or(cli.options);
-        if let Some(path) = options.config.clone() {
-            match config::read_file(&path) {
-                Ok(file) => options = options.or(file),
-                Err(e) => {
-                    eprintln!("redis-entra-proxy: invalid configuration: {e}");
-                    return ExitCode::from(2);
-                }
+        let options = match config::with_file(std::mem::take(&mut args.options).or(cli.options)) {
+            Ok(options) => options,
+            Err(e) => {
+                eprintln!("redis-entra-proxy: invalid configuration: {e}");
+                return ExitCode::from(2);
             }
-        }
+        };
         let log_level = options
             .log_level
             .as_deref()
@@ -50,7 +49,7 @@ fn main() -> ExitCode {
         };
         init_logging(&log_level, options.log_format);
         warn_unknown_env_vars();
-        warn_set_by_dev();
+        warn_set_by_dev(&matches);
         return runtime().block_on(redis_entra_proxy::dev::run(args, options));
     }
     let (mut config, merged) = match config::load(cli.options, token_env.clone()) {
@@ -61,12 +60,10 @@ fn main() -> ExitCode {
         }
     };
     if cli.print_config {
-        for name in config::unknown_env_vars(env_names()) {
-            eprintln!("redis-entra-proxy: warning: {name} is not a variable of the proxy; ignored");
-        }
-        // The token source too, as a start would: a check before deploying (its warnings, such
-        // as settings of another source, on stderr).
+        // Warnings on stderr, as at a start: unknown variables, and the token source's, which
+        // is built as a start would (a check before deploying).
         init_logging("warn", Some(LogFormat::Text));
+        warn_unknown_env_vars();
         if let Err(e) = runtime()
             .block_on(async { redis_entra_proxy::credentials::source::from_config(&config) })
         {
@@ -129,15 +126,12 @@ fn healthcheck(options: redis_entra_proxy::cli::Options, ready: bool) -> ExitCod
     use std::io::{Read, Write};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
     use std::time::Duration;
-    let options = match options.config.clone() {
-        Some(path) => match config::read_file(&path) {
-            Ok(file) => options.or(file),
-            Err(e) => {
-                eprintln!("redis-entra-proxy healthcheck: invalid configuration: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => options,
+    let options = match config::with_file(options) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("redis-entra-proxy healthcheck: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
     };
     let addr = match config::admin_listen(&options) {
         Ok(Some(addr)) => addr,
@@ -201,10 +195,8 @@ fn healthcheck(options: redis_entra_proxy::cli::Options, ready: bool) -> ExitCod
 
 /// `dev` sets the upstream and token options itself: says which of them it was given
 /// (flags or environment), which it ignores.
-fn warn_set_by_dev() {
+fn warn_set_by_dev(matches: &clap::ArgMatches) {
     use clap::parser::ValueSource;
-    use clap::CommandFactory;
-    let matches = Cli::command().get_matches();
     let given = |m: &clap::ArgMatches, id: &str| {
         matches!(
             m.value_source(id),
@@ -214,7 +206,7 @@ fn warn_set_by_dev() {
     let dev = matches.subcommand_matches("dev");
     let ignored: Vec<String> = redis_entra_proxy::cli::SET_BY_DEV
         .iter()
-        .filter(|id| given(&matches, id) || dev.is_some_and(|d| given(d, id)))
+        .filter(|id| given(matches, id) || dev.is_some_and(|d| given(d, id)))
         .map(|id| format!("--{}", id.replace('_', "-")))
         .collect();
     if !ignored.is_empty() {
