@@ -91,13 +91,11 @@ async fn draining_a_busy_connection_spins_nothing_and_keeps_the_admin_endpoint()
     assert!(proxy.metrics().await.0.contains("redis_entra_proxy_"));
     let status = proxy.wait_exit(STEP).await;
     assert!(status.success(), "{status}");
-    assert!(
-        tokio::time::timeout(STEP, blocked.read_reply())
-            .await
-            .expect("closed in time")
-            .is_err(),
-        "the blocked client is closed at the drain timeout"
-    );
+    assert_closed(
+        &mut blocked,
+        "the blocked client is closed at the drain timeout",
+    )
+    .await;
 }
 
 /// A second SIGTERM ends the drain at once: an operator who stopped the proxy and sees it
@@ -133,13 +131,7 @@ async fn a_second_signal_ends_the_drain_at_once() {
         "{}",
         proxy.log_tail()
     );
-    assert!(
-        tokio::time::timeout(STEP, blocked.read_reply())
-            .await
-            .expect("closed in time")
-            .is_err(),
-        "the blocked client is closed"
-    );
+    assert_closed(&mut blocked, "the blocked client is closed").await;
 }
 
 /// SIGHUP (a `systemctl reload`, a logrotate hook) is logged and ignored: its default action
@@ -335,6 +327,17 @@ async fn fixed_proxy(oid: &str, args: &[&str]) -> (ProxyProcess, RedisServer) {
     all.extend_from_slice(args);
     let proxy = ProxyProcess::start(&redis, &all, &[("REDIS_ENTRA_PROXY_TOKEN", &token)]).await;
     (proxy, redis)
+}
+
+/// `c` is closed within [`STEP`], without a reply.
+async fn assert_closed(c: &mut RespConn, why: &str) {
+    assert!(
+        tokio::time::timeout(STEP, c.read_reply())
+            .await
+            .expect("closed in time")
+            .is_err(),
+        "{why}"
+    );
 }
 
 /// A token valid for an hour for the identity `oid`, which the server knows when `known`.
