@@ -264,7 +264,7 @@ fn run<S>(
         let active = crate::metrics::Active::new(&m.client_active, true);
         let (shared, target) = (&conn.shared, &conn.counted.0);
         match crate::mux::serve(stream, shared, target, worker, &conn.workers, carry).await {
-            Served::Done(outcome) => log_outcome(&outcome),
+            Served::Done(outcome) => log_outcome(&outcome, target),
             Served::Move { client, to, carry } => {
                 drop(active);
                 match client.into_std() {
@@ -313,7 +313,7 @@ const fn close_budgets() -> [LogBudget; CLOSE_LABELS.len()] {
     budgets
 }
 
-fn log_outcome(outcome: &Outcome) {
+fn log_outcome(outcome: &Outcome, target: &Target) {
     let side = outcome.side();
     metrics::counter!(crate::metrics::CONNECTIONS_CLOSED_TOTAL, "side" => side, "reason" => outcome.label())
         .increment(1);
@@ -340,7 +340,9 @@ fn log_outcome(outcome: &Outcome) {
                 .position(|&(s, r)| (s, r) == (side, reason))
                 .unwrap_or(0);
             if let Some(suppressed) = CLOSED[which].take() {
-                tracing::warn!(side, reason, suppressed, "closed: {outcome}");
+                // Which server, for an upstream end (in cluster mode, which node).
+                let upstream = (side == "upstream").then(|| target.connector.addr());
+                tracing::warn!(side, reason, upstream, suppressed, "closed: {outcome}");
             }
         }
     }

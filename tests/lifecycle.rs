@@ -204,6 +204,29 @@ async fn json_logs_are_one_object_per_line_with_plain_values() {
     assert!(closed.get("spans").is_none(), "{closed}");
 }
 
+/// A server that dies under a live connection: the close line says which server (the
+/// upstream address, in cluster mode which node), not only that the upstream closed.
+#[tokio::test]
+async fn the_close_line_of_a_dead_server_names_it() {
+    let (proxy, mut redis) = fixed_proxy("dies-1", &[]).await;
+    proxy.wait_started().await;
+    let mut c = proxy.client().await;
+    assert_eq!(
+        c.command(&[b"PING"]).await.expect("PING"),
+        Reply::Simple("PONG".into())
+    );
+    let addr = redis.addr().to_string();
+    redis.kill().await.expect("kill");
+    assert_closed(&mut c, "the client follows its upstream connection").await;
+    proxy.wait_log("side=\"upstream\"", STEP).await;
+    let log = proxy.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("closed: ") && l.contains("side=\"upstream\""))
+        .expect("a close line");
+    assert!(line.contains(&format!("upstream=\"{addr}\"")), "{line}");
+}
+
 /// `healthcheck` asks a running proxy's admin endpoint, for a container HEALTHCHECK in an
 /// image without curl: 0 when it answers 200, 1 when it answers otherwise or not at all.
 #[tokio::test]
