@@ -29,6 +29,7 @@
 //!   `session/ledger.rs` the reply FIFO, `session/state.rs` the tracked connection state,
 //!   `session/framing.rs` what the router of shared clients tells its session of the
 //!   requests it hands over (parsed once).
+//! - [`notify`]: systemd's service notifications (ready, status, stopping, watchdog).
 //! - `log_budget.rs`: at most a few lines a second for what is logged once per connection.
 //! - `gated.rs`: a future polled only once it woke (a session's shutdown and credentials
 //!   waits).
@@ -58,6 +59,7 @@ mod gated;
 mod log_budget;
 pub mod metrics;
 pub mod mux;
+pub mod notify;
 pub mod open_files;
 pub mod pool;
 pub mod resp;
@@ -186,6 +188,11 @@ pub async fn run_with_source(
     let unix_socket = config.unix_socket.clone();
     let health = Arc::new(admin::Health::default());
     let (tx, rx): (_, CredentialsRx) = watch::channel(None);
+    // Before the refresher can say it is serving.
+    notify::send(&notify::status(&format!(
+        "waiting for the first token ({})",
+        source.name()
+    )));
     let refresher = tokio::spawn(refresh::run(
         source,
         config.username.clone(),
@@ -288,6 +295,27 @@ pub async fn run_with_source(
             }
         }
     });
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            notify::send(&format!(
+                "STOPPING=1\n{}",
+                notify::status("draining: no new connections, finishing in-flight commands")
+            ));
+        }
+    });
+    if let Some(every) = notify::watchdog_interval() {
+        // Fed from the main thread, which accepts connections, refreshes tokens and serves
+        // the admin endpoint: a stall there has the service manager restart the proxy.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                notify::send("WATCHDOG=1");
+            }
+        });
+    }
     // The counts of log lines left out in bursts that no line followed (`log_budget`).
     let flusher = tokio::spawn(async {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));

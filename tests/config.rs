@@ -582,3 +582,37 @@ fn dev_help_leaves_out_what_dev_sets() {
         );
     }
 }
+
+/// config/redis-entra-proxy.service is a unit systemd reads without a complaint (an unknown
+/// key or a misspelt value is only a warning to systemd, which then ignores the line), and
+/// the variables its comments suggest are the proxy's own.
+#[test]
+fn the_systemd_unit_is_one_systemd_reads_without_a_warning() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/redis-entra-proxy.service"
+    ))
+    .unwrap();
+    let help = text(&run(&["--help"], &[]).stdout);
+    for var in unit
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("REDIS_ENTRA_PROXY_"))
+    {
+        assert!(help.contains(&format!("[env: {var}=")), "{var} in the unit");
+    }
+    // systemd checks that the program exists: this build's stands in for the installed one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redis-entra-proxy.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/redis-entra-proxy", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze runs (scripts/test installs systemd when it is missing)");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

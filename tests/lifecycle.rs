@@ -134,6 +134,73 @@ async fn a_second_signal_ends_the_drain_at_once() {
     assert_closed(&mut blocked, "the blocked client is closed").await;
 }
 
+/// Under systemd (`Type=notify`, config/redis-entra-proxy.service) the proxy says on
+/// `NOTIFY_SOCKET` what it is doing: waiting for its first token, why fetches fail, `READY=1`
+/// once the first token came (as `/startupz`), `STOPPING=1` when it drains, and it feeds
+/// the watchdog the unit set.
+#[tokio::test]
+async fn systemd_is_told_of_readiness_status_and_stopping() {
+    let redis = RedisServer::start(RedisOptions::default())
+        .await
+        .expect("redis-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let manager = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let token_file = dir.path().join("token.json");
+    let mut proxy = ProxyProcess::start(
+        &redis,
+        &["--credential-file", token_file.to_str().unwrap()],
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    )
+    .await;
+    let mut heard = Vec::new();
+    let next = async |heard: &mut Vec<String>, what: &str| -> String {
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = tokio::time::timeout(STEP, manager.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {what:?} in {heard:#?}"))
+                .unwrap();
+            let got = String::from_utf8(buf[..n].to_vec()).unwrap();
+            heard.push(got.clone());
+            if got.contains(what) {
+                return got;
+            }
+        }
+    };
+    next(&mut heard, "STATUS=waiting for the first token (file)").await;
+    let failing = next(&mut heard, "STATUS=no valid token, clients are refused").await;
+    assert!(failing.contains("token.json"), "{failing}");
+    assert!(!heard.iter().any(|m| m.contains("READY=1")), "{heard:#?}");
+
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = mint_token("notify-1", exp);
+    let document = serde_json::json!({ "access_token": token, "expires_on": exp });
+    std::fs::write(&token_file, document.to_string()).unwrap();
+    let ready = next(&mut heard, "READY=1").await;
+    assert!(
+        ready.contains("STATUS=serving; token for notify-1 (generation 1)"),
+        "{ready}"
+    );
+    assert!(!ready.contains(&token), "the token in a notification");
+    let (status, body) = proxy.get("/startupz").await;
+    assert_eq!(status, 200, "{body}");
+
+    proxy.terminate();
+    let stopping = next(&mut heard, "STOPPING=1").await;
+    assert!(stopping.contains("STATUS=draining"), "{stopping}");
+    assert!(proxy.wait_exit(STEP).await.success());
+    let fed = heard.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(fed >= 2, "the watchdog fed {fed} times: {heard:#?}");
+}
+
 /// SIGHUP (a `systemctl reload`, a logrotate hook) is logged and ignored: its default action
 /// would end the process and cut every connection.
 #[tokio::test]

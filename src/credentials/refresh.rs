@@ -182,6 +182,18 @@ pub async fn run(
                     after_failures = (failures > 0).then_some(failures),
                     "token acquired"
                 );
+                // The first token: the service manager may start what depends on the proxy.
+                let ready = if generation == 1 { "READY=1\n" } else { "" };
+                crate::notify::send(&format!(
+                    "{ready}{}",
+                    crate::notify::status(&format!(
+                        "serving; token for {} (generation {generation}){}",
+                        creds.username,
+                        lifetime
+                            .map(|l| format!(", valid for {} min", l.as_secs() / 60))
+                            .unwrap_or_default()
+                    ))
+                ));
                 tx.send_replace(Some(Arc::new(creds)));
                 match lifetime {
                     Some(l) if source.refreshable() => schedule(l, policy, fastrand::f64()),
@@ -208,6 +220,19 @@ pub async fn run(
             Fetched::Failed(reason) => {
                 let wait = retry_delay(&mut backoff, held, valid_for);
                 error_count.increment(1);
+                crate::notify::send(&crate::notify::status(&match valid_for.filter(|_| held) {
+                    Some(left) => format!(
+                        "token fetch failing ({} in a row; the current token is valid for {} s \
+                         more): {reason}",
+                        backoff.failures(),
+                        left.as_secs()
+                    ),
+                    None => format!(
+                        "no valid token, clients are refused: token fetch failing ({} in a \
+                         row): {reason}",
+                        backoff.failures()
+                    ),
+                }));
                 health.set_refresh_error(Some(reason.clone()));
                 if held {
                     tracing::warn!(
