@@ -260,10 +260,36 @@ where
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format.unwrap_or(LogFormat::Text) {
+        LogFormat::Text if redis_entra_proxy::notify::stderr_is_journal() => logs
+            .with(fmt.event_format(Journal(tracing_subscriber::fmt::format().without_time())))
+            .init(),
         LogFormat::Text => logs.with(fmt).init(),
         // The current span (the connection's) once: its list repeated it.
         LogFormat::Json => logs
             .with(fmt.json().flatten_event(true).with_span_list(false))
             .init(),
+    }
+}
+
+/// Text lines for the journal: each starts with its level's syslog priority (`<4>` for a
+/// warning), which the journal takes as the line's priority, and has no timestamp (the
+/// journal's own is exact).
+struct Journal<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journal<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = redis_entra_proxy::notify::priority(*event.metadata().level());
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
     }
 }

@@ -4,6 +4,10 @@
 //! line `systemctl status` shows: serving, or why tokens fail), when it is stopping
 //! (`STOPPING=1`), and keeps the watchdog fed when the unit sets `WatchdogSec=`.
 //!
+//! When stderr goes to the journal ([`stderr_is_journal`]), text log lines carry their
+//! level as a syslog priority (`<3>` for an error…) and no timestamp of their own: the journal
+//! keeps both, and `journalctl -p warning` then filters on the level.
+//!
 //! The protocol (`sd_notify(3)`): one datagram per notification, newline-separated
 //! `KEY=VALUE` assignments, sent to the unix socket that `NOTIFY_SOCKET` names (a path, or an
 //! abstract name after `@`). Without `NOTIFY_SOCKET` (not started by systemd) nothing is sent.
@@ -84,6 +88,33 @@ fn watchdog(usec: Option<&str>, pid: Option<&str>, own: u32) -> Option<Duration>
     }
     let usec: u64 = usec?.parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec) / 2)
+}
+
+/// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM` to its
+/// `device:inode` for a service whose output goes to the journal, and stderr is still that
+/// stream (not redirected by a wrapper).
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(stderr)
+        .metadata()
+        .is_ok_and(|m| stream.to_str() == Some(&format!("{}:{}", m.dev(), m.ino())))
+}
+
+/// The syslog priority of a log level, as `sd-daemon(3)`'s `<N>` line prefixes give it.
+pub fn priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
+    }
 }
 
 #[cfg(test)]

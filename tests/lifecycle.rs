@@ -201,6 +201,82 @@ async fn systemd_is_told_of_readiness_status_and_stopping() {
     assert!(fed >= 2, "the watchdog fed {fed} times: {heard:#?}");
 }
 
+/// When stderr is the journal's stream (`JOURNAL_STREAM` names its device and inode, as
+/// systemd sets it), text lines start with their syslog priority and carry no timestamp;
+/// otherwise they are as before.
+#[tokio::test]
+async fn log_lines_for_the_journal_carry_their_priority() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = Vec::new();
+    for journal in [true, false] {
+        let log = dir.path().join(format!("stderr-{journal}"));
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            // Another file's: stderr was redirected away from the journal.
+            let other = std::fs::metadata(dir.path()).unwrap();
+            format!("{}:{}", other.dev(), other.ino())
+        };
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+            .env_clear()
+            .env("JOURNAL_STREAM", stream)
+            .env(
+                "REDIS_ENTRA_PROXY_TOKEN",
+                mint_token("journal-1", u32::MAX as u64),
+            )
+            .args(["--credential", "fixed", "--upstream-tls", "false"])
+            .args(["--upstream", &free_addr().to_string()])
+            .args(["--listen", &free_addr().to_string()])
+            .stdin(std::process::Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("proxy started")
+        {
+            assert!(started.elapsed() < STEP, "no start line");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = child.id().unwrap().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = tokio::time::timeout(STEP, child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status}");
+        lines.push(std::fs::read_to_string(&log).unwrap());
+    }
+    let (journal, plain) = (&lines[0], &lines[1]);
+    let warning = journal
+        .lines()
+        .find(|l| l.contains("upstream TLS is disabled"))
+        .expect("a warning");
+    assert!(warning.starts_with("<4>"), "{warning}");
+    let started = journal
+        .lines()
+        .find(|l| l.contains("proxy started"))
+        .expect("a start line");
+    assert!(
+        started.starts_with("<6> INFO redis_entra_proxy:"),
+        "{started}"
+    );
+    assert!(journal.lines().all(|l| l.starts_with('<')), "{journal}");
+    assert!(
+        plain.lines().all(|l| l.starts_with("20")),
+        "timestamps when stderr is not the journal: {plain}"
+    );
+}
+
 /// SIGHUP (a `systemctl reload`, a logrotate hook) is logged and ignored: its default action
 /// would end the process and cut every connection.
 #[tokio::test]
