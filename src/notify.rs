@@ -49,6 +49,14 @@ pub fn status(text: &str) -> String {
     format!("STATUS={line}")
 }
 
+/// `t`'s time of day, `HH:MM:SS UTC` (tokens live an hour or so: the day goes without saying).
+pub fn clock(t: std::time::SystemTime) -> String {
+    let s = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02} UTC", s / 3600 % 24, s / 60 % 60, s % 60)
+}
+
 fn send_to(path: &OsStr, assignments: &str) -> io::Result<()> {
     let socket = UnixDatagram::unbound()?;
     socket.set_nonblocking(true)?;
@@ -148,6 +156,13 @@ mod tests {
         assert!(send_to(OsStr::new("notify"), "READY=1").is_err());
         let dir = tempfile::tempdir().unwrap();
         assert!(send_to(dir.path().join("none").as_os_str(), "READY=1").is_err());
+    }
+
+    #[test]
+    fn clock_is_the_utc_time_of_day() {
+        let t =
+            std::time::UNIX_EPOCH + Duration::from_secs(86_400 * 20_000 + 13 * 3600 + 5 * 60 + 9);
+        assert_eq!(clock(t), "13:05:09 UTC");
     }
 
     #[test]

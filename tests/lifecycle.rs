@@ -186,7 +186,7 @@ async fn systemd_is_told_of_readiness_status_and_stopping() {
     std::fs::write(&token_file, document.to_string()).unwrap();
     let ready = next(&mut heard, "READY=1").await;
     assert!(
-        ready.contains("STATUS=serving; token for notify-1 (generation 1)"),
+        ready.contains("STATUS=serving; token for notify-1 (generation 1), expires at "),
         "{ready}"
     );
     assert!(!ready.contains(&token), "the token in a notification");

@@ -184,16 +184,7 @@ pub async fn run(
                 );
                 // The first token: the service manager may start what depends on the proxy.
                 let ready = if generation == 1 { "READY=1\n" } else { "" };
-                crate::notify::send(&format!(
-                    "{ready}{}",
-                    crate::notify::status(&format!(
-                        "serving; token for {} (generation {generation}){}",
-                        creds.username,
-                        lifetime
-                            .map(|l| format!(", valid for {} min", l.as_secs() / 60))
-                            .unwrap_or_default()
-                    ))
-                ));
+                crate::notify::send(&format!("{ready}{}", serving(&creds)));
                 tx.send_replace(Some(Arc::new(creds)));
                 match lifetime {
                     Some(l) if source.refreshable() => schedule(l, policy, fastrand::f64()),
@@ -209,6 +200,9 @@ pub async fn run(
                 unchanged_count.increment(1);
                 // The source answers: an earlier failure is over.
                 health.set_refresh_error(None);
+                if let Some(current) = &current {
+                    crate::notify::send(&serving(current));
+                }
                 tracing::debug!(
                     source = source.name(),
                     retry_in_ms = wait.as_millis() as u64,
@@ -263,6 +257,19 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// The service manager's status line while `creds` serve.
+fn serving(creds: &Credentials) -> String {
+    crate::notify::status(&format!(
+        "serving; token for {} (generation {}){}",
+        creds.username,
+        creds.generation,
+        creds
+            .expires_at
+            .map(|at| format!(", expires at {}", crate::notify::clock(at)))
+            .unwrap_or_default()
+    ))
 }
 
 #[cfg(test)]
