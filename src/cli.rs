@@ -175,7 +175,8 @@ pub struct Options {
     #[arg(long, env = "REDIS_ENTRA_PROXY_UNIX_SOCKET_MODE", value_name = "OCTAL")]
     pub unix_socket_mode: Option<String>,
 
-    /// Azure Managed Redis endpoint, HOST[:PORT] (port defaults to 10000).
+    /// Azure Managed Redis (or Azure Cache for Redis) endpoint, HOST[:PORT] (port defaults
+    /// to 10000, or to 6380 for an Azure Cache for Redis host name, *.redis.cache.windows.net).
     #[arg(long, env = "REDIS_ENTRA_PROXY_UPSTREAM", value_name = "HOST[:PORT]")]
     pub upstream: Option<String>,
 

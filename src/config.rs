@@ -14,6 +14,27 @@ use crate::secret::Secret;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6379";
 /// Azure Managed Redis serves TLS on 10000.
 pub const DEFAULT_UPSTREAM_PORT: u16 = 10000;
+/// Azure Cache for Redis serves TLS on 6380 (6379 is its plain port, which Entra ID
+/// authentication does not accept).
+pub const AZURE_CACHE_PORT: u16 = 6380;
+/// The host names of Azure Cache for Redis, in each cloud: their default port is
+/// [`AZURE_CACHE_PORT`].
+const AZURE_CACHE_SUFFIXES: [&str; 3] = [
+    ".redis.cache.windows.net",
+    ".redis.cache.chinacloudapi.cn",
+    ".redis.cache.usgovcloudapi.net",
+];
+
+/// The port of `host` when none is given: Azure Cache for Redis's TLS port for its host
+/// names, Azure Managed Redis's for every other.
+pub fn default_port(host: &str) -> u16 {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if AZURE_CACHE_SUFFIXES.iter().any(|s| host.ends_with(s)) {
+        AZURE_CACHE_PORT
+    } else {
+        DEFAULT_UPSTREAM_PORT
+    }
+}
 /// TCP plus TLS handshake to a cloud endpoint; generous because a slow first handshake is
 /// better than a failed one, and short enough that a dead endpoint is reported promptly.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -535,7 +556,8 @@ fn cluster_config(o: &Options, listen: Option<SocketAddr>) -> Result<ClusterConf
     })
 }
 
-/// Splits `HOST[:PORT]` (IPv6 literals in brackets) and applies the default port.
+/// Splits `HOST[:PORT]` (IPv6 literals in brackets) and applies the default port
+/// ([`default_port`]).
 pub fn split_host_port(s: &str) -> Result<(String, u16), ConfigError> {
     let bad = || invalid("upstream", format!("{s:?} is not HOST[:PORT]"));
     if s.is_empty() {
@@ -569,7 +591,7 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), ConfigError> {
         }
         // A bare IPv6 literal.
         Some(_) => Ok((s.to_owned(), DEFAULT_UPSTREAM_PORT)),
-        None => Ok((s.to_owned(), DEFAULT_UPSTREAM_PORT)),
+        None => Ok((s.to_owned(), default_port(s))),
     }
 }
 

@@ -408,6 +408,47 @@ fn validate_cases() {
 }
 
 #[test]
+fn azure_cache_for_redis_host_names_default_to_its_tls_port() {
+    for (given, want) in [
+        (
+            "mycache.redis.cache.windows.net",
+            "mycache.redis.cache.windows.net:6380",
+        ),
+        (
+            "MyCache.Redis.Cache.Windows.Net.",
+            "MyCache.Redis.Cache.Windows.Net.:6380",
+        ),
+        (
+            "c.redis.cache.chinacloudapi.cn",
+            "c.redis.cache.chinacloudapi.cn:6380",
+        ),
+        (
+            "c.redis.cache.usgovcloudapi.net",
+            "c.redis.cache.usgovcloudapi.net:6380",
+        ),
+        (
+            "mycache.redis.cache.windows.net:16380",
+            "mycache.redis.cache.windows.net:16380",
+        ),
+        (
+            "mycache.westeurope.redis.azure.net",
+            "mycache.westeurope.redis.azure.net:10000",
+        ),
+        (
+            "redis.cache.windows.net.example.org",
+            "redis.cache.windows.net.example.org:10000",
+        ),
+        ("10.0.0.4", "10.0.0.4:10000"),
+        ("[fd00::4]", "[fd00::4]:10000"),
+    ] {
+        let mut o = base();
+        o.upstream = Some(given.to_owned());
+        let c = validate(o, None).expect("valid");
+        assert_eq!(c.upstream.addr, want, "{given}");
+    }
+}
+
+#[test]
 fn defaults_are_the_named_constants() {
     let c = validate(base(), None).expect("valid");
     assert_eq!(
