@@ -68,7 +68,9 @@ const READ_CHUNK_MIN: usize = 2 * 1024;
 /// 5.8k → 7.6k/s multiplexed (174 → 152/s); the other cases the same.
 const YIELD_AFTER: usize = 64 * 1024;
 /// After the client half-closes, replies already owed to it are still delivered for this
-/// long (what `printf 'PING\r\n' | nc` expects), then the connection closes.
+/// long (what `printf 'PING\r\n' | nc` expects), then the connection closes; at once when
+/// the next one owed is that of a command that may be waiting for other clients (`BLPOP`…),
+/// which Redis does not keep running for a client that closed.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// First wait before retrying a re-AUTH the server refused; doubles up to the maximum.
 const REAUTH_RETRY_INITIAL: Duration = Duration::from_secs(1);
@@ -635,8 +637,11 @@ where
             outcome = poll_fn(|cx| io.poll(cx, client, upstream, core, timers, &shared.health)) => match outcome {
                 // The core's timers changed: recompute them.
                 None => {}
-                Some(Outcome::ClientClosed) if core.in_flight() > 0 && grace.is_none() => {
-                    // Half-close: finish what is owed, within the grace period.
+                Some(Outcome::ClientClosed)
+                    if core.in_flight() > 0 && grace.is_none() && !core.next_reply_blocks() =>
+                {
+                    // Half-close: finish what is owed, within the grace period, up to a
+                    // command that may be waiting for other clients (`Io::poll`).
                     io.reading_client = false;
                     grace = Some(tokio::time::Instant::now() + HALF_CLOSE_GRACE);
                 }

@@ -465,6 +465,110 @@ async fn client_half_closing_after_a_pipeline_gets_every_reply() {
     proxy.stop().await;
 }
 
+/// A client that leaves while a blocking command of its is pending, as client libraries do
+/// on a socket timeout or a cancelled call, takes nothing: Redis drops a blocked client that
+/// closed, and the proxy closes its upstream connection at once (replies owed before the
+/// blocking command still delivered) rather than keeping the command running for up to its
+/// half-close grace, where it would pop, move or claim the next element for nobody.
+#[tokio::test]
+async fn a_client_leaving_a_blocked_command_takes_nothing() {
+    let proxy = Proxy::start().await;
+    let mut other = proxy.client().await;
+    assert_eq!(
+        cmd(
+            &mut other,
+            &["XGROUP", "CREATE", "lv:s", "g", "$", "MKSTREAM"]
+        )
+        .await,
+        Reply::Simple("OK".into())
+    );
+    let cases: [(&[&[u8]], bool); 5] = [
+        (&[b"BLPOP", b"lv:q", b"0"], true),
+        (&[b"BLPOP", b"lv:q", b"0"], false),
+        (
+            &[b"BLMOVE", b"lv:q", b"lv:taken", b"LEFT", b"RIGHT", b"0"],
+            true,
+        ),
+        (
+            &[
+                b"XREADGROUP",
+                b"GROUP",
+                b"g",
+                b"gone",
+                b"BLOCK",
+                b"0",
+                b"STREAMS",
+                b"lv:s",
+                b">",
+            ],
+            true,
+        ),
+        (&[b"BZPOPMIN", b"lv:z", b"0"], true),
+    ];
+    for (blocking, half_close) in cases {
+        let before = upstream_count(&proxy).await;
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        let mut input = encode(&[b"SET", b"lv:before", b"1"]);
+        input.extend(encode(blocking));
+        s.write_all(&input).await.expect("write");
+        wait_upstreams(&proxy, before + 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        if half_close {
+            s.shutdown().await.expect("half-close");
+            let mut got = Vec::new();
+            timeout(STEP, s.read_to_end(&mut got))
+                .await
+                .expect("EOF within bound")
+                .expect("read");
+            assert_eq!(
+                text(&got),
+                "+OK\r\n",
+                "{blocking:?}: the reply before it only"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{blocking:?}: closed after {:?}",
+                started.elapsed()
+            );
+        } else {
+            drop(s);
+        }
+        // The server dropped the blocked client with the proxy's connection.
+        wait_upstreams(&proxy, before).await;
+        let name = String::from_utf8_lossy(blocking[0]).to_string();
+        match &*name {
+            "XREADGROUP" => {
+                cmd(&mut other, &["XADD", "lv:s", "*", "job", "1"]).await;
+                assert_eq!(
+                    cmd(&mut other, &["XPENDING", "lv:s", "g"]).await,
+                    Reply::Array(Some(vec![
+                        Reply::Integer(0),
+                        Reply::Bulk(None),
+                        Reply::Bulk(None),
+                        Reply::Array(None)
+                    ])),
+                    "nothing claimed for the consumer that left"
+                );
+            }
+            "BZPOPMIN" => {
+                cmd(&mut other, &["ZADD", "lv:z", "1", "job"]).await;
+                assert_eq!(cmd(&mut other, &["ZCARD", "lv:z"]).await, Reply::Integer(1));
+            }
+            _ => {
+                cmd(&mut other, &["RPUSH", "lv:q", "job"]).await;
+                assert_eq!(
+                    cmd(&mut other, &["LLEN", "lv:q"]).await,
+                    Reply::Integer(1),
+                    "{blocking:?} took the job for a client that left"
+                );
+                assert_eq!(cmd(&mut other, &["DEL", "lv:q"]).await, Reply::Integer(1));
+            }
+        }
+    }
+    proxy.stop().await;
+}
+
 /// A client that goes away in the middle of a big value, whose first bytes the proxy has
 /// already passed upstream: the server never runs the half command, the proxy drops that
 /// upstream connection at once (it will never be answered), and a client that only

@@ -44,6 +44,9 @@ enum Special {
     Subscribe(SubKind, bool),
     Monitor,
     Asking,
+    /// May wait for other clients: `BLPOP` and the other blocking pops and moves, `WAIT`,
+    /// `WAITAOF`; `XREAD` and `XREADGROUP` with `BLOCK` ([`blocks`]).
+    Blocking,
     Other,
 }
 
@@ -80,8 +83,21 @@ fn classify(name: &[u8]) -> Special {
         b"punsubscribe" => Special::Subscribe(SubKind::Pattern, false),
         b"ssubscribe" => Special::Subscribe(SubKind::Shard, true),
         b"sunsubscribe" => Special::Subscribe(SubKind::Shard, false),
+        b"blpop" | b"brpop" | b"brpoplpush" | b"blmove" | b"blmpop" | b"bzpopmin" | b"bzpopmax"
+        | b"bzmpop" | b"wait" | b"waitaof" | b"xread" | b"xreadgroup" => Special::Blocking,
         _ => Special::Other,
     }
+}
+
+/// Whether a command classified [`Special::Blocking`] may block: `XREAD` and `XREADGROUP`
+/// only with `BLOCK` among their options (before `STREAMS`, after which come key names).
+fn blocks(cmd: &Command<'_>) -> bool {
+    if !(cmd.arg_is(0, "xread") || cmd.arg_is(0, "xreadgroup")) {
+        return true;
+    }
+    (1..cmd.argc())
+        .take_while(|&i| !cmd.arg_is(i, "streams"))
+        .any(|i| cmd.arg_is(i, "block"))
 }
 
 /// Commands whose name Redis reports as `command|subcommand`.
@@ -286,7 +302,11 @@ impl Core {
                     None => self.forward(cmd, raw, Effect::None),
                 }
             }
-            Special::Other => self.forward(cmd, raw, Effect::None),
+            // Inside MULTI nothing blocks: EXEC runs it at once.
+            Special::Blocking if !self.state.in_multi && blocks(&cmd) => {
+                self.forward(cmd, raw, Effect::Blocks)
+            }
+            Special::Blocking | Special::Other => self.forward(cmd, raw, Effect::None),
         }
     }
 

@@ -299,6 +299,18 @@ impl Core {
         self.drain_local();
     }
 
+    /// The next reply owed to the client is that of a command that may be waiting for other
+    /// clients (`Effect::Blocks`).
+    pub fn next_reply_blocks(&self) -> bool {
+        matches!(
+            self.ledger.next_for_client(),
+            Some(Expect::Reply {
+                effect: Effect::Blocks,
+                ..
+            })
+        )
+    }
+
     /// Replies still expected from the upstream, injected ones included.
     pub fn in_flight(&self) -> usize {
         self.ledger.len()

@@ -51,6 +51,11 @@ pub enum Effect {
     Pong,
     /// A cluster topology reply whose node addresses must be made local (cluster mode).
     Topology(crate::cluster::Topology),
+    /// The reply to a command that may wait for other clients (`BLPOP`, `XREAD BLOCK`,
+    /// `WAIT`…). A client that leaves while it is the next reply owed is not waited for:
+    /// Redis drops a blocked client that closed its connection, and a command kept running
+    /// for it would still take the element another client was to get.
+    Blocks,
 }
 
 /// What the proxy injected, and so must check and swallow.
@@ -158,6 +163,15 @@ impl Ledger {
             self.entries.push_back((e.clone(), add as u32));
             left -= add;
         }
+    }
+
+    /// The first entry that is a reply to the client (injected commands' replies, and
+    /// `Close`, skipped).
+    pub fn next_for_client(&self) -> Option<&Expect> {
+        self.entries
+            .iter()
+            .map(|(e, _)| e)
+            .find(|e| counts_for_client(e))
     }
 
     pub fn front(&self) -> Option<&Expect> {

@@ -39,7 +39,7 @@ pub(super) struct Io {
     pub(super) framing: Option<Framing>,
     pub(super) cin: BytesMut,
     uin: BytesMut,
-    /// False once the client half-closed or the proxy is draining.
+    /// False once the client half-closed.
     pub(super) reading_client: bool,
     /// The proxy is shutting down: close as soon as the connection is idle (nothing owed to
     /// the client, no partial command buffered, nothing more to read right now).
@@ -174,8 +174,12 @@ impl Io {
                     return Poll::Ready(Some(Outcome::Closed(reason.clone())));
                 }
                 // Half-closed: done once every request read was answered (a trailing partial
-                // request will never complete).
-                if !self.reading_client && core.idle() && (self.cin.is_empty() || self.cin_partial)
+                // request will never complete), or once what is left starts with a command
+                // that may be waiting for other clients: Redis drops a blocked client that
+                // closed, and closing the upstream connection has the server do the same.
+                if !self.reading_client
+                    && (core.next_reply_blocks()
+                        || core.idle() && (self.cin.is_empty() || self.cin_partial))
                 {
                     return Poll::Ready(Some(Outcome::ClientClosed));
                 }

@@ -320,7 +320,7 @@ impl Core {
             Effect::Hello(v) => self.state.proto = v,
             Effect::Monitor => self.state.monitor = true,
             Effect::Reset => self.reset(),
-            Effect::Multi(_) | Effect::Pong | Effect::Topology(_) => {}
+            Effect::Multi(_) | Effect::Pong | Effect::Topology(_) | Effect::Blocks => {}
         }
     }
 
