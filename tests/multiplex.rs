@@ -951,6 +951,43 @@ async fn local_replies_keep_their_place_among_shared_ones() {
     proxy.stop().await;
 }
 
+/// A shared client answered before, whose server then went away, is closed without a reply
+/// when no new shared connection can be opened, as its own connection would have been closed
+/// by the server: client libraries retry a closed connection, not an error reply. A client
+/// with no reply yet still hears why, as from a connection of its own.
+#[tokio::test]
+async fn a_client_served_before_sees_an_unreachable_server_as_a_closed_connection() {
+    let proxy = multiplexed_on_one_thread().await;
+    let mut served = proxy.client().await;
+    assert_eq!(
+        served.command(&[b"PING"]).await.unwrap(),
+        Reply::Simple("PONG".into())
+    );
+    // The server goes away (its reply to SHUTDOWN is the connection closing).
+    let _ = proxy.redis.command(&[b"SHUTDOWN", b"NOSAVE"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    served.send(&[b"GET", b"k"]).await.unwrap();
+    let got = tokio::time::timeout(STEP, served.read_reply())
+        .await
+        .expect("closed in time");
+    assert!(got.is_err(), "closed without a reply: {got:?}");
+
+    let mut raw = proxy.raw().await;
+    raw.send(b"GET k\r\n").await;
+    let got = String::from_utf8(raw.read_to_end().await).unwrap();
+    assert!(
+        got.starts_with("-ERR redis-entra-proxy: upstream ") && got.contains("connect failed"),
+        "a new client is told why: {got:?}"
+    );
+    // One the proxy answered itself first (redis-py's CLIENT SETINFO as it connects) was
+    // answered: its connection worked, and now closes.
+    let mut raw = proxy.raw().await;
+    raw.send(b"CLIENT SETINFO LIB-NAME redis-py\r\nGET k\r\n")
+        .await;
+    let got = String::from_utf8(raw.read_to_end().await).unwrap();
+    assert_eq!(got, "+OK\r\n");
+}
+
 /// When no shared connection can be opened, every client waiting gets the error a
 /// connection of its own would have given, and is closed, however many commands it sent.
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! replies ([`Delivery`]), and the [`Link`] through which the router tells how far behind the
 //! client is in reading them, and whether it pins at its next request.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Context;
 
@@ -42,6 +42,8 @@ pub(super) struct Link {
     pub(super) router: AtomicWaker,
     /// Why the client pins at its next request, if it does ([`Link::pins`]).
     pin_next: AtomicU8,
+    /// The client was handed a reply before ([`Link::served`]).
+    served: AtomicBool,
 }
 
 /// Values of [`Link::pin_next`]: the router handed the client a reply of more than [`PAUSE`]
@@ -56,6 +58,7 @@ impl Link {
             unsent: AtomicUsize::new(0),
             router: AtomicWaker::new(),
             pin_next: AtomicU8::new(0),
+            served: AtomicBool::new(false),
         })
     }
 
@@ -78,12 +81,19 @@ impl Link {
         }
     }
 
+    /// Whether the client was handed a reply before (the router's or a local one): for the
+    /// client, a connection that worked.
+    pub(super) fn served(&self) -> bool {
+        self.served.load(Ordering::Relaxed)
+    }
+
     pub(super) fn unsent(&self) -> usize {
         self.unsent.load(Ordering::SeqCst)
     }
 
     /// `n` more bytes were handed to the client.
     pub(super) fn handed(&self, n: usize) {
+        self.served.store(true, Ordering::Relaxed);
         self.unsent.fetch_add(n, Ordering::SeqCst);
     }
 

@@ -380,8 +380,8 @@ impl Router {
     /// the session never read reached no server. If it served before the connection failed
     /// (or it answered errors until a valid token came), they go to the next session, whole
     /// and in order, and their clients see nothing; if the connection could not be opened,
-    /// their clients get the error a connection of their own would have given, and are
-    /// closed. Requests not taken from the channel yet go to the next session. The next
+    /// their clients are closed, those never served before after the error a connection of
+    /// their own would have given. Requests not taken from the channel yet go to the next session. The next
     /// session starts clean.
     pub(super) fn lost(&mut self, outcome: &Outcome) {
         // A session that drained ended because nothing came for a moment: what came just
@@ -428,7 +428,14 @@ impl Router {
             }
             let end = match &refusal {
                 Some((reply, e)) => {
-                    route.link.send(reply.clone(), 1);
+                    // A client answered before is closed without a word, as its own
+                    // connection would have been closed by the server it lost: client
+                    // libraries retry a closed connection, not an error reply. A client that
+                    // had no reply yet gets the reason first, as a new connection of its own
+                    // would have (before anything else).
+                    if !route.link.served() {
+                        route.link.send(reply.clone(), 1);
+                    }
                     Outcome::UpstreamConnect(e.duplicate())
                 }
                 None => Outcome::UpstreamClosed,

@@ -628,7 +628,8 @@ async fn requests_a_failed_shared_session_never_read_go_to_the_next() {
 
 /// A session that read part of a client's requests took them all: that client is closed.
 /// Requests a session that never served could not send are answered with why, as a
-/// connection of the client's own would answer, and their clients closed.
+/// connection of the client's own would answer, and their clients closed; a client served
+/// before is closed without a reply.
 #[tokio::test]
 async fn a_shared_session_that_cannot_connect_answers_each_client_why() {
     use tokio::io::AsyncReadExt;
@@ -670,6 +671,22 @@ async fn a_shared_session_that_cannot_connect_answers_each_client_why() {
         ));
     }
     assert!(r.routes.is_empty() && r.held.is_empty());
+
+    // A client served before sees its connection close without a word, as its own
+    // connection would have closed with the server: libraries retry that.
+    let (d, mut d_rx) = submission(get("d"), 1);
+    d.link.send(Bytes::from_static(b"$1\r\nv\r\n"), 1);
+    assert!(matches!(d_rx.try_recv(), Ok(Delivery::Replies(_, 1))));
+    r.hold(d);
+    let e = crate::upstream::ConnectError::Connect {
+        addr: "cache:10000".into(),
+        source: std::io::ErrorKind::ConnectionRefused.into(),
+    };
+    r.lost(&Outcome::UpstreamConnect(e));
+    assert!(matches!(
+        d_rx.try_recv(),
+        Ok(Delivery::End(Outcome::UpstreamConnect(_)))
+    ));
 }
 
 /// A submission is plain when every request in it is a multibulk command that shares;
