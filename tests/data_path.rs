@@ -442,6 +442,18 @@ async fn client_vanishing_mid_pipeline_harms_no_one() {
     proxy.stop().await;
 }
 
+/// Shuts the write side of `s` and reads what comes until the proxy closes (within
+/// [`STEP`]).
+async fn half_close(s: &mut TcpStream) -> Vec<u8> {
+    s.shutdown().await.expect("half-close");
+    let mut got = Vec::new();
+    timeout(STEP, s.read_to_end(&mut got))
+        .await
+        .expect("EOF within bound")
+        .expect("read");
+    got
+}
+
 #[tokio::test]
 async fn client_half_closing_after_a_pipeline_gets_every_reply() {
     let proxy = Proxy::start().await;
@@ -449,12 +461,7 @@ async fn client_half_closing_after_a_pipeline_gets_every_reply() {
     s.write_all(&encode(&[b"INCR", b"hc"]).repeat(1000))
         .await
         .expect("write");
-    s.shutdown().await.expect("half-close");
-    let mut got = Vec::new();
-    timeout(STEP, s.read_to_end(&mut got))
-        .await
-        .expect("EOF within bound")
-        .expect("read");
+    let got = half_close(&mut s).await;
     let want: String = (1..=1000).map(|i| format!(":{i}\r\n")).collect();
     assert!(
         text(&got) == want,
@@ -505,7 +512,7 @@ async fn a_client_leaving_a_blocked_command_takes_nothing() {
         ),
         (&[b"BZPOPMIN", b"lv:z", b"0"], true),
     ];
-    for (blocking, half_close) in cases {
+    for (blocking, half_closes) in cases {
         let before = upstream_count(&proxy).await;
         let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
         let mut input = encode(&[b"SET", b"lv:before", b"1"]);
@@ -514,13 +521,8 @@ async fn a_client_leaving_a_blocked_command_takes_nothing() {
         wait_upstreams(&proxy, before + 1).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let started = Instant::now();
-        if half_close {
-            s.shutdown().await.expect("half-close");
-            let mut got = Vec::new();
-            timeout(STEP, s.read_to_end(&mut got))
-                .await
-                .expect("EOF within bound")
-                .expect("read");
+        if half_closes {
+            let got = half_close(&mut s).await;
             assert_eq!(
                 text(&got),
                 "+OK\r\n",
