@@ -381,8 +381,8 @@ impl Router {
     /// (or it answered errors until a valid token came), they go to the next session, whole
     /// and in order, and their clients see nothing; if the connection could not be opened,
     /// their clients are closed, those never served before after the error a connection of
-    /// their own would have given. Requests not taken from the channel yet go to the next session. The next
-    /// session starts clean.
+    /// their own would have given. Requests not taken from the channel yet go to the next
+    /// session. The next session starts clean.
     pub(super) fn lost(&mut self, outcome: &Outcome) {
         // A session that drained ended because nothing came for a moment: what came just
         // after is served by the next one.
