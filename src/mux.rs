@@ -246,7 +246,11 @@ where
             // turn into a reset that destroys replies the client has not read yet. (A client
             // closed for not reading gets no such care.)
             let slow = matches!(outcome, Outcome::Closed(CloseReason::SlowClient(_)));
-            if matches!(outcome, Outcome::Drained | Outcome::Closed(_)) && !slow {
+            if matches!(
+                outcome,
+                Outcome::Drained | Outcome::Closed(_) | Outcome::UpstreamConnect(_)
+            ) && !slow
+            {
                 session::linger(&mut client).await;
             }
             Served::Done(outcome)

@@ -362,8 +362,15 @@ where
                     shared.health.upstream_failed();
                 }
                 // The router of a shared session answers each client owed a reply itself.
+                // A server that is down closes the client's connection without a word, as
+                // it would close a connection of the client's own: client libraries retry
+                // that, not an error reply. A configuration to fix is said.
                 if io.framing.is_none() {
-                    refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
+                    if e.transient() {
+                        linger(&mut client).await;
+                    } else {
+                        refuse(&mut client, &format!("ERR redis-entra-proxy: {e}")).await;
+                    }
                 }
                 return Outcome::UpstreamConnect(e);
             }

@@ -71,6 +71,22 @@ impl ConnectError {
         }
     }
 
+    /// The server did not take the connection, or dropped it before the handshake ended: a
+    /// server down, restarting or failing over, which a client connected to it directly
+    /// would see as a connection error (and which client libraries retry). Name resolution,
+    /// certificate and protocol failures, and nodes outside the topology, are not: a
+    /// configuration to fix, which the client is told about.
+    pub fn transient(&self) -> bool {
+        match self {
+            ConnectError::Connect { .. } | ConnectError::Timeout { .. } => true,
+            // rustls reports a refused certificate or a protocol failure as InvalidData.
+            ConnectError::Tls { source, .. } => source.kind() != io::ErrorKind::InvalidData,
+            ConnectError::Resolve { .. }
+            | ConnectError::NoAddress { .. }
+            | ConnectError::NotInTopology { .. } => false,
+        }
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             ConnectError::Resolve { .. } | ConnectError::NoAddress { .. } => "resolve",

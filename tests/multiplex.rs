@@ -951,12 +951,11 @@ async fn local_replies_keep_their_place_among_shared_ones() {
     proxy.stop().await;
 }
 
-/// A shared client answered before, whose server then went away, is closed without a reply
-/// when no new shared connection can be opened, as its own connection would have been closed
-/// by the server: client libraries retry a closed connection, not an error reply. A client
-/// with no reply yet still hears why, as from a connection of its own.
+/// A shared client whose server went away is closed without a reply when no new shared
+/// connection can be opened, as its own connection would have been closed by the server:
+/// client libraries retry a closed connection, not an error reply.
 #[tokio::test]
-async fn a_client_served_before_sees_an_unreachable_server_as_a_closed_connection() {
+async fn a_shared_client_whose_server_went_away_sees_a_closed_connection() {
     let proxy = multiplexed_on_one_thread().await;
     let mut served = proxy.client().await;
     assert_eq!(
@@ -971,16 +970,7 @@ async fn a_client_served_before_sees_an_unreachable_server_as_a_closed_connectio
         .await
         .expect("closed in time");
     assert!(got.is_err(), "closed without a reply: {got:?}");
-
-    let mut raw = proxy.raw().await;
-    raw.send(b"GET k\r\n").await;
-    let got = String::from_utf8(raw.read_to_end().await).unwrap();
-    assert!(
-        got.starts_with("-ERR redis-entra-proxy: upstream ") && got.contains("connect failed"),
-        "a new client is told why: {got:?}"
-    );
-    // One the proxy answered itself first (redis-py's CLIENT SETINFO as it connects) was
-    // answered: its connection worked, and now closes.
+    // A new one too, after what the proxy answered itself (redis-py's CLIENT SETINFO).
     let mut raw = proxy.raw().await;
     raw.send(b"CLIENT SETINFO LIB-NAME redis-py\r\nGET k\r\n")
         .await;
@@ -988,10 +978,11 @@ async fn a_client_served_before_sees_an_unreachable_server_as_a_closed_connectio
     assert_eq!(got, "+OK\r\n");
 }
 
-/// When no shared connection can be opened, every client waiting gets the error a
-/// connection of its own would have given, and is closed, however many commands it sent.
+/// When no shared connection can be opened (nothing listens), every client waiting is
+/// closed without a reply, as a connection of its own would be, however many commands it
+/// sent.
 #[tokio::test]
-async fn when_no_connection_can_be_opened_every_shared_client_is_told_why() {
+async fn when_no_connection_can_be_opened_every_shared_client_is_closed() {
     // Nothing listens there.
     let unreachable = free_addr();
     let proxy = multiplexed(ProxyOptions {
@@ -1008,11 +999,6 @@ async fn when_no_connection_can_be_opened_every_shared_client_is_told_why() {
         let mut raw = proxy.raw().await;
         raw.send(input).await;
         let got = String::from_utf8(raw.read_to_end().await).unwrap();
-        assert!(
-            got.starts_with("-ERR redis-entra-proxy: upstream ")
-                && got.contains("connect failed")
-                && got.matches("\r\n").count() == 1,
-            "{input:?}: {got:?}"
-        );
+        assert_eq!(got, "", "{input:?}");
     }
 }

@@ -155,17 +155,14 @@ async fn upstream_refusing_connections() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let (source, token) = fixed_source("oid-x");
+    let (source, _) = fixed_source("oid-x");
     let upstream = (closed.to_string(), true, None);
     let bare = start_bare(upstream, source, Some(Duration::from_secs(2))).await;
+    // A server that is down: the client's connection closes at once without a reply, as a
+    // connection of its own would (client libraries retry that, not an error reply).
     for client in 0..2 {
         let (out, took) = first_session_output(bare.addr, b"*1\r\n$4\r\nPING\r\n").await;
-        assert_one_error(
-            &out,
-            "-ERR ",
-            &["redis-entra-proxy", "connect", &closed.to_string()],
-        );
-        assert!(!contains(&out, token.as_bytes()));
+        assert_eq!(text(&out), "", "client {client}");
         assert!(took < FAIL_FAST, "client {client} waited {took:?}");
     }
 }
@@ -403,9 +400,10 @@ async fn redis_killed_and_restarted() {
         .await
         .expect("client told within bound");
     assert!(after.is_err(), "a reply from a dead server: {after:?}");
-    // While the server is down, a new client gets a clear error at once.
+    // While the server is down, a new client's connection closes at once, as a connection of
+    // its own would.
     let (out, took) = first_session_output(bare.addr, b"PING\r\n").await;
-    assert_one_error(&out, "-ERR ", &["redis-entra-proxy", "connect"]);
+    assert_eq!(text(&out), "");
     assert!(
         took < FAIL_FAST && start.elapsed() < STEP,
         "waited {took:?}"
@@ -460,13 +458,17 @@ async fn silent_upstream(read: bool) -> (SocketAddr, JoinHandle<()>) {
 #[tokio::test]
 async fn tls_handshake_that_never_completes() {
     let (addr, server) = silent_upstream(false).await;
-    let (source, token) = fixed_source("oid-x");
+    let (source, _) = fixed_source("oid-x");
     let upstream = (addr.to_string(), true, None);
     let bare = start_bare(upstream, source, Some(Duration::from_secs(1))).await;
+    // Bounded by --connect-timeout, then closed without a reply: a server that hangs, as a
+    // connection of the client's own would end in its own timeout.
     let (out, took) = first_session_output(bare.addr, b"*1\r\n$4\r\nPING\r\n").await;
-    assert_one_error(&out, "-ERR ", &["redis-entra-proxy", "timed out"]);
-    assert!(!contains(&out, token.as_bytes()));
-    assert!(took < FAIL_FAST, "waited {took:?}");
+    assert_eq!(text(&out), "");
+    assert!(
+        took >= Duration::from_millis(900) && took < FAIL_FAST,
+        "waited {took:?}"
+    );
     server.abort();
 }
 

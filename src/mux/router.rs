@@ -381,7 +381,8 @@ impl Router {
     /// (or it answered errors until a valid token came), they go to the next session, whole
     /// and in order, and their clients see nothing; if the connection could not be opened,
     /// their clients are closed, those never served before after the error a connection of
-    /// their own would have given. Requests not taken from the channel yet go to the next
+    /// their own would have given when it was a configuration to fix (a server that is down
+    /// closes them without a word). Requests not taken from the channel yet go to the next
     /// session. The next session starts clean.
     pub(super) fn lost(&mut self, outcome: &Outcome) {
         // A session that drained ended because nothing came for a moment: what came just
@@ -390,7 +391,7 @@ impl Router {
             && (outcome.side() == "upstream"
                 || matches!(outcome, Outcome::NoCredentials(_) | Outcome::Drained));
         let refusal = match outcome {
-            Outcome::UpstreamConnect(e) => {
+            Outcome::UpstreamConnect(e) if !e.transient() => {
                 let mut reply = BytesMut::new();
                 crate::resp::encode::error(&mut reply, &format!("ERR redis-entra-proxy: {e}"));
                 Some((reply.freeze(), e))
@@ -426,8 +427,8 @@ impl Router {
                 self.hold_requests(frames, plain, route);
                 continue;
             }
-            let end = match &refusal {
-                Some((reply, e)) => {
+            let end = match (&refusal, outcome) {
+                (Some((reply, e)), _) => {
                     // A client answered before is closed without a word, as its own
                     // connection would have been closed by the server it lost: client
                     // libraries retry a closed connection, not an error reply. A client that
@@ -438,7 +439,10 @@ impl Router {
                     }
                     Outcome::UpstreamConnect(e.duplicate())
                 }
-                None => Outcome::UpstreamClosed,
+                // A server that is down: closed without a word, as a connection of the
+                // client's own would be (`ConnectError::transient`).
+                (None, Outcome::UpstreamConnect(e)) => Outcome::UpstreamConnect(e.duplicate()),
+                (None, _) => Outcome::UpstreamClosed,
             };
             let _ = route.link.to.send(Delivery::End(end));
             closed.insert(Arc::as_ptr(&route.link));

@@ -628,8 +628,9 @@ async fn requests_a_failed_shared_session_never_read_go_to_the_next() {
 
 /// A session that read part of a client's requests took them all: that client is closed.
 /// Requests a session that never served could not send are answered with why, as a
-/// connection of the client's own would answer, and their clients closed; a client served
-/// before is closed without a reply.
+/// connection of the client's own would answer, and their clients closed, when the cause is
+/// a configuration to fix; a client served before, and every client when the server is down,
+/// is closed without a reply.
 #[tokio::test]
 async fn a_shared_session_that_cannot_connect_answers_each_client_why() {
     use tokio::io::AsyncReadExt;
@@ -652,17 +653,17 @@ async fn a_shared_session_that_cannot_connect_answers_each_client_why() {
         "a is not sent again"
     );
 
+    // A configuration to fix (here, a certificate refused) is said to each client.
     let (b, mut b_rx) = submission(get("b"), 1);
     let (c, mut c_rx) = submission([get("c1"), get("c2")].concat(), 2);
     r.hold(b);
     r.hold(c);
-    let e = crate::upstream::ConnectError::Connect {
+    let e = crate::upstream::ConnectError::Tls {
         addr: "cache:10000".into(),
-        source: std::io::ErrorKind::ConnectionRefused.into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid peer certificate"),
     };
     r.lost(&Outcome::UpstreamConnect(e));
-    let want =
-        b"-ERR redis-entra-proxy: upstream cache:10000: connect failed: connection refused\r\n";
+    let want = b"-ERR redis-entra-proxy: upstream cache:10000: TLS handshake failed: invalid peer certificate\r\n";
     for rx in [&mut b_rx, &mut c_rx] {
         assert!(matches!(rx.try_recv(), Ok(Delivery::Replies(b, 1)) if b[..] == want[..]));
         assert!(matches!(
@@ -678,13 +679,27 @@ async fn a_shared_session_that_cannot_connect_answers_each_client_why() {
     d.link.send(Bytes::from_static(b"$1\r\nv\r\n"), 1);
     assert!(matches!(d_rx.try_recv(), Ok(Delivery::Replies(_, 1))));
     r.hold(d);
+    let e = crate::upstream::ConnectError::Tls {
+        addr: "cache:10000".into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid peer certificate"),
+    };
+    r.lost(&Outcome::UpstreamConnect(e));
+    assert!(matches!(
+        d_rx.try_recv(),
+        Ok(Delivery::End(Outcome::UpstreamConnect(_)))
+    ));
+
+    // A server that is down closes every client without a word, as a connection of its own
+    // would be.
+    let (f, mut f_rx) = submission(get("f"), 1);
+    r.hold(f);
     let e = crate::upstream::ConnectError::Connect {
         addr: "cache:10000".into(),
         source: std::io::ErrorKind::ConnectionRefused.into(),
     };
     r.lost(&Outcome::UpstreamConnect(e));
     assert!(matches!(
-        d_rx.try_recv(),
+        f_rx.try_recv(),
         Ok(Delivery::End(Outcome::UpstreamConnect(_)))
     ));
 }
